@@ -1,0 +1,41 @@
+"""Typed library errors. Each carries a finding id, a message with evidence and a hint.
+
+The CLI maps every one of them to a single stderr line and an exit code; the library never
+exits the process itself.
+"""
+
+from __future__ import annotations
+
+
+class CkptDoctorError(Exception):
+    """Base class: ``code`` is a stable id, ``hint`` says what to do about it."""
+
+    code = "ERROR"
+    exit_code = 2
+
+    def __init__(self, message: str, *, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(CkptDoctorError):
+    """The command was asked for something that cannot work (bad flag combination, bad path)."""
+
+    code = "USAGE"
+
+
+class UnreadableError(CkptDoctorError):
+    """Not a checkpoint, truncated, or a corrupt header."""
+
+    code = "UNREADABLE"
+
+
+class UnsafePickleError(CkptDoctorError):
+    """The pickle references globals outside the allowlist; nothing was executed."""
+
+    code = "UNSAFE_PICKLE"
+
+    def __init__(self, message: str, *, globals_found: list[str], hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.globals_found = globals_found

@@ -1,0 +1,266 @@
+"""List the globals a checkpoint's pickles reference, without unpickling anything.
+
+Every checkpoint goes through :func:`check_pickle` before anything loads it: the opcodes are
+walked with ``pickletools.genops`` (nothing is imported, called or built) and any global
+outside a small allowlist is refused.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import io
+import mmap
+import os
+import pickletools
+import zipfile
+import zlib
+from typing import IO
+
+import torch
+
+from ckpt_doctor.errors import UnreadableError, UnsafePickleError
+
+# What torch's weights_only unpickler accepts, plus argparse.Namespace, which LLaMA-Adapter
+# training checkpoints carry under 'args'. Exact "module.name" strings.
+ALLOWED_GLOBALS: frozenset[str] = frozenset(
+    {
+        "collections.OrderedDict",
+        "collections.Counter",
+        "torch.nn.parameter.Parameter",
+        "torch.serialization._get_layout",
+        "torch.Size",
+        "torch.Tensor",
+        "torch.device",
+        "_codecs.encode",
+        "builtins.bytearray",
+        "builtins.set",
+        "builtins.complex",
+        "torch._tensor._rebuild_from_type_v2",
+        "argparse.Namespace",
+        "torch.storage.UntypedStorage",
+        "torch.storage.TypedStorage",
+        "torch._utils._rebuild_tensor",
+        "torch._utils._rebuild_tensor_v2",
+        "torch._utils._rebuild_tensor_v3",
+        "torch._utils._rebuild_parameter",
+        "torch._utils._rebuild_parameter_with_state",
+        "torch._utils._rebuild_qtensor",
+        "torch._utils._rebuild_sparse_tensor",
+        "torch._utils._rebuild_meta_tensor_no_storage",
+    }
+)
+# Read from torch so new dtypes (float8_*, uint1..7, ...) are covered; vars() rather than
+# getattr() so torch's lazy module __getattr__ is never triggered.
+_TORCH_VALUES = frozenset(
+    n for n, v in vars(torch).items() if isinstance(v, (torch.dtype, torch.qscheme))
+)
+
+UNRESOLVED = "<unresolved>.<unresolved>"
+_MAX_PICKLES = 5  # torch legacy files: magic number, protocol, sys_info, object, storage keys
+_ZIP_MAGIC = b"PK\x03\x04"
+_PROTO01_START = frozenset(b"(}])cL")  # protocol 0/1 pickles open without a PROTO opcode
+# Opcodes pushing a str (the STRING family pushes bytes only under encoding="bytes").
+_STRING_OPS = frozenset(
+    {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"}
+    | {"STRING", "BINSTRING", "SHORT_BINSTRING"}
+)
+_PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+_GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+_MARK = object()  # a MARK on the simulated stack
+_UNKNOWN = object()  # any value whose content we do not track
+_NOT_A_CHECKPOINT_HINT = (
+    "expected a torch checkpoint (.pt/.pth/.bin, zip or legacy format) or a plain pickle; "
+    "re-download or re-save the file"
+)
+
+
+def is_allowed(name: str) -> bool:
+    """True when ``name`` ("module.attr") may be referenced by a checkpoint's pickle."""
+    if name in ALLOWED_GLOBALS:
+        return True
+    module, _, attr = name.rpartition(".")
+    # Only plain top-level torch attributes: a dotted name could walk anywhere inside torch.
+    if module != "torch" or not attr.isidentifier():
+        return False
+    return attr.endswith("Storage") or attr in _TORCH_VALUES
+
+
+def referenced_globals(path: str | os.PathLike[str]) -> list[str]:
+    """Every global the file's pickles reference, deduplicated, in order of first appearance."""
+    names, error = _collect(path)
+    if error is not None:
+        raise error
+    return names
+
+
+def check_pickle(path: str | os.PathLike[str], *, trust: bool = False) -> list[str]:
+    """Return :func:`referenced_globals`; refuse globals outside the allowlist unless trusted."""
+    names, error = _collect(path)
+    bad = [n for n in names if not is_allowed(n)]
+    if bad and not trust:
+        # Reported even when the stream is also corrupt: the unpickler runs opcodes in order,
+        # so everything before the damage would still have been executed.
+        corrupt = " (the stream is also truncated or corrupt)" if error is not None else ""
+        raise UnsafePickleError(
+            f"pickle references globals outside the allowlist: {', '.join(bad)}; "
+            f"nothing was executed{corrupt}",
+            globals_found=bad,
+            hint="re-run with --trust-pickle only if the file comes from a trusted source: "
+            "unpickling it can run arbitrary code",
+        )
+    if error is not None:
+        raise error
+    return names
+
+
+def _collect(path: str | os.PathLike[str]) -> tuple[list[str], UnreadableError | None]:
+    # Globals seen before a scan fails are kept, so check_pickle can still name them.
+    found: dict[str, None] = {}
+    try:
+        _scan_file(os.fspath(path), found)
+    except UnreadableError as exc:
+        return list(found), exc
+    return list(found), None
+
+
+def _scan_file(path: str, found: dict[str, None]) -> None:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(_ZIP_MAGIC))
+            if not head:
+                raise UnreadableError(f"{path} is empty", hint=_NOT_A_CHECKPOINT_HINT)
+            # torch picks the format from these magic bytes, so dispatch on them too:
+            # is_zipfile alone also accepts a pickle with a zip appended, which torch unpickles.
+            if head == _ZIP_MAGIC:
+                _scan_zip(path, fh, found)
+                return
+            # mmap: a legacy file can be gigabytes; only its leading pickles are touched.
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                _scan_pickles(mm, found, limit=_MAX_PICKLES, what=path)
+    except OSError as exc:
+        raise UnreadableError(f"cannot read {path}: {exc}", hint="check the path") from exc
+
+
+def _scan_zip(path: str, fh: IO[bytes], found: dict[str, None]) -> None:
+    if not zipfile.is_zipfile(fh):
+        raise UnreadableError(
+            f"{path} starts like a zip checkpoint but is truncated or corrupt",
+            hint="re-download or re-save the checkpoint",
+        )
+    try:
+        with zipfile.ZipFile(fh) as zf:
+            # Every entry, duplicate names included: a loader might pick either copy.
+            members = [info for info in zf.infolist() if info.filename.endswith(".pkl")]
+            if not members:
+                raise UnreadableError(
+                    f"{path} is a zip archive without a .pkl member", hint=_NOT_A_CHECKPOINT_HINT
+                )
+            for info in members:
+                data = zf.read(info)
+                what = f"{path}:{info.filename}"
+                _scan_pickles(data, found, limit=1, what=what)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+        raise UnreadableError(
+            f"{path}: corrupt zip checkpoint ({exc})", hint="re-download or re-save the checkpoint"
+        ) from exc
+
+
+def _scan_pickles(buf: bytes | mmap.mmap, found: dict[str, None], *, limit: int, what: str) -> None:
+    """Scan up to ``limit`` pickles laid back to back at the start of ``buf``."""
+    stream = buf if isinstance(buf, mmap.mmap) else io.BytesIO(buf)
+    first = bytes(buf[:2])
+    if first[:1] == b"\x80":
+        looks_like_pickle = len(first) == 2 and 2 <= first[1] <= 5
+    else:
+        looks_like_pickle = bool(first) and first[0] in _PROTO01_START
+    if not looks_like_pickle:
+        raise UnreadableError(
+            f"{what} is not a zip archive and not a pickle", hint=_NOT_A_CHECKPOINT_HINT
+        )
+    # After the first pickle, keep going whatever the next bytes look like (only EOF stops):
+    # torch's legacy loader unpickles all five, at any protocol, so skipping one is unsafe.
+    for index in range(limit):
+        start = stream.tell()
+        if index > 0 and start >= len(buf):
+            return
+        try:
+            _scan_one(buf, stream, found)
+        except (ValueError, EOFError, OverflowError) as exc:
+            raise UnreadableError(
+                f"{what}: pickle #{index + 1} at byte {start} is truncated or corrupt ({exc})",
+                hint="re-download or re-save the checkpoint",
+            ) from exc
+
+
+def _scan_one(
+    buf: bytes | mmap.mmap, stream: IO[bytes] | mmap.mmap, found: dict[str, None]
+) -> None:
+    """Walk one pickle up to its STOP, simulating just enough stack to resolve STACK_GLOBAL."""
+    stack: list[object] = []
+    memo: dict[int, object] = {}
+    proto = 0  # what the unpickler assumes until a PROTO opcode says otherwise
+    for op, arg, pos in pickletools.genops(stream):
+        name = op.name
+        if name == "PROTO":
+            proto = arg if isinstance(arg, int) else proto
+        elif name in ("GLOBAL", "INST"):
+            found.setdefault(_qualname(*_inline_pair(buf, pos), proto))
+        elif name == "STACK_GLOBAL":
+            module, attr = stack[-2:] if len(stack) >= 2 else (None, None)
+            if isinstance(module, str) and isinstance(attr, str):
+                found.setdefault(_qualname(module, attr, proto))
+            else:
+                found.setdefault(UNRESOLVED)  # never guess a non-string operand safe
+        elif name.startswith("EXT"):
+            # copyreg extension codes name a global only at load time: never assume it safe.
+            found.setdefault(f"<extension>.{arg}")
+        _apply(op, arg, stack, memo)
+
+
+def _inline_pair(buf: bytes | mmap.mmap, pos: int) -> tuple[str, str]:
+    # GLOBAL/INST carry "module\nname\n" after the opcode. genops escape-decodes these lines
+    # but the unpickler does not, so read the raw bytes (genops has checked both lines exist).
+    mid = buf.find(b"\n", pos + 1)
+    end = buf.find(b"\n", mid + 1)
+    raw = (bytes(buf[pos + 1 : mid]), bytes(buf[mid + 1 : end]))
+    return raw[0].decode("utf-8", "replace"), raw[1].decode("utf-8", "replace")
+
+
+def _qualname(module: str, name: str, proto: int) -> str:
+    # Like pickle's find_class (fix_imports): protocol < 3 pickles name Python 2 modules,
+    # e.g. torch.save writes __builtin__.set, which the unpickler loads as builtins.set.
+    if proto < 3:
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
+    return f"{module}.{name}"
+
+
+def _apply(
+    op: pickletools.OpcodeInfo, arg: object, stack: list[object], memo: dict[int, object]
+) -> None:
+    """Apply one opcode's stack effect; only strings (and memo copies of them) keep a value."""
+    name = op.name
+    top = stack[-1] if stack and stack[-1] is not _MARK else _UNKNOWN
+    if name in _STRING_OPS:
+        stack.append(arg)
+    elif name in _PUT_OPS:
+        memo[arg] = top
+    elif name == "MEMOIZE":
+        memo[len(memo)] = top
+    elif name in _GET_OPS:
+        stack.append(memo.get(arg, _UNKNOWN))
+    elif name == "DUP":
+        stack.append(top)
+    else:
+        # Generic: pops and pushes as pickletools documents them (values become unknown).
+        before = op.stack_before
+        if pickletools.markobject in before:
+            while stack and stack.pop() is not _MARK:
+                pass
+            below = before.index(pickletools.markobject)  # items under the mark, e.g. the list
+            del stack[max(0, len(stack) - below) :]
+        else:
+            del stack[max(0, len(stack) - len(before)) :]
+        stack.extend(_MARK if s is pickletools.markobject else _UNKNOWN for s in op.stack_after)
