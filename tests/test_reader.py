@@ -1,0 +1,173 @@
+"""Every reader path gives lazy handles whose values equal what was saved (bit-exact)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ckpt_doctor.errors import UnreadableError
+from ckpt_doctor.reader import EmptyFileError, open_checkpoint
+from fixtures.make_fixtures import (
+    TinyConfig,
+    adapter_tensors,
+    base_state_dict,
+    save_hf_sharded,
+    save_legacy,
+    save_safetensors,
+    save_zip,
+    training_checkpoint,
+    write_meta_dir,
+)
+
+CFG = TinyConfig()
+
+
+@pytest.fixture(scope="module")
+def base() -> dict[str, torch.Tensor]:
+    return base_state_dict(CFG)
+
+
+def assert_same(ckpt, expected: dict[str, torch.Tensor]) -> None:
+    assert set(ckpt.tensors) == set(expected)
+    for name, tensor in expected.items():
+        handle = ckpt.tensors[name]
+        assert handle.shape == tuple(tensor.shape)
+        assert handle.dtype == tensor.dtype
+        assert handle.nbytes == tensor.numel() * tensor.element_size()
+        assert torch.equal(handle.load(), tensor), name
+        # Row reads and chunk streams must reassemble the same bits.
+        if tensor.dim():
+            assert torch.equal(handle.rows(1, 3), tensor[1:3])
+            flat = torch.cat(list(handle.chunks(max_elems=100)))
+            assert torch.equal(flat, tensor.reshape(-1))
+
+
+def test_zip_is_memory_mapped(tmp_path, base):
+    path = save_zip(base, tmp_path / "flat.pth")
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.format == "torch-zip"
+        assert ckpt.container_path == ()
+        assert_same(ckpt, base)
+        assert "torch._utils._rebuild_tensor_v2" in ckpt.pickle_globals
+        assert not ckpt.notes
+
+
+def test_legacy_pickle_warns_about_ram(tmp_path, base):
+    path = save_legacy(base, tmp_path / "legacy.pth")
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.format == "torch-legacy"
+        assert_same(ckpt, base)
+        assert any("RAM" in n for n in ckpt.notes)
+
+
+def test_safetensors_single_keeps_metadata(tmp_path, base):
+    path = save_safetensors(base, tmp_path / "m.safetensors", metadata={"family": "x"})
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.format == "safetensors"
+        assert ckpt.metadata == {"family": "x"}
+        assert_same(ckpt, base)
+
+
+def test_hf_sharded_dir(tmp_path, base):
+    save_hf_sharded(base, tmp_path / "hf", n_shards=2)
+    with open_checkpoint(tmp_path / "hf") as ckpt:
+        assert ckpt.format == "hf-sharded"
+        assert len(ckpt.files) == 2
+        assert_same(ckpt, base)
+
+
+def test_hf_sharded_missing_shard_names_it(tmp_path, base):
+    index = save_hf_sharded(base, tmp_path / "hf", n_shards=2)
+    shard = sorted(set(json.loads(index.read_text())["weight_map"].values()))[1]
+    (tmp_path / "hf" / shard).unlink()
+    with pytest.raises(UnreadableError, match=shard):
+        open_checkpoint(tmp_path / "hf")
+
+
+def test_meta_dir_two_shards_merge_lazily(tmp_path, base):
+    write_meta_dir(base, tmp_path / "meta", CFG, n_shards=2)
+    (tmp_path / "tokenizer.model").write_bytes(b"stub")
+    with open_checkpoint(tmp_path / "meta") as ckpt:
+        assert ckpt.format == "meta-dir"
+        assert len(ckpt.files) == 2
+        assert ckpt.params["dim"] == CFG.dim
+        assert ckpt.tokenizer_path == tmp_path / "tokenizer.model"
+        assert any("2 tensor-parallel shards" in n for n in ckpt.notes)
+        assert_same(ckpt, base)
+
+
+def test_meta_dir_shards_must_agree(tmp_path, base):
+    write_meta_dir(base, tmp_path / "meta", CFG, n_shards=2)
+    shard = torch.load(tmp_path / "meta" / "consolidated.01.pth", weights_only=True)
+    shard.pop("norm.weight")
+    torch.save(shard, tmp_path / "meta" / "consolidated.01.pth")
+    with pytest.raises(UnreadableError, match="different tensor names"):
+        open_checkpoint(tmp_path / "meta")
+
+
+def test_nested_training_checkpoint(tmp_path, base):
+    adapter = adapter_tensors(CFG)
+    path = save_zip(training_checkpoint(CFG, base, adapter), tmp_path / "checkpoint-4.pth")
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.container_path == ("model",)
+        assert ckpt.top_level_keys == ["model", "optimizer", "epoch", "scaler", "args"]
+        assert_same(ckpt, {**base, **adapter})
+        assert ckpt.args["adapter_len"] == CFG.adapter_len
+        assert ckpt.args["adapter_layer"] == CFG.adapter_layer
+        kinds = {k: e.kind for k, e in ckpt.entries.items()}
+        assert kinds == {
+            "optimizer": "optimizer",
+            "epoch": "value",
+            "scaler": "dict",
+            "args": "args",
+        }
+        assert ckpt.entries["optimizer"].tensor_bytes > 0
+        assert "argparse.Namespace" in ckpt.pickle_globals
+
+
+@pytest.mark.parametrize("prefix", ["module.", "module._orig_mod.", "base_model.model."])
+def test_prefixed_keys_resolve(tmp_path, base, prefix):
+    path = save_zip({prefix + k: v for k, v in base.items()}, tmp_path / "p.pth")
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.prefix.prefix == prefix
+        canonical = ckpt.canonical()
+        assert set(canonical) == set(base)
+        assert torch.equal(canonical["norm.weight"].load(), base["norm.weight"])
+
+
+def test_hf_names_map_to_meta(tmp_path, base):
+    hf = {
+        "model.embed_tokens.weight": base["tok_embeddings.weight"],
+        "model.layers.0.self_attn.q_proj.weight": base["layers.0.attention.wq.weight"],
+        "model.layers.0.mlp.down_proj.weight": base["layers.0.feed_forward.w2.weight"],
+        "lm_head.weight": base["output.weight"],
+    }
+    path = save_safetensors(hf, tmp_path / "model.safetensors")
+    with open_checkpoint(path) as ckpt:
+        assert set(ckpt.canonical()) == {
+            "tok_embeddings.weight",
+            "layers.0.attention.wq.weight",
+            "layers.0.feed_forward.w2.weight",
+            "output.weight",
+        }
+
+
+def test_unreadable_inputs(tmp_path, base):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(EmptyFileError) as info:
+        open_checkpoint(tmp_path / "empty.pth")
+    assert info.value.code == "EMPTY"
+    (tmp_path / "junk.bin").write_bytes(b"hello world, not a checkpoint")
+    with pytest.raises(UnreadableError, match="not a checkpoint"):
+        open_checkpoint(tmp_path / "junk.bin")
+    data = save_zip(base, tmp_path / "ok.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UnreadableError):
+        open_checkpoint(tmp_path / "cut.pth")
+    with pytest.raises(UnreadableError, match="no such file"):
+        open_checkpoint(tmp_path / "missing.pth")
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(UnreadableError, match="no checkpoint files"):
+        open_checkpoint(tmp_path / "dir")
