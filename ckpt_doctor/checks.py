@@ -1,0 +1,408 @@
+"""Static checks: pure functions from checkpoint facts to findings (SPEC section 6).
+
+None of these generate text or load the model; each returns a list of findings with evidence
+(names, numbers) and a hint that says what to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from ckpt_doctor import keys
+from ckpt_doctor.diffing import DiffReport
+from ckpt_doctor.facts import AdapterConfig, ModelFacts
+from ckpt_doctor.families import TANH_MISMATCH_RATIO, V1_QUERY_KEY, raw_over_tanh, v1_gate_key
+from ckpt_doctor.findings import Finding, finding
+from ckpt_doctor.handles import TensorHandle
+from ckpt_doctor.numerics import FP16_MAX, ValueScan
+from ckpt_doctor.reader import Checkpoint
+
+
+def _names(items: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def model_key_names(facts: ModelFacts, adapter: AdapterConfig | None) -> set[str]:
+    """The names upstream's LLaMA-Adapter model has: base keys, adapter_query, every gate."""
+    n_layers = facts.n_layers or 0
+    names = set(keys.base_key_names(n_layers))
+    names.add(V1_QUERY_KEY)
+    names.update(v1_gate_key(i) for i in range(n_layers))
+    if adapter is not None:
+        names.update(adapter.gate_layers.values())
+    return names
+
+
+def check_empty(ckpt: Checkpoint) -> list[Finding]:
+    if not ckpt.tensors:
+        held = _names(ckpt.top_level_keys) or "nothing"
+        return [
+            finding(
+                "EMPTY",
+                f"no tensors found (top-level entries: {held})",
+                "the save wrote no weights: check what was passed to torch.save",
+            )
+        ]
+    zero = [n for n, h in ckpt.tensors.items() if h.numel == 0]
+    if zero:
+        return [
+            finding(
+                "EMPTY",
+                f"{len(zero)} tensor(s) have zero elements: {_names(zero)}",
+                "these tensors were saved before being allocated; re-save from a loaded model",
+                tensors=zero,
+            )
+        ]
+    return []
+
+
+def check_container(ckpt: Checkpoint) -> list[Finding]:
+    if not ckpt.container_path:
+        return []
+    where = "".join(f"[{k!r}]" for k in ckpt.container_path)
+    others = [f"{k} ({e.summary})" for k, e in ckpt.entries.items()]
+    return [
+        finding(
+            "CONTAINER_NESTED",
+            f"weights are nested under checkpoint{where}; other entries: "
+            + (", ".join(others) or "none"),
+            f"load checkpoint{where}, not the whole file, or extract the adapter tensors "
+            "into a flat file",
+            container_path=list(ckpt.container_path),
+            entries={k: e.summary for k, e in ckpt.entries.items()},
+        )
+    ]
+
+
+def check_load_overlap(
+    ckpt: Checkpoint, model_names: set[str], *, severity: str | None = None
+) -> list[Finding]:
+    """What upstream's load_state_dict(strict=False) would do with the loaded object."""
+    if not ckpt.tensors:
+        return []
+    seen = ckpt.top_level_keys or list(ckpt.tensors)
+    matched = [k for k in seen if k in model_names]
+    if matched:
+        return []
+    return [
+        finding(
+            "LOAD_NOTHING",
+            f"load_state_dict(strict=False) as upstream does would match 0 of {len(seen)} keys "
+            f"(keys seen: {_names(seen)}); every adapter gate keeps its zero init and the model "
+            "runs as the plain base",
+            "load the resolved state dict (unwrap the container, strip prefixes) or extract the "
+            "adapter tensors into a flat file with upstream names",
+            severity=severity,  # type: ignore[arg-type]
+            keys_seen=len(seen),
+            matched=0,
+        )
+    ]
+
+
+def check_prefix(ckpt: Checkpoint, model_names: set[str]) -> list[Finding]:
+    rewrite = ckpt.prefix
+    if rewrite is None:
+        return []
+    names = list(ckpt.tensors)
+    before = sum(n in model_names for n in names) / len(names)
+    after = sum(keys.strip_prefix(n, rewrite.prefix) in model_names for n in names) / len(names)
+    return [
+        finding(
+            "KEY_PREFIX",
+            f"{rewrite.keys_with_prefix} of {rewrite.total_keys} keys carry the prefix "
+            f"'{rewrite.prefix}'; overlap with the model's names is {before:.0%} as saved and "
+            f"{after:.0%} after stripping it",
+            f"strip '{rewrite.prefix}' from the keys before loading "
+            f"({{k.removeprefix('{rewrite.prefix}'): v for k, v in sd.items()}})",
+            prefix=rewrite.prefix,
+            overlap_before=before,
+            overlap_after=after,
+        )
+    ]
+
+
+def check_values(scans: Mapping[str, ValueScan]) -> list[Finding]:
+    out = []
+    bad = [n for n, s in scans.items() if s.nonfinite]
+    if bad:
+        total = sum(scans[n].nonfinite for n in bad)
+        nans = sum(scans[n].nan for n in bad)
+        out.append(
+            finding(
+                "NONFINITE",
+                f"{total} non-finite values ({nans} NaN, {total - nans} Inf) in {len(bad)} "
+                f"tensor(s), first {bad[0]}: {_names(bad)}",
+                "training diverged before this save: use an earlier checkpoint, or lower the "
+                "learning rate / enable loss scaling and retrain",
+                tensors=bad,
+                count=total,
+            )
+        )
+    big = [n for n, s in scans.items() if s.beyond_fp16]
+    if big:
+        worst = max(scans[n].max_abs for n in big)
+        out.append(
+            finding(
+                "FP16_OVERFLOW",
+                f"{sum(scans[n].beyond_fp16 for n in big)} finite values beyond the fp16 range "
+                f"(±{FP16_MAX:g}) in {_names(big)}; max |x| = {worst:.4g}; fp16 inference turns "
+                "them into Inf",
+                "run inference in bfloat16 or float32, or clamp/re-train these tensors",
+                tensors=big,
+                max_abs=worst,
+            )
+        )
+    return out
+
+
+def check_optimizer(ckpt: Checkpoint) -> list[Finding]:
+    out = []
+    for key, entry in ckpt.entries.items():
+        if entry.kind != "optimizer":
+            continue
+        out.append(
+            finding(
+                "OPTIMIZER_STATE",
+                f"'{key}' carries {entry.summary}",
+                "inference does not need it: extracting the adapter drops these bytes",
+                bytes=entry.tensor_bytes,
+                settings={k: repr(v) for k, v in (entry.value or {}).items()},
+            )
+        )
+    return out
+
+
+def adapter_expected(ckpt: Checkpoint) -> bool:
+    args = ckpt.args or {}
+    return "adapter_len" in args or "adapter_layer" in args
+
+
+def check_adapter(
+    tensors: Mapping[str, TensorHandle],
+    adapter: AdapterConfig | None,
+    facts: ModelFacts,
+    *,
+    expected: bool,
+) -> list[Finding]:
+    """ADAPTER_MISSING / ADAPTER_SHAPE / ADAPTER_CONFIG for LLaMA-Adapter v1."""
+    if adapter is None:
+        if not expected:
+            return []
+        return [
+            finding(
+                "ADAPTER_MISSING",
+                "the checkpoint's args describe a LLaMA-Adapter run, but no adapter tensors "
+                "(adapter_query.weight, layers.N.attention.gate) are in it",
+                "the adapter parameters were not saved: check the save code keeps "
+                "requires_grad parameters, or use another checkpoint of the run",
+            )
+        ]
+    out: list[Finding] = []
+    query = tensors.get(V1_QUERY_KEY)
+    if query is None or not adapter.gate_layers:
+        part = "adapter_query.weight" if query is None else "every layers.N.attention.gate"
+        out.append(
+            finding(
+                "ADAPTER_MISSING",
+                f"adapter tensors found ({_names(list(adapter.keys))}) but {part} is missing",
+                "the adapter is incomplete: re-extract it from the training checkpoint",
+            )
+        )
+    if query is not None:
+        shape = tuple(query.shape)
+        problems = []
+        if len(shape) != 2:
+            problems.append(f"it is {len(shape)}-D, expected 2-D [adapter_layer*adapter_len, dim]")
+        elif facts.dim and shape[1] != facts.dim:
+            problems.append(f"its width {shape[1]} != model dim {facts.dim}")
+        elif adapter.adapter_len is None:
+            problems.append(
+                f"its {shape[0]} rows do not split into adapter_len x adapter_layer"
+                + (f" with adapter_layer={adapter.args_layer}" if adapter.args_layer else "")
+            )
+        if facts.n_layers and adapter.adapter_layer and adapter.adapter_layer > facts.n_layers:
+            problems.append(
+                f"adapter_layer {adapter.adapter_layer} > the model's {facts.n_layers} layers"
+            )
+        if problems:
+            out.append(
+                finding(
+                    "ADAPTER_SHAPE",
+                    f"adapter_query.weight {list(shape)}: " + "; ".join(problems),
+                    "this adapter was trained for a different model or config: pair it with "
+                    "the base it was trained on",
+                    shape=list(shape),
+                )
+            )
+    if adapter.args_len and adapter.args_layer and adapter.source != "args":
+        rows = adapter.query_shape[0] if adapter.query_shape else None
+        out.append(
+            finding(
+                "ADAPTER_CONFIG",
+                f"args say adapter_len={adapter.args_len} x adapter_layer={adapter.args_layer} "
+                f"= {adapter.args_len * adapter.args_layer} prompt rows, but adapter_query.weight "
+                f"has {rows}; the tensor shapes win"
+                + (
+                    f" (adapter_len={adapter.adapter_len}, adapter_layer={adapter.adapter_layer})"
+                    if adapter.adapter_len
+                    else ""
+                ),
+                "pass the config the tensors were trained with; args may come from another run",
+                args={"adapter_len": adapter.args_len, "adapter_layer": adapter.args_layer},
+                rows=rows,
+            )
+        )
+    return out
+
+
+def check_gates(
+    gate_values: Mapping[int, torch.Tensor], facts: ModelFacts, adapted: Sequence[int]
+) -> list[Finding]:
+    """GATE_SHAPE / ADAPTER_INERT / GATE_TANH_MISMATCH over the adapted layers' gates."""
+    out: list[Finding] = []
+    used = {i: g for i, g in gate_values.items() if i in adapted} or dict(gate_values)
+    if not used:
+        return out
+    scalar = [i for i, g in used.items() if g.numel() == 1]
+    heads = facts.n_heads
+    wrong = [
+        i
+        for i, g in used.items()
+        if g.numel() != 1 and heads and tuple(g.shape) != (1, heads, 1, 1)
+    ]
+    if scalar:
+        out.append(
+            finding(
+                "GATE_SHAPE",
+                f"{len(scalar)} gate(s) are legacy scalars of shape [1] "
+                f"(layers {_names([str(i) for i in scalar])}); "
+                f"the model has per-head gates [1, {heads or 'n_heads'}, 1, 1] and "
+                "load_state_dict raises on the size mismatch",
+                "broadcast each scalar gate to every head (repairable without retraining)",
+                layers=scalar,
+                repairable=True,
+            )
+        )
+    if wrong:
+        shapes = sorted({str(list(used[i].shape)) for i in wrong})
+        out.append(
+            finding(
+                "GATE_SHAPE",
+                f"gate shape(s) {', '.join(shapes)} do not fit a model with {heads} heads "
+                f"(expected [1, {heads}, 1, 1])",
+                "this adapter was trained for a model with another head count: use its own base",
+                layers=wrong,
+                repairable=False,
+            )
+        )
+    values = torch.cat([g.reshape(-1).float() for g in used.values()])
+    if values.numel() and bool((values == 0).all()):
+        out.append(
+            finding(
+                "ADAPTER_INERT",
+                f"all {values.numel()} gate values of the {len(used)} adapted layers are exactly "
+                "0: the adapter adds nothing and the output equals the base model",
+                "these are the zero-init gates: the checkpoint was saved before training "
+                "updated them, or the adapter was not loaded; use a trained checkpoint",
+                layers=list(used),
+            )
+        )
+    worst_ratio, worst_at = 1.0, None
+    for i, g in used.items():
+        for h, v in enumerate(g.reshape(-1).tolist()):
+            r = raw_over_tanh(v)
+            if r > worst_ratio:
+                worst_ratio, worst_at = r, (i, h, v)
+    if worst_at is not None and worst_ratio > TANH_MISMATCH_RATIO:
+        layer, head, value = worst_at
+        out.append(
+            finding(
+                "GATE_TANH_MISMATCH",
+                f"gate layer {layer} head {head} = {value:.3f}: raw-gate inference weights the "
+                f"adapter {worst_ratio:.2f}x what tanh-gate training did (upstream issue #39; "
+                f"threshold {TANH_MISMATCH_RATIO}x)",
+                "run inference with --gate tanh (as training did), or bake tanh into the gates",
+                layer=layer,
+                head=head,
+                ratio=worst_ratio,
+            )
+        )
+    return out
+
+
+def check_against_base(diff: DiffReport, *, n_base_keys: int) -> list[Finding]:
+    """BASE_MISMATCH / VOCAB_MISMATCH / MISSING_TENSORS / BASE_MODIFIED / DTYPE_CHANGED."""
+    out: list[Finding] = []
+    shape_changed = diff.with_status("shape_changed")
+    vocab = [t for t in shape_changed if t.name in keys.VOCAB_KEYS]
+    other = [t for t in shape_changed if t.name not in keys.VOCAB_KEYS]
+    shared = [t for t in diff.tensors if t.status not in ("added", "removed")]
+    if shared and len(other) * 2 > len(shared):
+        eg = other[0]
+        out.append(
+            finding(
+                "BASE_MISMATCH",
+                f"{len(other)} of {len(shared)} shared tensors differ in shape "
+                f"(e.g. {eg.name} {list(eg.shape or ())} vs base {list(eg.base_shape or ())}): "
+                "this base is not the model the checkpoint was trained from",
+                "pass the base weights the fine-tune started from (same size and version)",
+                tensors=[t.name for t in other],
+            )
+        )
+    for t in vocab:
+        rows, base_rows = (t.shape or (0,))[0], (t.base_shape or (0,))[0]
+        out.append(
+            finding(
+                "VOCAB_MISMATCH",
+                f"{t.name} has {rows} rows, the base has {base_rows}: the vocabulary was "
+                f"resized by {rows - base_rows:+d} tokens",
+                "use the fine-tuned embedding/output tensors and the tokenizer with the added "
+                "tokens; the base tokenizer cannot produce the new ids",
+                tensor=t.name,
+                rows=rows,
+                base_rows=base_rows,
+            )
+        )
+    removed = [t.name for t in diff.with_status("removed")]
+    present_base = n_base_keys - len(removed)
+    if removed and present_base * 2 >= n_base_keys:
+        out.append(
+            finding(
+                "MISSING_TENSORS",
+                f"{len(removed)} base tensor(s) are absent from this full checkpoint: "
+                f"{_names(removed)}",
+                "the save dropped them (filtered state dict?); load them from the base or re-save",
+                tensors=removed,
+            )
+        )
+    drifted = [t for t in diff.with_status("modified") if not t.is_adapter]
+    if drifted:
+        detail = ", ".join(
+            f"{t.name} (max |Δ| {t.max_abs:.3g}, rel L2 {t.rel_l2:.2e})" for t in drifted[:5]
+        )
+        out.append(
+            finding(
+                "BASE_MODIFIED",
+                f"{len(drifted)} frozen base tensor(s) differ from the base: {detail}"
+                + (f" (+{len(drifted) - 5} more)" if len(drifted) > 5 else ""),
+                "the adapter alone will not reproduce this model: keep these tensors with the "
+                "adapter, or restore them from the base if the drift is unwanted",
+                tensors=[t.name for t in drifted],
+            )
+        )
+    changed = diff.with_status("dtype_changed")
+    if changed:
+        pairs = sorted({f"{t.base_dtype}->{t.dtype}" for t in changed})
+        out.append(
+            finding(
+                "DTYPE_CHANGED",
+                f"{len(changed)} tensor(s) changed dtype from the base ({', '.join(pairs)}): "
+                f"{_names([t.name for t in changed])}",
+                "usually harmless (mixed-precision saves); cast back if the bytes matter",
+                tensors=[t.name for t in changed],
+            )
+        )
+    return out

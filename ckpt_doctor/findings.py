@@ -1,0 +1,68 @@
+"""The findings catalogue (SPEC section 6): stable ids, their severities, and the record type."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Severity = Literal["error", "warning", "info"]
+
+# One definition of every finding id and its default severity.
+CATALOGUE: dict[str, Severity] = {
+    "UNREADABLE": "error",
+    "UNSAFE_PICKLE": "error",
+    "EMPTY": "error",
+    "CONTAINER_NESTED": "info",
+    "LOAD_NOTHING": "warning",
+    "KEY_PREFIX": "warning",
+    "NONFINITE": "error",
+    "FP16_OVERFLOW": "warning",
+    "ADAPTER_MISSING": "error",
+    "ADAPTER_INERT": "error",
+    "ADAPTER_SHAPE": "error",
+    "ADAPTER_CONFIG": "warning",
+    "GATE_SHAPE": "error",
+    "GATE_TANH_MISMATCH": "warning",
+    "BASE_MISMATCH": "error",
+    "BASE_MODIFIED": "warning",
+    "MISSING_TENSORS": "error",
+    "VOCAB_MISMATCH": "error",
+    "DTYPE_CHANGED": "info",
+    "OPTIMIZER_STATE": "info",
+    "NO_EOS": "error",
+    "LOOP": "error",
+}
+
+SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "error": 2}
+
+
+@dataclass(frozen=True)
+class Finding:
+    id: str
+    message: str
+    hint: str
+    severity: Severity = "info"
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "severity": self.severity,
+            "message": self.message,
+            "hint": self.hint,
+            "evidence": self.evidence,
+        }
+
+
+def finding(
+    id: str, message: str, hint: str, *, severity: Severity | None = None, **evidence: Any
+) -> Finding:
+    """Build a finding with the catalogue severity unless the caller escalates it."""
+    if id not in CATALOGUE:
+        raise KeyError(f"unknown finding id {id!r}")
+    return Finding(id, message, hint, severity or CATALOGUE[id], evidence)
+
+
+def exit_code_for(findings: list[Finding]) -> int:
+    """SPEC section 5: 1 when any warning or error finding is present, else 0."""
+    return 1 if any(f.severity in ("warning", "error") for f in findings) else 0

@@ -1,0 +1,230 @@
+"""``inspect``: what a checkpoint is, what is inside, and what is wrong with it."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckpt_doctor import checks, keys
+from ckpt_doctor.diffing import DiffReport, Progress, diff_tensors
+from ckpt_doctor.facts import AdapterConfig, ModelFacts, adapter_config, model_facts
+from ckpt_doctor.families import is_adapter_key
+from ckpt_doctor.findings import Finding, exit_code_for
+from ckpt_doctor.numerics import ValueScan, scan_values
+from ckpt_doctor.reader import Checkpoint, Entry
+
+# Files up to this size get every tensor's values scanned; larger ones only the adapter's
+# (what training changed) unless --deep, so inspect stays a seconds-long, metadata-only read.
+FULL_SCAN_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class DtypeRow:
+    dtype: str
+    tensors: int
+    parameters: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class GateRow:
+    """One adapted layer: j indexes its prompt rows in adapter_query.weight."""
+
+    layer: int
+    prompt_index: int | None
+    shape: tuple[int, ...]
+    g: list[float]
+    tanh_g: list[float]
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    path: Path
+    format: str
+    container_path: tuple[str, ...]
+    files: list[Path]
+    tensors: int
+    parameters: int
+    total_bytes: int
+    dtypes: list[DtypeRow]
+    facts: ModelFacts
+    adapter: AdapterConfig | None
+    adapter_bytes: int
+    adapted_layers: list[int]
+    gates: list[GateRow]
+    entries: dict[str, Entry]
+    args: dict[str, Any] | None
+    prefix: str | None
+    findings: list[Finding]
+    scanned_tensors: int
+    scanned_bytes: int
+    base_path: Path | None = None
+    diff: DiffReport | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code_for(self.findings)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "container_path": list(self.container_path),
+            "files": [str(f) for f in self.files],
+            "tensors": self.tensors,
+            "parameters": self.parameters,
+            "bytes": self.total_bytes,
+            "dtypes": [vars(r) for r in self.dtypes],
+            "model": self.facts.to_json(),
+            "adapter": None
+            if self.adapter is None
+            else {
+                **self.adapter.to_json(),
+                "bytes": self.adapter_bytes,
+                "adapted_layers": self.adapted_layers,
+            },
+            "gates": [
+                {
+                    "layer": r.layer,
+                    "prompt_index": r.prompt_index,
+                    "shape": list(r.shape),
+                    "g": r.g,
+                    "tanh_g": r.tanh_g,
+                }
+                for r in self.gates
+            ],
+            "entries": {
+                k: {"kind": e.kind, "summary": e.summary, "bytes": e.tensor_bytes}
+                for k, e in self.entries.items()
+            },
+            "args": _jsonable(self.args),
+            "prefix": self.prefix,
+            "scanned": {"tensors": self.scanned_tensors, "bytes": self.scanned_bytes},
+            "base": str(self.base_path) if self.base_path else None,
+            "diff_counts": self.diff.counts if self.diff else None,
+            "notes": self.notes,
+            "findings": [f.to_json() for f in self.findings],
+        }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+def inspect_checkpoint(
+    ckpt: Checkpoint,
+    *,
+    base: Checkpoint | None = None,
+    deep: bool = False,
+    progress: Progress | None = None,
+) -> InspectReport:
+    """Summarise a checkpoint and run every check that needs no generation."""
+    tensors = ckpt.canonical()
+    own_facts = model_facts(tensors, params=ckpt.params)
+    base_tensors = base.canonical() if base is not None else None
+    facts = (
+        model_facts(base_tensors, params=base.params, fallback=own_facts)
+        if base is not None and base_tensors is not None
+        else own_facts
+    )
+    adapter = adapter_config(tensors, args=ckpt.args, metadata=ckpt.metadata)
+    adapted = adapter.adapted_layers(facts.n_layers) if adapter else []
+    gate_values = {
+        i: tensors[k].load() for i, k in (adapter.gate_layers if adapter else {}).items()
+    }
+    model_names = checks.model_key_names(facts, adapter)
+
+    to_scan = [
+        n
+        for n, h in tensors.items()
+        if h.is_float and (deep or ckpt.total_bytes <= FULL_SCAN_BYTES or is_adapter_key(n))
+    ]
+    scans: dict[str, ValueScan] = {n: scan_values(tensors[n]) for n in to_scan}
+
+    findings: list[Finding] = []
+    findings += checks.check_empty(ckpt)
+    findings += checks.check_container(ckpt)
+    findings += checks.check_load_overlap(ckpt, model_names)
+    findings += checks.check_prefix(ckpt, model_names)
+    findings += checks.check_values(scans)
+    findings += checks.check_adapter(
+        tensors, adapter, facts, expected=checks.adapter_expected(ckpt)
+    )
+    findings += checks.check_gates(gate_values, facts, adapted)
+    findings += checks.check_optimizer(ckpt)
+    diff = None
+    if base is not None and base_tensors is not None:
+        diff = diff_tensors(tensors, base_tensors, progress=progress)
+        n_base = sum(1 for n in base_tensors if keys.is_base_key(n)) or len(base_tensors)
+        findings += checks.check_against_base(diff, n_base_keys=n_base)
+
+    adapter_names = adapter.keys if adapter else ()
+    return InspectReport(
+        path=ckpt.path,
+        format=ckpt.format,
+        container_path=ckpt.container_path,
+        files=ckpt.files,
+        tensors=len(ckpt.tensors),
+        parameters=sum(h.numel for h in ckpt.tensors.values()),
+        total_bytes=ckpt.total_bytes,
+        dtypes=_dtype_rows(ckpt),
+        facts=facts,
+        adapter=adapter,
+        adapter_bytes=sum(tensors[n].nbytes for n in adapter_names),
+        adapted_layers=adapted,
+        gates=_gate_rows(gate_values, adapted),
+        entries=ckpt.entries,
+        args=ckpt.args,
+        prefix=ckpt.prefix.prefix if ckpt.prefix else None,
+        findings=sorted(findings, key=lambda f: -_rank(f)),
+        scanned_tensors=len(scans),
+        scanned_bytes=sum(tensors[n].nbytes for n in scans),
+        base_path=base.path if base is not None else None,
+        diff=diff,
+        notes=list(ckpt.notes),
+    )
+
+
+def _rank(f: Finding) -> int:
+    return {"error": 2, "warning": 1, "info": 0}[f.severity]
+
+
+def _dtype_rows(ckpt: Checkpoint) -> list[DtypeRow]:
+    acc: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for h in ckpt.tensors.values():
+        row = acc[str(h.dtype).removeprefix("torch.")]
+        row[0] += 1
+        row[1] += h.numel
+        row[2] += h.nbytes
+    return [DtypeRow(d, *v) for d, v in sorted(acc.items(), key=lambda kv: -kv[1][2])]
+
+
+def _gate_rows(gate_values: dict[int, torch.Tensor], adapted: list[int]) -> list[GateRow]:
+    layers = adapted or sorted(i for i, g in gate_values.items() if bool(g.ne(0).any()))
+    rows = []
+    for j, i in enumerate(layers):
+        g = gate_values.get(i)
+        if g is None:
+            continue
+        values = g.reshape(-1).float()
+        rows.append(
+            GateRow(
+                i,
+                j if adapted else None,
+                tuple(g.shape),
+                values.tolist(),
+                torch.tanh(values).tolist(),
+            )
+        )
+    return rows
