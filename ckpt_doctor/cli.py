@@ -1,0 +1,162 @@
+"""Command line: parse, call the library, render, exit. No logic of its own."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from contextlib import ExitStack, nullcontext
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+
+from ckpt_doctor import __version__
+from ckpt_doctor.diffing import diff_tensors
+from ckpt_doctor.errors import CkptDoctorError
+from ckpt_doctor.inspection import inspect_checkpoint
+from ckpt_doctor.reader import open_checkpoint
+
+app = typer.Typer(
+    name="ckpt-doctor",
+    help="Find, prove and cure what is wrong with a fine-tuned LLaMA / LLaMA-Adapter checkpoint.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_state = {"debug": os.environ.get("CKPT_DOCTOR_DEBUG", "") not in ("", "0")}
+
+T = TypeVar("T")
+
+PathArg = Annotated[Path, typer.Argument(help="Checkpoint file or directory (Meta, HF).")]
+BaseOpt = Annotated[
+    Path | None, typer.Option("--base", help="Base weights (file or Meta / HF directory).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle",
+        help="Unpickle globals outside the allowlist. Runs code from the file: only for files "
+        "you trust.",
+    ),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"ckpt-doctor {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show full tracebacks (or CKPT_DOCTOR_DEBUG=1).")
+    ] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show version.")
+    ] = False,
+) -> None:
+    _state["debug"] = _state["debug"] or debug
+
+
+def _run(as_json: bool, body: Callable[[], int]) -> None:
+    """The one error table: library errors become one stderr line (or JSON) and exit 2."""
+    from ckpt_doctor import render
+
+    try:
+        code = body()
+    except CkptDoctorError as exc:
+        if _state["debug"]:
+            raise
+        if as_json:
+            render.print_json(render.error_json(exc))
+        render.error_line(exc)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        render.err.print("interrupted")
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if _state["debug"]:
+            raise
+        render.err.print(
+            f"[bold red]internal error[/] {type(exc).__name__}: {exc} "
+            "[dim](re-run with --debug for the traceback and report it)[/]"
+        )
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
+
+
+def _progress(as_json: bool, label: str):  # type: ignore[no-untyped-def]
+    from ckpt_doctor import render
+
+    return render.progress_bar(label) if sys.stderr.isatty() else nullcontext(None)
+
+
+@app.command()
+def inspect(
+    path: PathArg,
+    base: BaseOpt = None,
+    as_json: JsonOpt = False,
+    trust_pickle: TrustOpt = False,
+    deep: Annotated[
+        bool, typer.Option("--deep", help="Scan every tensor's values, not just the adapter's.")
+    ] = False,
+) -> None:
+    """Say what a checkpoint is, what is inside, and what is wrong with it."""
+
+    def body() -> int:
+        from ckpt_doctor import render
+
+        with ExitStack() as stack:
+            ckpt = stack.enter_context(open_checkpoint(path, trust_pickle=trust_pickle))
+            base_ckpt = (
+                stack.enter_context(open_checkpoint(base, trust_pickle=trust_pickle))
+                if base
+                else None
+            )
+            with _progress(as_json, "comparing with base") as progress:
+                report = inspect_checkpoint(ckpt, base=base_ckpt, deep=deep, progress=progress)
+            if as_json:
+                render.print_json(report.to_json())
+            else:
+                render.render_inspect(report)
+            return report.exit_code
+
+    _run(as_json, body)
+
+
+@app.command()
+def diff(
+    path: PathArg,
+    base: Annotated[Path, typer.Option("--base", help="Base weights to diff against.")],
+    as_json: JsonOpt = False,
+    trust_pickle: TrustOpt = False,
+    show_all: Annotated[
+        bool, typer.Option("--all", help="List identical tensors in the table too.")
+    ] = False,
+) -> None:
+    """Classify every tensor against the base: added, removed, modified, identical, ..."""
+
+    def body() -> int:
+        from ckpt_doctor import render
+
+        with (
+            open_checkpoint(path, trust_pickle=trust_pickle) as ckpt,
+            open_checkpoint(base, trust_pickle=trust_pickle) as base_ckpt,
+        ):
+            with _progress(as_json, "diff") as progress:
+                report = diff_tensors(ckpt.canonical(), base_ckpt.canonical(), progress=progress)
+            if as_json:
+                render.print_json(report.to_json())
+            else:
+                render.render_diff(report, show_all=show_all)
+            return 0 if report.counts["identical"] == len(report.tensors) else 1
+
+    _run(as_json, body)
+
+
+def main() -> None:
+    app()
