@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ckpt_doctor import keys
-from ckpt_doctor.diffing import DiffReport
+from ckpt_doctor.diffing import DiffReport, TensorDiff
 from ckpt_doctor.facts import AdapterConfig, ModelFacts
 from ckpt_doctor.families import TANH_MISMATCH_RATIO, V1_QUERY_KEY, raw_over_tanh, v1_gate_key
 from ckpt_doctor.findings import Finding, finding
@@ -218,10 +218,13 @@ def check_adapter(
             problems.append(f"it is {len(shape)}-D, expected 2-D [adapter_layer*adapter_len, dim]")
         elif facts.dim and shape[1] != facts.dim:
             problems.append(f"its width {shape[1]} != model dim {facts.dim}")
-        elif adapter.adapter_len is None:
+        elif adapter.adapter_len is None and adapter.layer_candidates:
+            # Without any candidate (no args, every gate still zero) nothing says the rows
+            # are wrong: the layer count is just unknown.
+            tried = " or ".join(str(n) for n in adapter.layer_candidates)
             problems.append(
-                f"its {shape[0]} rows do not split into adapter_len x adapter_layer"
-                + (f" with adapter_layer={adapter.args_layer}" if adapter.args_layer else "")
+                f"its {shape[0]} rows do not split into adapter_len x adapter_layer "
+                f"with adapter_layer={tried}"
             )
         if facts.n_layers and adapter.adapter_layer and adapter.adapter_layer > facts.n_layers:
             problems.append(
@@ -333,12 +336,18 @@ def check_gates(
     return out
 
 
+def _rows_only(t: TensorDiff) -> bool:
+    shape, base = t.shape or (), t.base_shape or ()
+    return len(shape) == len(base) >= 1 and shape[1:] == base[1:] and shape[0] != base[0]
+
+
 def check_against_base(diff: DiffReport, *, n_base_keys: int) -> list[Finding]:
     """BASE_MISMATCH / VOCAB_MISMATCH / MISSING_TENSORS / BASE_MODIFIED / DTYPE_CHANGED."""
     out: list[Finding] = []
     shape_changed = diff.with_status("shape_changed")
-    vocab = [t for t in shape_changed if t.name in keys.VOCAB_KEYS]
-    other = [t for t in shape_changed if t.name not in keys.VOCAB_KEYS]
+    # A resized vocabulary changes rows only; another width means another model (BASE_MISMATCH).
+    vocab = [t for t in shape_changed if t.name in keys.VOCAB_KEYS and _rows_only(t)]
+    other = [t for t in shape_changed if t not in vocab]
     shared = [t for t in diff.tensors if t.status not in ("added", "removed")]
     if shared and len(other) * 2 > len(shared):
         eg = other[0]

@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from contextlib import ExitStack, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 import typer
 
 from ckpt_doctor import __version__
-from ckpt_doctor.diffing import diff_tensors
+from ckpt_doctor.diffing import Progress, diff_tensors
 from ckpt_doctor.errors import CkptDoctorError
 from ckpt_doctor.inspection import inspect_checkpoint
 from ckpt_doctor.reader import open_checkpoint
@@ -26,8 +26,6 @@ app = typer.Typer(
 )
 
 _state = {"debug": os.environ.get("CKPT_DOCTOR_DEBUG", "") not in ("", "0")}
-
-T = TypeVar("T")
 
 PathArg = Annotated[Path, typer.Argument(help="Checkpoint file or directory (Meta, HF).")]
 BaseOpt = Annotated[
@@ -89,7 +87,8 @@ def _run(as_json: bool, body: Callable[[], int]) -> None:
     raise typer.Exit(code)
 
 
-def _progress(as_json: bool, label: str):  # type: ignore[no-untyped-def]
+def _progress(label: str) -> AbstractContextManager[Progress | None]:
+    """A progress bar on stderr when a person is watching; nothing in pipes and tests."""
     from ckpt_doctor import render
 
     return render.progress_bar(label) if sys.stderr.isatty() else nullcontext(None)
@@ -117,7 +116,7 @@ def inspect(
                 if base
                 else None
             )
-            with _progress(as_json, "comparing with base") as progress:
+            with _progress("comparing with base") as progress:
                 report = inspect_checkpoint(ckpt, base=base_ckpt, deep=deep, progress=progress)
             if as_json:
                 render.print_json(report.to_json())
@@ -147,7 +146,7 @@ def diff(
             open_checkpoint(path, trust_pickle=trust_pickle) as ckpt,
             open_checkpoint(base, trust_pickle=trust_pickle) as base_ckpt,
         ):
-            with _progress(as_json, "diff") as progress:
+            with _progress("diff") as progress:
                 report = diff_tensors(ckpt.canonical(), base_ckpt.canonical(), progress=progress)
             if as_json:
                 render.print_json(report.to_json())

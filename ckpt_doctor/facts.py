@@ -120,6 +120,9 @@ class AdapterConfig:
     gate_layers: dict[int, str]
     args_len: int | None = None
     args_layer: int | None = None
+    # The adapter_layer values the rows were tried against (args, metadata, trained gates);
+    # empty when nothing says how many layers are adapted (no args, every gate still zero).
+    layer_candidates: tuple[int, ...] = ()
 
     def adapted_layers(self, n_layers: int | None) -> list[int]:
         """The last adapter_layer layers; j = 0 is layer n_layers - adapter_layer."""
@@ -170,13 +173,16 @@ def adapter_config(
 
     if fits(a_len, a_layer):
         adapter_len, adapter_layer, source = a_len, a_layer, "args"
+        candidates: tuple[int, ...] = (a_layer,)  # type: ignore[assignment]
     elif fits(m_len, m_layer):
         adapter_len, adapter_layer, source = m_len, m_layer, "metadata"
+        candidates = (m_layer,)  # type: ignore[assignment]
     else:
         adapter_len, adapter_layer, source = None, None, "shapes"
         trained = _trailing_nonzero_gates(tensors, gates)
-        for layer in (a_layer, m_layer, trained):
-            if rows and layer and rows % layer == 0:
+        candidates = tuple(dict.fromkeys(x for x in (a_layer, m_layer, trained) if x))
+        for layer in candidates:
+            if rows and rows % layer == 0:
                 adapter_len, adapter_layer = rows // layer, layer
                 break
     return AdapterConfig(
@@ -189,6 +195,7 @@ def adapter_config(
         gates,
         a_len,
         a_layer,
+        candidates,
     )
 
 

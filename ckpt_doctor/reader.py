@@ -21,7 +21,7 @@ from safetensors import safe_open
 from ckpt_doctor import keys
 from ckpt_doctor.errors import UnreadableError, UnsafePickleError
 from ckpt_doctor.handles import TensorHandle, from_safetensors, from_tensor, merged
-from ckpt_doctor.pickle_scan import check_pickle
+from ckpt_doctor.pickle_scan import check_pickle, is_allowed
 from ckpt_doctor.units import human_bytes
 
 
@@ -126,10 +126,9 @@ def _open_file(path: Path, *, trust_pickle: bool) -> Checkpoint:
 
 def _torch_load(path: Path, *, trust_pickle: bool, zipped: bool) -> tuple[Any, list[str]]:
     """Scan the pickle's globals, then load with weights_only unless the user opted in."""
-    found = check_pickle(path, trust=trust_pickle)
-    safe = all(_torch_accepts(g) for g in found)
+    found = check_pickle(path, trust=trust_pickle)  # raises unless allowed or trusted
     try:
-        if safe or not trust_pickle:
+        if all(is_allowed(g) for g in found):
             with torch.serialization.safe_globals([argparse.Namespace]):
                 obj = torch.load(path, map_location="cpu", mmap=zipped, weights_only=True)
         else:  # --trust-pickle: the user said this file is theirs
@@ -145,14 +144,6 @@ def _torch_load(path: Path, *, trust_pickle: bool, zipped: bool) -> tuple[Any, l
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise _unreadable(path, exc) from exc
     return obj, found
-
-
-def _torch_accepts(name: str) -> bool:
-    # check_pickle already refused anything outside the allowlist; this only tells whether
-    # torch's own weights_only unpickler needs the explicit opt-in for what the user trusted.
-    from ckpt_doctor.pickle_scan import is_allowed
-
-    return is_allowed(name)
 
 
 def _unreadable(path: Path, exc: BaseException) -> UnreadableError:
