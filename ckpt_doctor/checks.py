@@ -306,8 +306,9 @@ def check_gates(
         out.append(
             finding(
                 "ADAPTER_INERT",
-                f"all {values.numel()} gate values of the {len(used)} adapted layers are exactly "
-                "0: the adapter adds nothing and the output equals the base model",
+                f"all {values.numel()} gate values of the {len(used)} "
+                + ("adapted layers" if set(used) <= set(adapted) else "layers with a gate")
+                + " are exactly 0: the adapter adds nothing and the output equals the base model",
                 "these are the zero-init gates: the checkpoint was saved before training "
                 "updated them, or the adapter was not loaded; use a trained checkpoint",
                 layers=list(used),

@@ -31,6 +31,12 @@ class UnreadableError(CkptDoctorError):
     code = "UNREADABLE"
 
 
+class EmptyFileError(UnreadableError):
+    """A zero-byte file: the save was interrupted or the disk was full."""
+
+    code = "EMPTY"
+
+
 class UnsafePickleError(CkptDoctorError):
     """The pickle references globals outside the allowlist; nothing was executed."""
 

@@ -120,8 +120,8 @@ class AdapterConfig:
     gate_layers: dict[int, str]
     args_len: int | None = None
     args_layer: int | None = None
-    # The adapter_layer values the rows were tried against (args, metadata, trained gates);
-    # empty when nothing says how many layers are adapted (no args, every gate still zero).
+    # When the config came from shapes: the adapter_layer values the rows were tried against
+    # (args, metadata, trained gates); empty when nothing says how many layers are adapted.
     layer_candidates: tuple[int, ...] = ()
 
     def adapted_layers(self, n_layers: int | None) -> list[int]:
@@ -171,12 +171,11 @@ def adapter_config(
     def fits(length: int | None, layer: int | None) -> bool:
         return bool(length and layer and rows is not None and length * layer == rows)
 
+    candidates: tuple[int, ...] = ()
     if fits(a_len, a_layer):
         adapter_len, adapter_layer, source = a_len, a_layer, "args"
-        candidates: tuple[int, ...] = (a_layer,)  # type: ignore[assignment]
     elif fits(m_len, m_layer):
         adapter_len, adapter_layer, source = m_len, m_layer, "metadata"
-        candidates = (m_layer,)  # type: ignore[assignment]
     else:
         adapter_len, adapter_layer, source = None, None, "shapes"
         trained = _trailing_nonzero_gates(tensors, gates)

@@ -199,9 +199,18 @@ def _scan_one(
     stack: list[object] = []
     memo: dict[int, object] = {}
     proto = 0  # what the unpickler assumes until a PROTO opcode says otherwise
+    frame_end = prev = -1
     for op, arg, pos in pickletools.genops(stream):
+        # The C unpickler drops the in-frame part of a line that runs past its FRAME (pure
+        # Python pickle raises), so it would read other names than genops: treat as corrupt.
+        if prev < frame_end < pos:
+            raise ValueError(f"the opcode at byte {prev} runs past the end of its frame")
         name = op.name
-        if name == "PROTO":
+        if name == "FRAME":
+            if pos < frame_end:
+                raise ValueError(f"the frame at byte {pos} starts inside another frame")
+            frame_end = pos + 9 + arg  # 1 opcode byte + 8 length bytes, then the frame
+        elif name == "PROTO":
             proto = arg if isinstance(arg, int) else proto
         elif name in ("GLOBAL", "INST"):
             found.setdefault(_qualname(*_inline_pair(buf, pos), proto))
@@ -215,6 +224,9 @@ def _scan_one(
             # copyreg extension codes name a global only at load time: never assume it safe.
             found.setdefault(f"<extension>.{arg}")
         _apply(op, arg, stack, memo)
+        prev = pos
+    if frame_end > prev + 1:  # a loader could resume the next pickle at the frame's end
+        raise ValueError("the last frame runs past STOP")
 
 
 def _inline_pair(buf: bytes | mmap.mmap, pos: int) -> tuple[str, str]:

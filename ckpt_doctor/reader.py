@@ -19,16 +19,10 @@ import torch
 from safetensors import safe_open
 
 from ckpt_doctor import keys
-from ckpt_doctor.errors import UnreadableError, UnsafePickleError
+from ckpt_doctor.errors import EmptyFileError, UnreadableError, UnsafePickleError
 from ckpt_doctor.handles import TensorHandle, from_safetensors, from_tensor, merged
 from ckpt_doctor.pickle_scan import check_pickle, is_allowed
 from ckpt_doctor.units import human_bytes
-
-
-class EmptyFileError(UnreadableError):
-    """A zero-byte file: the save was interrupted or the disk was full."""
-
-    code = "EMPTY"
 
 
 @dataclass
@@ -253,7 +247,12 @@ def _summarise(key: str, value: Any) -> Entry:
     if isinstance(value, (int, float, str, bool)) or value is None:
         return Entry("value", repr(value), 0, value)
     if isinstance(value, dict):
-        return Entry("dict", f"dict with {len(value)} entries", 0, _plain(value))
+        plain = _plain(value)
+        shown = ", ".join(f"{k}={v!r}" for k, v in list(plain.items())[:4])
+        more = ", ..." if len(value) > 4 else ""
+        return Entry(
+            "dict", f"dict: {shown}{more}" if shown else f"dict, {len(value)} entries", 0, plain
+        )
     return Entry("other", type(value).__name__)
 
 

@@ -10,6 +10,7 @@ import os
 import pickle
 import pickletools
 import random
+import struct
 import zipfile
 from pathlib import Path
 
@@ -285,6 +286,34 @@ def test_extension_code_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UnsafePickleError) as info:
         check_pickle(path)
     assert info.value.globals_found == ["<extension>.1"]
+
+
+def _framed(body: bytes, rest: bytes) -> bytes:
+    """Protocol 4 pickle whose single FRAME covers ``body``; ``rest`` follows it."""
+    return b"\x80\x04\x95" + struct.pack("<Q", len(body)) + body + rest
+
+
+@pytest.mark.parametrize(
+    ("data", "c_sees"),
+    [
+        # The frame ends inside the module line: the C unpickler drops "xx" and reads posix.
+        (_framed(b"cxx", f"{SYSTEM.split('.')[0]}\nsystem\n.".encode()), SYSTEM),
+        (_framed(b"ctorch\nxyz", b"FloatStorage\n."), "torch.FloatStorage"),
+    ],
+)
+def test_line_running_past_a_frame_is_unreadable(tmp_path: Path, data: bytes, c_sees: str) -> None:
+    recorder = _Recorder(data)
+    recorder.load()
+    assert recorder.seen == [c_sees]  # genops would read "xxposix" / "xyzFloatStorage"
+    path = _write(tmp_path / "frame.pkl", data)
+    with pytest.raises(UnreadableError, match="frame"):
+        referenced_globals(path)
+
+
+def test_frame_running_past_stop_is_unreadable(tmp_path: Path) -> None:
+    path = _write(tmp_path / "frame.pkl", _framed(b"N.", b"") + b"junk")
+    with pytest.raises(UnreadableError, match="frame"):
+        referenced_globals(path)
 
 
 def test_escaped_global_lines_are_read_raw(tmp_path: Path) -> None:

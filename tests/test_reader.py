@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from ckpt_doctor.errors import UnreadableError
-from ckpt_doctor.reader import EmptyFileError, open_checkpoint
+from ckpt_doctor.errors import EmptyFileError, UnreadableError
+from ckpt_doctor.reader import open_checkpoint
 from fixtures.make_fixtures import (
     TinyConfig,
     adapter_tensors,

@@ -1,0 +1,580 @@
+"""Every inspect finding of SPEC section 6: one case that must raise it, one that must not.
+
+Each raising case checks the id, the severity the spec gives it, and that the message carries
+the evidence (a tensor name or a number). Variants are built from the fixture functions in
+tmp_path: copy a dict, mutate it, save it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckpt_doctor.errors import EmptyFileError, UnreadableError, UnsafePickleError
+from ckpt_doctor.findings import Finding
+from ckpt_doctor.inspection import InspectReport, inspect_checkpoint
+from ckpt_doctor.reader import open_checkpoint
+from fixtures.make_fixtures import (
+    TinyConfig,
+    adapter_tensors,
+    base_state_dict,
+    extracted_adapter,
+    save_safetensors,
+    save_zip,
+    training_checkpoint,
+    write_meta_dir,
+)
+
+CFG = TinyConfig()
+ADAPTED = list(CFG.adapted_layers)  # [2, 3]
+BUNDLE = Path(__file__).resolve().parent.parent / "fixtures" / "tiny"
+SYSTEM = f"{os.system.__module__}.{os.system.__name__}"  # posix.system on Linux
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def base_sd() -> dict[str, torch.Tensor]:
+    return base_state_dict(CFG)
+
+
+def adapter(cfg: TinyConfig = CFG, **kw) -> dict[str, torch.Tensor]:
+    return adapter_tensors(cfg, **kw)
+
+
+def full_sd() -> dict[str, torch.Tensor]:
+    """A flat fine-tuned model: base weights plus the adapter tensors."""
+    return {**base_sd(), **adapter()}
+
+
+def training(adapter_sd: dict | None = None, **kw) -> dict:
+    return training_checkpoint(
+        CFG, base_sd(), adapter() if adapter_sd is None else adapter_sd, **kw
+    )
+
+
+def write_base(tmp_path: Path, cfg: TinyConfig = CFG) -> Path:
+    directory = tmp_path / f"base-{cfg.dim}"
+    write_meta_dir(base_state_dict(cfg), directory, cfg)
+    return directory
+
+
+def inspect(tmp_path: Path, obj: object, *, base: Path | None = None) -> InspectReport:
+    """Save ``obj`` as a torch zip checkpoint and inspect it (against ``base`` if given)."""
+    path = save_zip(obj, tmp_path / "ckpt.pth")
+    return inspect_path(path, base=base)
+
+
+def inspect_path(path: Path, *, base: Path | None = None) -> InspectReport:
+    ckpt = open_checkpoint(path)
+    return inspect_checkpoint(ckpt, base=open_checkpoint(base) if base else None)
+
+
+def ids(report: InspectReport) -> set[str]:
+    return {f.id for f in report.findings}
+
+
+def only(report: InspectReport, finding_id: str, severity: str) -> Finding:
+    """The single finding with this id; its severity must be the one the spec gives."""
+    found = [f for f in report.findings if f.id == finding_id]
+    assert len(found) == 1, [f.message for f in report.findings]
+    assert found[0].severity == severity
+    assert found[0].hint
+    return found[0]
+
+
+# --------------------------------------------------------------------------- UNREADABLE
+
+
+def _save_then_truncate(path: Path) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _random_bytes(tmp_path: Path) -> Path:
+    path = tmp_path / "random.pth"
+    path.write_bytes(random.Random(0).randbytes(4096))
+    return path
+
+
+def _pickle_magic_then_garbage(tmp_path: Path) -> Path:
+    path = tmp_path / "garbage.pth"
+    path.write_bytes(b"\x80\x02" + random.Random(1).randbytes(4096))
+    return path
+
+
+def _truncated_zip(tmp_path: Path) -> Path:
+    return _save_then_truncate(save_zip(training(), tmp_path / "checkpoint-4.pth"))
+
+
+def _truncated_safetensors(tmp_path: Path) -> Path:
+    return _save_then_truncate(save_safetensors(full_sd(), tmp_path / "model.safetensors"))
+
+
+def _bad_params_json(tmp_path: Path) -> Path:
+    directory = write_base(tmp_path)
+    (directory / "params.json").write_text('{"dim": 64, "n_layers": ')
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("build", "evidence"),
+    [
+        (_random_bytes, "random.pth"),
+        (_pickle_magic_then_garbage, "garbage.pth"),
+        (_truncated_zip, "checkpoint-4.pth"),
+        (_truncated_safetensors, "model.safetensors"),
+        (_bad_params_json, "params.json"),
+    ],
+    ids=["random", "pickle-magic", "truncated-zip", "truncated-safetensors", "bad-params"],
+)
+def test_unreadable_raises(tmp_path, build, evidence):
+    path = build(tmp_path)
+    with pytest.raises(UnreadableError) as info:
+        open_checkpoint(path)
+    assert info.value.code == "UNREADABLE"
+    assert info.value.exit_code == 2
+    assert evidence in info.value.message
+    assert info.value.hint
+
+
+def test_empty_file_is_unreadable_with_code_empty(tmp_path):
+    path = tmp_path / "empty.pth"
+    path.touch()
+    with pytest.raises(EmptyFileError) as info:
+        open_checkpoint(path)
+    assert isinstance(info.value, UnreadableError)
+    assert info.value.code == "EMPTY"
+    assert "0 bytes" in info.value.message
+
+
+@pytest.mark.parametrize(
+    "save",
+    [
+        lambda p: save_zip(training(), p / "checkpoint-4.pth"),
+        lambda p: save_safetensors(full_sd(), p / "model.safetensors"),
+        write_base,
+    ],
+    ids=["zip", "safetensors", "meta-dir"],
+)
+def test_intact_files_open(tmp_path, save):
+    ckpt = open_checkpoint(save(tmp_path))
+    assert len(ckpt.tensors) >= len(base_sd())
+
+
+# --------------------------------------------------------------------------- UNSAFE_PICKLE
+
+
+class _Payload:
+    """Unpickling this would run a shell command creating ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_unsafe_pickle_is_refused_and_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    path = save_zip({**adapter(), "payload": _Payload(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(UnsafePickleError) as info:
+        open_checkpoint(path)
+    assert info.value.code == "UNSAFE_PICKLE"
+    assert SYSTEM in info.value.globals_found
+    assert SYSTEM in info.value.message
+    assert not marker.exists()
+
+
+def test_argparse_namespace_is_allowed(tmp_path):
+    # The training checkpoint's 'args' is an argparse.Namespace: allowed, nothing broader.
+    ckpt = open_checkpoint(save_zip(training(), tmp_path / "checkpoint-4.pth"))
+    assert "argparse.Namespace" in ckpt.pickle_globals
+    assert ckpt.args["adapter_len"] == CFG.adapter_len
+
+
+# --------------------------------------------------------------------------- EMPTY
+
+
+def test_empty_when_no_tensors(tmp_path):
+    f = only(inspect(tmp_path, {}), "EMPTY", "error")
+    assert "no tensors" in f.message
+
+
+def test_empty_when_a_tensor_has_zero_elements(tmp_path):
+    sd = {"adapter_query.weight": torch.zeros(0, CFG.dim), **base_sd()}
+    f = only(inspect(tmp_path, sd), "EMPTY", "error")
+    assert "1 tensor(s)" in f.message
+    assert "adapter_query.weight" in f.message
+    assert f.evidence["tensors"] == ["adapter_query.weight"]
+
+
+def test_no_empty_for_a_full_checkpoint(tmp_path):
+    assert "EMPTY" not in ids(inspect(tmp_path, full_sd()))
+
+
+# --------------------------------------------------------------------------- containers
+
+
+@pytest.mark.parametrize("key", ["model", "state_dict", "model_state_dict"])
+def test_container_nested(tmp_path, key):
+    report = inspect(tmp_path, {key: full_sd(), "epoch": 7})
+    f = only(report, "CONTAINER_NESTED", "info")
+    assert f"['{key}']" in f.message
+    assert "epoch (7)" in f.message
+    assert report.container_path == (key,)
+
+
+def test_load_nothing_for_training_checkpoint(tmp_path):
+    f = only(inspect(tmp_path, training()), "LOAD_NOTHING", "warning")
+    assert "0 of 5 keys" in f.message
+    assert "model, optimizer, epoch, scaler, args" in f.message
+    assert f.evidence == {"keys_seen": 5, "matched": 0}
+
+
+def test_flat_files_load_something(tmp_path):
+    report = inspect(tmp_path, extracted_adapter(CFG, adapter()))
+    assert not ids(report) & {"CONTAINER_NESTED", "LOAD_NOTHING", "KEY_PREFIX"}
+
+
+@pytest.mark.parametrize("prefix", ["module.", "module._orig_mod."])
+def test_key_prefix(tmp_path, prefix):
+    report = inspect(tmp_path, {prefix + k: v for k, v in full_sd().items()})
+    f = only(report, "KEY_PREFIX", "warning")
+    n = len(full_sd())
+    assert f"{n} of {n} keys carry the prefix '{prefix}'" in f.message
+    assert "0% as saved and 100% after" in f.message
+    assert f.evidence == {"prefix": prefix, "overlap_before": 0.0, "overlap_after": 1.0}
+    # The names are canonical underneath: model facts still come out of the shapes.
+    assert (report.facts.dim, report.facts.n_layers) == (CFG.dim, CFG.n_layers)
+
+
+# --------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize(
+    ("value", "words"), [(math.nan, "1 NaN, 0 Inf"), (math.inf, "0 NaN, 1 Inf")]
+)
+def test_nonfinite(tmp_path, value, words):
+    sd = extracted_adapter(CFG, adapter())
+    sd["adapter_query.weight"][3, 5] = value
+    f = only(inspect(tmp_path, sd), "NONFINITE", "error")
+    assert f"1 non-finite values ({words})" in f.message
+    assert "first adapter_query.weight" in f.message
+    assert f.evidence["count"] == 1
+
+
+def test_fp16_overflow(tmp_path):
+    sd = extracted_adapter(CFG, adapter())
+    sd["adapter_query.weight"][0, 0] = 1e6
+    f = only(inspect(tmp_path, sd), "FP16_OVERFLOW", "warning")
+    assert "adapter_query.weight" in f.message
+    assert "1 finite values" in f.message
+    assert "1e+06" in f.message
+    assert f.evidence["max_abs"] == 1e6
+
+
+def test_healthy_values(tmp_path):
+    report = inspect(tmp_path, extracted_adapter(CFG, adapter()))
+    assert not ids(report) & {"NONFINITE", "FP16_OVERFLOW"}
+
+
+def test_fp16_tensors_near_the_limit_do_not_overflow(tmp_path):
+    sd = base_sd()
+    sd["norm.weight"][0] = 65504.0  # the fp16 max itself is representable
+    assert "FP16_OVERFLOW" not in ids(inspect(tmp_path, sd))
+
+
+# --------------------------------------------------------------------------- adapter
+
+
+def training_without(*names: str) -> dict:
+    """A training checkpoint whose model dict lost these adapter tensors."""
+    obj = training()
+    for name in names:
+        del obj["model"][name]
+    return obj
+
+
+def test_adapter_missing_when_args_describe_an_adapter(tmp_path):
+    report = inspect(tmp_path, training_without(*adapter()))
+    f = only(report, "ADAPTER_MISSING", "error")
+    assert "args describe a LLaMA-Adapter run" in f.message
+    assert "adapter_query.weight" in f.message
+    assert report.adapter is None
+
+
+def test_adapter_missing_query(tmp_path):
+    f = only(
+        inspect(tmp_path, training_without("adapter_query.weight")), "ADAPTER_MISSING", "error"
+    )
+    assert "adapter_query.weight is missing" in f.message
+    assert "layers.0.attention.gate" in f.message
+
+
+@pytest.mark.parametrize("obj", [training, base_sd], ids=["training", "plain-base"])
+def test_no_adapter_missing(tmp_path, obj):
+    assert "ADAPTER_MISSING" not in ids(inspect(tmp_path, obj()))
+
+
+def test_adapter_inert(tmp_path):
+    ad = {k: torch.zeros_like(v) if k.endswith(".gate") else v for k, v in adapter().items()}
+    report = inspect(tmp_path, training(ad))
+    f = only(report, "ADAPTER_INERT", "error")
+    assert "all 8 gate values of the 2 adapted layers" in f.message
+    assert f.evidence["layers"] == ADAPTED
+
+
+def test_inert_extracted_adapter_without_args(tmp_path):
+    # Nothing says how many layers are adapted: inert, but 8 rows are not a shape error.
+    ad = {k: torch.zeros_like(v) if k.endswith(".gate") else v for k, v in adapter().items()}
+    report = inspect(tmp_path, extracted_adapter(CFG, ad), base=write_base(tmp_path))
+    f = only(report, "ADAPTER_INERT", "error")
+    assert "all 16 gate values of the 4 layers with a gate" in f.message
+    assert ids(report) == {"ADAPTER_INERT"}
+
+
+def test_adapter_not_inert_with_one_nonzero_gate(tmp_path):
+    ad = {k: torch.zeros_like(v) if k.endswith(".gate") else v for k, v in adapter().items()}
+    ad["layers.3.attention.gate"][0, 2] = 0.01
+    assert "ADAPTER_INERT" not in ids(inspect(tmp_path, training(ad)))
+
+
+def test_adapter_shape_width_differs_from_base(tmp_path):
+    narrow = TinyConfig(dim=32)
+    report = inspect(
+        tmp_path, extracted_adapter(narrow, adapter(narrow)), base=write_base(tmp_path)
+    )
+    f = only(report, "ADAPTER_SHAPE", "error")
+    assert "adapter_query.weight [8, 32]" in f.message
+    assert "width 32 != model dim 64" in f.message
+    assert f.evidence["shape"] == [8, 32]
+
+
+def test_adapter_shape_rows_do_not_split(tmp_path):
+    ad = adapter()
+    ad["adapter_query.weight"] = ad["adapter_query.weight"][:7].clone()
+    report = inspect(tmp_path, training(ad))
+    f = only(report, "ADAPTER_SHAPE", "error")
+    assert "its 7 rows do not split" in f.message
+    assert "adapter_layer=2" in f.message
+
+
+def test_no_adapter_shape_for_matching_adapter(tmp_path):
+    report = inspect(tmp_path, extracted_adapter(CFG, adapter()), base=write_base(tmp_path))
+    assert "ADAPTER_SHAPE" not in ids(report)
+
+
+@pytest.mark.parametrize(
+    ("override", "product"),
+    [
+        ({"adapter_len": 8}, "adapter_len=8 x adapter_layer=2 = 16"),
+        ({"adapter_layer": 3}, "adapter_len=4 x adapter_layer=3 = 12"),
+    ],
+)
+def test_adapter_config_args_disagree(tmp_path, override, product):
+    report = inspect(tmp_path, training(args_overrides=override))
+    f = only(report, "ADAPTER_CONFIG", "warning")
+    assert product in f.message
+    assert "adapter_query.weight has 8" in f.message
+    assert f.evidence["rows"] == 8
+    # The tensor shapes win and still resolve the real config.
+    assert (report.adapter.adapter_len, report.adapter.adapter_layer) == (4, 2)
+    assert report.adapter.source == "shapes"
+    assert "ADAPTER_SHAPE" not in ids(report)
+
+
+def test_no_adapter_config_when_args_fit(tmp_path):
+    report = inspect(tmp_path, training())
+    assert "ADAPTER_CONFIG" not in ids(report)
+    assert report.adapter.source == "args"
+
+
+# --------------------------------------------------------------------------- gates
+
+
+def test_gate_shape_legacy_scalar(tmp_path):
+    sd = extracted_adapter(CFG, adapter(scalar_gates=True))
+    report = inspect(tmp_path, sd, base=write_base(tmp_path))
+    f = only(report, "GATE_SHAPE", "error")
+    assert "2 gate(s) are legacy scalars of shape [1]" in f.message
+    assert "layers 2, 3" in f.message
+    assert "[1, 4, 1, 1]" in f.message
+    assert f.evidence == {"layers": ADAPTED, "repairable": True}
+
+
+def test_gate_shape_wrong_head_count(tmp_path):
+    three_heads = TinyConfig(n_heads=3)
+    sd = extracted_adapter(three_heads, adapter(three_heads))
+    report = inspect(tmp_path, sd, base=write_base(tmp_path))
+    f = only(report, "GATE_SHAPE", "error")
+    assert "[1, 3, 1, 1]" in f.message
+    assert "4 heads" in f.message
+    assert f.evidence == {"layers": ADAPTED, "repairable": False}
+
+
+def test_no_gate_shape_for_per_head_gates(tmp_path):
+    report = inspect(tmp_path, extracted_adapter(CFG, adapter()), base=write_base(tmp_path))
+    assert "GATE_SHAPE" not in ids(report)
+
+
+def test_gate_tanh_mismatch(tmp_path):
+    ad = adapter()
+    ad["layers.3.attention.gate"][0, 1] = 1.5
+    f = only(inspect(tmp_path, training(ad)), "GATE_TANH_MISMATCH", "warning")
+    assert "gate layer 3 head 1 = 1.500" in f.message
+    assert "1.66x" in f.message
+    assert f.evidence["ratio"] == pytest.approx(1.5 / math.tanh(1.5))
+    assert (f.evidence["layer"], f.evidence["head"]) == (3, 1)
+
+
+def test_no_gate_tanh_mismatch_for_small_gates(tmp_path):
+    ad = adapter()
+    assert max(float(ad[f"layers.{i}.attention.gate"].abs().max()) for i in ADAPTED) <= 0.3
+    assert "GATE_TANH_MISMATCH" not in ids(inspect(tmp_path, training(ad)))
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def test_optimizer_state(tmp_path):
+    obj = training()
+    f = only(inspect(tmp_path, obj), "OPTIMIZER_STATE", "info")
+    assert "'optimizer' carries optimizer state for 3 params, 9 tensors" in f.message
+    state = obj["optimizer"]["state"].values()
+    expected = sum(t.numel() * t.element_size() for s in state for t in s.values())
+    assert f.evidence["bytes"] == expected
+
+
+def test_no_optimizer_state_without_optimizer(tmp_path):
+    obj = training()
+    del obj["optimizer"]
+    report = inspect(tmp_path, obj)
+    assert "OPTIMIZER_STATE" not in ids(report)
+    assert "CONTAINER_NESTED" in ids(report)
+
+
+# --------------------------------------------------------------------------- against a base
+
+
+def test_base_mismatch(tmp_path):
+    report = inspect(tmp_path, full_sd(), base=write_base(tmp_path, TinyConfig(dim=32)))
+    f = only(report, "BASE_MISMATCH", "error")
+    n_base = len(base_sd())
+    assert f"{n_base} of {n_base} shared tensors differ in shape" in f.message
+    assert "tok_embeddings.weight [128, 64] vs base [128, 32]" in f.message
+    # Same vocabulary, other width: not a resized vocabulary.
+    assert "VOCAB_MISMATCH" not in ids(report)
+
+
+def test_base_modified(tmp_path):
+    obj = training()
+    name = "layers.1.attention.wq.weight"
+    before = obj["model"][name].clone()
+    obj["model"][name][5, 7] += 0.25
+    delta = float((obj["model"][name].double() - before.double()).abs().max())
+    report = inspect(tmp_path, obj, base=write_base(tmp_path))
+    f = only(report, "BASE_MODIFIED", "warning")
+    assert f"1 frozen base tensor(s) differ from the base: {name} (max |Δ| {delta:.3g}" in f.message
+    assert f.evidence["tensors"] == [name]
+
+
+def test_missing_tensors(tmp_path):
+    sd = full_sd()
+    del sd["layers.2.feed_forward.w2.weight"]
+    f = only(inspect(tmp_path, sd, base=write_base(tmp_path)), "MISSING_TENSORS", "error")
+    assert "1 base tensor(s) are absent" in f.message
+    assert "layers.2.feed_forward.w2.weight" in f.message
+
+
+def test_vocab_mismatch(tmp_path):
+    sd = full_sd()
+    for name in ("tok_embeddings.weight", "output.weight"):
+        sd[name] = torch.cat([sd[name], torch.zeros(2, CFG.dim, dtype=sd[name].dtype)])
+    report = inspect(tmp_path, sd, base=write_base(tmp_path))
+    found = {f.evidence["tensor"]: f for f in report.findings if f.id == "VOCAB_MISMATCH"}
+    assert set(found) == {"tok_embeddings.weight", "output.weight"}
+    for name, f in found.items():
+        assert f.severity == "error"
+        assert f"{name} has 130 rows, the base has 128" in f.message
+        assert "+2 tokens" in f.message
+    assert "BASE_MISMATCH" not in ids(report)
+
+
+def test_dtype_changed(tmp_path):
+    sd = full_sd()
+    sd["norm.weight"] = sd["norm.weight"].float()
+    report = inspect(tmp_path, sd, base=write_base(tmp_path))
+    f = only(report, "DTYPE_CHANGED", "info")
+    assert "1 tensor(s) changed dtype from the base (float16->float32): norm.weight" in f.message
+    # Upcasting keeps the values: no drift reported.
+    assert "BASE_MODIFIED" not in ids(report)
+
+
+def test_healthy_full_checkpoint_against_its_base(tmp_path):
+    report = inspect(tmp_path, full_sd(), base=write_base(tmp_path))
+    assert ids(report) == set()
+    assert report.exit_code == 0
+    assert report.diff.counts["identical"] == len(base_sd())
+    assert report.diff.counts["added"] == len(adapter())
+
+
+# --------------------------------------------------------------------------- adapter-only files
+
+
+@pytest.mark.parametrize(
+    "save",
+    [
+        lambda sd, p: save_zip(sd, p / "adapter.pth"),
+        lambda sd, p: save_safetensors(sd, p / "adapter.safetensors"),
+    ],
+    ids=["pth", "safetensors"],
+)
+@pytest.mark.parametrize("layout", ["extracted", "flat"])
+def test_adapter_only_with_base(tmp_path, save, layout):
+    ad = adapter()
+    sd = extracted_adapter(CFG, ad) if layout == "extracted" else ad
+    report = inspect_path(save(sd, tmp_path), base=write_base(tmp_path))
+    assert report.exit_code == 0, [f.message for f in report.findings]
+    assert not [f for f in report.findings if f.severity != "info"]
+    facts = report.facts
+    assert (facts.dim, facts.n_heads, facts.n_layers) == (CFG.dim, CFG.n_heads, CFG.n_layers)
+    assert {facts.sources[k] for k in ("dim", "n_heads", "n_layers")} == {"params.json"}
+    assert report.adapted_layers == ADAPTED
+    assert (report.adapter.adapter_len, report.adapter.adapter_layer) == (4, 2)
+
+
+# --------------------------------------------------------------------------- the seed bug
+
+
+def _bundled(tmp_path: Path) -> tuple[Path, Path]:
+    return BUNDLE / "checkpoint-4.pth", BUNDLE / "base"
+
+
+def _built(tmp_path: Path) -> tuple[Path, Path]:
+    return save_zip(training(), tmp_path / "checkpoint-4.pth"), write_base(tmp_path)
+
+
+@pytest.mark.parametrize("files", [_bundled, _built], ids=["bundled", "built"])
+def test_upstream_training_checkpoint_with_base(tmp_path, files):
+    path, base = files(tmp_path)
+    report = inspect_path(path, base=base)
+    assert ids(report) == {"CONTAINER_NESTED", "LOAD_NOTHING", "OPTIMIZER_STATE"}
+    assert not [f for f in report.findings if f.severity == "error"]
+    assert report.exit_code == 1
+    assert report.adapter.source == "args"
+    assert (report.adapter.adapter_len, report.adapter.adapter_layer) == (4, 2)
+    assert [r.layer for r in report.gates] == ADAPTED
+    assert [r.prompt_index for r in report.gates] == [0, 1]
+    expected = adapter()
+    for row in report.gates:
+        g = expected[f"layers.{row.layer}.attention.gate"].reshape(-1)
+        assert row.g == pytest.approx(g.tolist())
+        assert row.tanh_g == pytest.approx(torch.tanh(g).tolist())
+        assert len(row.g) == len(row.tanh_g) == CFG.n_heads
