@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import torch
+import numpy as np
 
 from ckpt_doctor import keys
 from ckpt_doctor.diffing import DiffReport, TensorDiff
@@ -262,19 +262,17 @@ def check_adapter(
 
 
 def check_gates(
-    gate_values: Mapping[int, torch.Tensor], facts: ModelFacts, adapted: Sequence[int]
+    gate_values: Mapping[int, np.ndarray], facts: ModelFacts, adapted: Sequence[int]
 ) -> list[Finding]:
     """GATE_SHAPE / ADAPTER_INERT / GATE_TANH_MISMATCH over the adapted layers' gates."""
     out: list[Finding] = []
     used = {i: g for i, g in gate_values.items() if i in adapted} or dict(gate_values)
     if not used:
         return out
-    scalar = [i for i, g in used.items() if g.numel() == 1]
+    scalar = [i for i, g in used.items() if g.size == 1]
     heads = facts.n_heads
     wrong = [
-        i
-        for i, g in used.items()
-        if g.numel() != 1 and heads and tuple(g.shape) != (1, heads, 1, 1)
+        i for i, g in used.items() if g.size != 1 and heads and tuple(g.shape) != (1, heads, 1, 1)
     ]
     if scalar:
         out.append(
@@ -301,12 +299,12 @@ def check_gates(
                 repairable=False,
             )
         )
-    values = torch.cat([g.reshape(-1).float() for g in used.values()])
-    if values.numel() and bool((values == 0).all()):
+    values = np.concatenate([g.reshape(-1) for g in used.values()])
+    if values.size and not values.any():
         out.append(
             finding(
                 "ADAPTER_INERT",
-                f"all {values.numel()} gate values of the {len(used)} "
+                f"all {values.size} gate values of the {len(used)} "
                 + ("adapted layers" if set(used) <= set(adapted) else "layers with a gate")
                 + " are exactly 0: the adapter adds nothing and the output equals the base model",
                 "these are the zero-init gates: the checkpoint was saved before training "

@@ -149,4 +149,4 @@ def diff_tensors(
 
 
 def _dtype_name(h: TensorHandle) -> str:
-    return str(h.dtype).removeprefix("torch.")
+    return h.dtype.name

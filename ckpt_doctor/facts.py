@@ -209,7 +209,7 @@ def _trailing_nonzero_gates(tensors: Mapping[str, TensorHandle], gates: dict[int
     """How many top layers have a nonzero gate: the layers training actually adapted."""
     count = 0
     for layer in sorted(gates, reverse=True):
-        if not bool(tensors[gates[layer]].load().float().ne(0).any()):
+        if not tensors[gates[layer]].values().any():
             break
         count += 1
     return count

@@ -10,8 +10,10 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 GATE_FUNCTIONS = ("raw", "tanh")
 
@@ -24,7 +26,7 @@ def apply_gate(gate: torch.Tensor, function: str) -> torch.Tensor:
     if function == "raw":
         return gate
     if function == "tanh":
-        return torch.tanh(gate)
+        return gate.tanh()
     raise ValueError(f"unknown gate function {function!r}; expected one of {GATE_FUNCTIONS}")
 
 

@@ -1,45 +1,134 @@
 """Lazy tensor handles: name, shape, dtype and bytes up front; the data only on demand.
 
-Every reader hands these out instead of state dicts, so a multi-GB checkpoint costs nothing
-until a check asks for values, and then only one bounded chunk at a time.
+Every reader hands these out instead of state dicts. Values come as numpy views of a memory
+map of the file, so a multi-GB checkpoint costs nothing until a check asks for values, and then
+only the pages it touches. torch is not needed to read (importing it costs seconds); it is
+imported only by ``to_torch`` and by the loaders that genuinely need it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 # Elements per chunk when streaming values: 4M elements is 32 MiB in float64.
 DEFAULT_CHUNK_ELEMS = 1 << 22
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+
+@dataclass(frozen=True)
+class DType:
+    """A tensor dtype by its torch name; ``storage`` is the numpy type holding its bits."""
+
+    name: str
+    storage: np.dtype
+    is_float: bool
+
+    @property
+    def itemsize(self) -> int:
+        return self.storage.itemsize
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _dt(name: str, storage: str, is_float: bool) -> DType:
+    return DType(name, np.dtype(storage), is_float)
+
+
+# bfloat16 and float8 have no numpy type: their bits travel as unsigned ints.
+DTYPES: dict[str, DType] = {
+    d.name: d
+    for d in (
+        _dt("float64", "<f8", True),
+        _dt("float32", "<f4", True),
+        _dt("float16", "<f2", True),
+        _dt("bfloat16", "<u2", True),
+        _dt("float8_e4m3fn", "u1", True),
+        _dt("float8_e5m2", "u1", True),
+        _dt("int64", "<i8", False),
+        _dt("int32", "<i4", False),
+        _dt("int16", "<i2", False),
+        _dt("int8", "i1", False),
+        _dt("uint8", "u1", False),
+        _dt("bool", "?", False),
+        _dt("complex64", "<c8", False),
+    )
+}
+
+# torch storage class names (pickled in every torch checkpoint) -> dtype names.
+STORAGE_CLASSES: dict[str, str] = {
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "Float8_e4m3fnStorage": "float8_e4m3fn",
+    "Float8_e5m2Storage": "float8_e5m2",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "ComplexFloatStorage": "complex64",
+    "UntypedStorage": "uint8",
+}
+
+SAFETENSORS_DTYPES: dict[str, str] = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
 }
 
 
-@dataclass
+def _e4m3fn_table() -> np.ndarray:
+    # float8_e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; no Inf, 0x7f/0xff are NaN.
+    b = np.arange(256)
+    sign = np.where(b >> 7, -1.0, 1.0)
+    exp, man = (b >> 3) & 0xF, b & 7
+    value = np.where(exp == 0, man / 8 * 2.0**-6, (1 + man / 8) * 2.0 ** (exp - 7.0))
+    value = np.where((exp == 15) & (man == 7), np.nan, value)
+    return sign * value
+
+
+_E4M3FN = _e4m3fn_table()
+
+
+def decode(raw: np.ndarray, dtype: DType) -> np.ndarray:
+    """Raw storage bits -> float64 values (bfloat16 and float8 have no numpy type)."""
+    if dtype.name == "bfloat16":
+        return (raw.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    if dtype.name == "float8_e5m2":  # the top byte of a float16
+        return (raw.astype(np.uint16) << 8).view(np.float16).astype(np.float64)
+    if dtype.name == "float8_e4m3fn":
+        return _E4M3FN[raw]
+    return raw.astype(np.float64)
+
+
+@dataclass(frozen=True)
 class TensorHandle:
-    """One tensor of a checkpoint. ``rows(a, b)`` reads only rows a..b-1 along dim 0."""
+    """One tensor of a checkpoint. ``array()`` gives its raw values (bits in ``dtype.storage``)."""
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
-    _load: Callable[[], torch.Tensor]
-    _rows: Callable[[int, int], torch.Tensor]
+    dtype: DType
+    _array: Callable[[], np.ndarray]
+    _rows: Callable[[int, int], np.ndarray] | None = None
 
     @property
     def numel(self) -> int:
@@ -51,51 +140,68 @@ class TensorHandle:
 
     @property
     def is_float(self) -> bool:
-        return self.dtype.is_floating_point
+        return self.dtype.is_float
 
-    def load(self) -> torch.Tensor:
-        return self._load()
+    def named(self, name: str) -> TensorHandle:
+        return replace(self, name=name)
 
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        return self._rows(start, stop)
+    def array(self) -> np.ndarray:
+        """The values as a numpy array of ``dtype.storage``; a view of the file when possible."""
+        return self._array()
 
-    def chunks(self, *, max_elems: int = DEFAULT_CHUNK_ELEMS) -> Iterator[torch.Tensor]:
+    def values(self) -> np.ndarray:
+        """All values as float64: for small tensors (gates, prompts); stream big ones."""
+        return decode(self.array(), self.dtype)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1 along dim 0, reading only those."""
+        if self._rows is not None:
+            return self._rows(start, stop)
+        return self.array()[start:stop]
+
+    def chunks(self, *, max_elems: int = DEFAULT_CHUNK_ELEMS) -> Iterator[np.ndarray]:
         """Flat pieces in row-major order; two handles of one shape chunk identically."""
         if len(self.shape) == 0 or self.numel == 0:
-            yield self.load().reshape(-1)
+            yield self.array().reshape(-1)
             return
         row_elems = max(1, self.numel // self.shape[0])
         step = max(1, max_elems // row_elems)
         for start in range(0, self.shape[0], step):
             yield self.rows(start, min(start + step, self.shape[0])).reshape(-1)
 
+    def to_torch(self) -> torch.Tensor:
+        """A torch tensor sharing the handle's memory (copy-on-write maps stay shared)."""
+        import torch
 
-def from_tensor(name: str, tensor: torch.Tensor) -> TensorHandle:
-    """Wrap an already-materialised (typically mmap-backed) tensor; slicing is a view."""
-    return TensorHandle(
-        name,
-        tuple(tensor.shape),
-        tensor.dtype,
-        lambda: tensor,
-        lambda a, b: tensor[a:b],
-    )
+        arr = self.array()
+        if not (arr.flags.c_contiguous and arr.flags.writeable):
+            arr = np.array(arr, order="C")  # (ascontiguousarray would turn 0-d into 1-d)
+        if self.dtype.name == "bfloat16":
+            return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+        if self.dtype.name.startswith("float8"):
+            return torch.from_numpy(arr).view(getattr(torch, self.dtype.name))
+        return torch.from_numpy(arr)
 
 
-def from_safetensors(name: str, handle: object) -> TensorHandle:
-    """Wrap a key of an open ``safe_open`` handle; nothing is read until asked."""
-    sl = handle.get_slice(name)  # type: ignore[attr-defined]
-    dtype_name = sl.get_dtype()
-    dtype = SAFETENSORS_DTYPES.get(dtype_name)
-    if dtype is None:
-        raise ValueError(f"unsupported safetensors dtype {dtype_name} for {name}")
-    shape = tuple(sl.get_shape())
-    return TensorHandle(
-        name,
-        shape,
-        dtype,
-        lambda: handle.get_tensor(name),  # type: ignore[attr-defined]
-        lambda a, b: sl[a:b],
-    )
+def from_array(name: str, arr: np.ndarray, dtype: DType) -> TensorHandle:
+    """Wrap a numpy array (typically a view of a memory map); slicing stays a view."""
+    return TensorHandle(name, tuple(arr.shape), dtype, lambda: arr)
+
+
+def from_torch(name: str, tensor: Any) -> TensorHandle:
+    """Wrap a torch tensor (legacy pickles, --trust-pickle loads, tests)."""
+    import torch
+
+    dtype = DTYPES[str(tensor.dtype).removeprefix("torch.")]
+    t = tensor.detach().cpu()
+    if t.layout != torch.strided:  # sparse tensors (rare in checkpoints): checks see values
+        t = t.to_dense()
+    if dtype.name == "bfloat16":
+        t = t.view(torch.int16)
+    elif dtype.name.startswith("float8"):
+        t = t.view(torch.uint8)
+    arr = t.numpy().view(dtype.storage)
+    return from_array(name, arr, dtype)
 
 
 def merged(name: str, parts: list[TensorHandle], dim: int) -> TensorHandle:
@@ -103,18 +209,18 @@ def merged(name: str, parts: list[TensorHandle], dim: int) -> TensorHandle:
     shape = list(parts[0].shape)
     shape[dim] = sum(p.shape[dim] for p in parts)
 
-    def load() -> torch.Tensor:
-        return torch.cat([p.load() for p in parts], dim=dim)
+    def array() -> np.ndarray:
+        return np.concatenate([p.array() for p in parts], axis=dim)
 
-    def rows(a: int, b: int) -> torch.Tensor:
+    def rows(a: int, b: int) -> np.ndarray:
         if dim != 0:
-            return torch.cat([p.rows(a, b) for p in parts], dim=dim)
+            return np.concatenate([p.rows(a, b) for p in parts], axis=dim)
         pieces, offset = [], 0
         for p in parts:
             lo, hi = max(a - offset, 0), min(b - offset, p.shape[0])
             if lo < hi:
                 pieces.append(p.rows(lo, hi))
             offset += p.shape[0]
-        return torch.cat(pieces, dim=0)
+        return np.concatenate(pieces, axis=0)
 
-    return TensorHandle(name, tuple(shape), parts[0].dtype, load, rows)
+    return TensorHandle(name, tuple(shape), parts[0].dtype, array, rows)

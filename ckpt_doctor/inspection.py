@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from ckpt_doctor import checks, keys
 from ckpt_doctor.diffing import DiffReport, Progress, diff_tensors
@@ -141,7 +141,7 @@ def inspect_checkpoint(
     adapter = adapter_config(tensors, args=ckpt.args, metadata=ckpt.metadata)
     adapted = adapter.adapted_layers(facts.n_layers) if adapter else []
     gate_values = {
-        i: tensors[k].load() for i, k in (adapter.gate_layers if adapter else {}).items()
+        i: tensors[k].values() for i, k in (adapter.gate_layers if adapter else {}).items()
     }
     model_names = checks.model_key_names(facts, adapter)
 
@@ -203,28 +203,28 @@ def _rank(f: Finding) -> int:
 def _dtype_rows(ckpt: Checkpoint) -> list[DtypeRow]:
     acc: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     for h in ckpt.tensors.values():
-        row = acc[str(h.dtype).removeprefix("torch.")]
+        row = acc[h.dtype.name]
         row[0] += 1
         row[1] += h.numel
         row[2] += h.nbytes
     return [DtypeRow(d, *v) for d, v in sorted(acc.items(), key=lambda kv: -kv[1][2])]
 
 
-def _gate_rows(gate_values: dict[int, torch.Tensor], adapted: list[int]) -> list[GateRow]:
-    layers = adapted or sorted(i for i, g in gate_values.items() if bool(g.ne(0).any()))
+def _gate_rows(gate_values: dict[int, np.ndarray], adapted: list[int]) -> list[GateRow]:
+    layers = adapted or sorted(i for i, g in gate_values.items() if g.any())
     rows = []
     for j, i in enumerate(layers):
         g = gate_values.get(i)
         if g is None:
             continue
-        values = g.reshape(-1).float()
+        values = g.reshape(-1)
         rows.append(
             GateRow(
                 i,
                 j if adapted else None,
                 tuple(g.shape),
                 values.tolist(),
-                torch.tanh(values).tolist(),
+                np.tanh(values).tolist(),
             )
         )
     return rows

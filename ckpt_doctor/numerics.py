@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
-from ckpt_doctor.handles import TensorHandle
+from ckpt_doctor.handles import TensorHandle, decode
 
 FP16_MAX = 65504.0
-# Raw bytes compared per chunk (a view on mmap-backed tensors costs no memory).
+# Elements compared bit for bit per chunk (views of the file map cost no memory).
 BITWISE_CHUNK_ELEMS = 1 << 23
 # Elements converted to float64 per chunk: 8 MiB per operand.
 STATS_CHUNK_ELEMS = 1 << 20
@@ -33,24 +33,25 @@ def scan_values(handle: TensorHandle) -> ValueScan:
     """Count NaN/Inf and finite values outside fp16 range (those fp16 inference would break)."""
     if not handle.is_float:
         return ValueScan(0, 0, 0, 0.0)
-    wide = handle.dtype not in (torch.float16,) and handle.dtype.itemsize >= 2
+    # Only dtypes wider than fp16 can hold values that a cast to fp16 turns into Inf.
+    wide = handle.dtype.name in ("float32", "float64", "bfloat16")
     nonfinite = nan = beyond = 0
     max_abs = 0.0
     for chunk in handle.chunks(max_elems=STATS_CHUNK_ELEMS):
-        if chunk.numel() == 0:
+        if chunk.size == 0:
             continue
-        finite = torch.isfinite(chunk)
-        n_finite = int(finite.sum())
-        if n_finite != chunk.numel():
-            nonfinite += chunk.numel() - n_finite
-            nan += int(torch.isnan(chunk).sum())
-        mags = chunk.abs()
-        if n_finite != chunk.numel():
-            mags = mags[finite]
-        if mags.numel():
+        values = decode(chunk, handle.dtype)
+        finite = np.isfinite(values)
+        n_finite = int(np.count_nonzero(finite))
+        if n_finite != values.size:
+            nonfinite += values.size - n_finite
+            nan += int(np.count_nonzero(np.isnan(values)))
+            values = values[finite]
+        if values.size:
+            mags = np.abs(values)
             max_abs = max(max_abs, float(mags.max()))
             if wide:
-                beyond += int((mags > FP16_MAX).sum())
+                beyond += int(np.count_nonzero(mags > FP16_MAX))
     return ValueScan(nonfinite, nan, beyond, max_abs)
 
 
@@ -59,11 +60,19 @@ class Comparison:
     identical: bool
     max_abs: float
     rel_l2: float  # ||a - b|| / ||b||, accumulated in float64
-    n_diff: int  # elements whose bits differ
+    n_diff: int  # elements whose bits (or, across dtypes, values) differ
 
 
-def _bits(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous().view(torch.uint8)
+def _same_bits(x: np.ndarray, y: np.ndarray) -> bool:
+    # Compare as wide words: 8x fewer elements than bytes, and no float NaN semantics.
+    xb, yb = np.ascontiguousarray(x).view(np.uint8), np.ascontiguousarray(y).view(np.uint8)
+    if xb.size % 8 == 0:
+        xb, yb = xb.view(np.uint64), yb.view(np.uint64)
+    return bool(np.array_equal(xb, yb))
+
+
+def _as_uint(x: np.ndarray) -> np.ndarray:
+    return x.view(f"u{x.itemsize}")
 
 
 def compare(a: TensorHandle, b: TensorHandle) -> Comparison:
@@ -76,7 +85,7 @@ def compare(a: TensorHandle, b: TensorHandle) -> Comparison:
             b.chunks(max_elems=BITWISE_CHUNK_ELEMS),
             strict=True,
         )
-        if all(torch.equal(_bits(x), _bits(y)) for x, y in pairs):
+        if all(_same_bits(x, y) for x, y in pairs):
             return Comparison(True, 0.0, 0.0, 0)
     return _float64_stats(a, b)
 
@@ -90,22 +99,22 @@ def _float64_stats(a: TensorHandle, b: TensorHandle) -> Comparison:
         a.chunks(max_elems=STATS_CHUNK_ELEMS), b.chunks(max_elems=STATS_CHUNK_ELEMS), strict=True
     )
     for x, y in pairs:
-        y64 = y.to(torch.float64)
-        ref_sq += float((y64 * y64).sum())
-        if same_dtype and torch.equal(_bits(x), _bits(y)):
+        y64 = decode(y, b.dtype)
+        ref_sq += float(np.dot(y64, y64))
+        if same_dtype and _same_bits(x, y):
             continue
-        d = x.to(torch.float64) - y64
-        if same_dtype:
-            width = x.element_size()
-            n_diff += int((_bits(x).view(-1, width) != _bits(y).view(-1, width)).any(1).sum())
-        else:
-            n_diff += int((d != 0).sum())
-        d.abs_()
-        m = float(d.max()) if d.numel() else 0.0
+        d = decode(x, a.dtype) - y64
+        n_diff += (
+            int(np.count_nonzero(_as_uint(x) != _as_uint(y)))
+            if same_dtype
+            else int(np.count_nonzero(d))
+        )
+        np.abs(d, out=d)
+        m = float(d.max()) if d.size else 0.0
         # NaN is sticky: once a NaN difference is seen the max stays NaN.
         if math.isnan(m) or m > max_abs:
             max_abs = m
-        diff_sq += float((d * d).sum())
+        diff_sq += float(np.dot(d, d))
     ref = math.sqrt(ref_sq)
     rel = math.sqrt(diff_sq) / ref if ref > 0 else (0.0 if diff_sq == 0 else math.inf)
     return Comparison(n_diff == 0 and diff_sq == 0, max_abs, rel, n_diff)

@@ -16,8 +16,6 @@ import zipfile
 import zlib
 from typing import IO
 
-import torch
-
 from ckpt_doctor.errors import UnreadableError, UnsafePickleError
 
 # What torch's weights_only unpickler accepts, plus argparse.Namespace, which LLaMA-Adapter
@@ -49,10 +47,72 @@ ALLOWED_GLOBALS: frozenset[str] = frozenset(
         "torch._utils._rebuild_meta_tensor_no_storage",
     }
 )
-# Read from torch so new dtypes (float8_*, uint1..7, ...) are covered; vars() rather than
-# getattr() so torch's lazy module __getattr__ is never triggered.
+# torch dtype and qscheme names (torch 2.x), written out so that scanning never imports torch
+# (importing it costs seconds). A dtype added later is refused until listed here.
 _TORCH_VALUES = frozenset(
-    n for n, v in vars(torch).items() if isinstance(v, (torch.dtype, torch.qscheme))
+    [
+        "bfloat16",
+        "bit",
+        "bits16",
+        "bits1x8",
+        "bits2x4",
+        "bits4x2",
+        "bits8",
+        "bool",
+        "cdouble",
+        "cfloat",
+        "chalf",
+        "complex128",
+        "complex32",
+        "complex64",
+        "double",
+        "float",
+        "float16",
+        "float32",
+        "float4_e2m1fn_x2",
+        "float64",
+        "float8_e4m3fn",
+        "float8_e4m3fnuz",
+        "float8_e5m2",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+        "half",
+        "int",
+        "int1",
+        "int16",
+        "int2",
+        "int3",
+        "int32",
+        "int4",
+        "int5",
+        "int6",
+        "int64",
+        "int7",
+        "int8",
+        "long",
+        "qint32",
+        "qint8",
+        "quint2x4",
+        "quint4x2",
+        "quint8",
+        "short",
+        "uint1",
+        "uint16",
+        "uint2",
+        "uint3",
+        "uint32",
+        "uint4",
+        "uint5",
+        "uint6",
+        "uint64",
+        "uint7",
+        "uint8",
+        "per_channel_affine",
+        "per_channel_affine_float_qparams",
+        "per_channel_symmetric",
+        "per_tensor_affine",
+        "per_tensor_symmetric",
+    ]
 )
 
 UNRESOLVED = "<unresolved>.<unresolved>"

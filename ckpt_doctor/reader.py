@@ -1,38 +1,37 @@
 """One entry point, ``open_checkpoint``, for every checkpoint layout ckpt-doctor reads.
 
-Readers return lazy tensor handles (see handles.py), never whole state dicts: zip pickles are
-opened with ``torch.load(mmap=True, weights_only=True)``, safetensors through ``safe_open``.
-Every pickle is scanned for the globals it references before anything is unpickled.
+Readers return lazy tensor handles (see handles.py), never whole state dicts. Every pickle is
+scanned for the globals it references before anything is unpickled; zip checkpoints are then
+read by torchzip (a memory map, no torch import), safetensors through a memory map of the
+validated header's offsets. torch.load is the fallback for legacy pickles and exotic content.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import pickle
+import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 from safetensors import safe_open
 
-from ckpt_doctor import keys
+from ckpt_doctor import keys, torchzip
+from ckpt_doctor.containers import Entry, resolve_container
 from ckpt_doctor.errors import EmptyFileError, UnreadableError, UnsafePickleError
-from ckpt_doctor.handles import TensorHandle, from_safetensors, from_tensor, merged
+from ckpt_doctor.handles import (
+    DTYPES,
+    SAFETENSORS_DTYPES,
+    TensorHandle,
+    from_array,
+    from_torch,
+    merged,
+)
 from ckpt_doctor.pickle_scan import check_pickle, is_allowed
 from ckpt_doctor.units import human_bytes
-
-
-@dataclass
-class Entry:
-    """A top-level entry of a container that is not the state dict (optimizer, epoch, args)."""
-
-    kind: str  # "optimizer" | "tensors" | "args" | "value" | "dict" | "other"
-    summary: str
-    tensor_bytes: int = 0
-    value: Any = None
 
 
 @dataclass
@@ -53,7 +52,6 @@ class Checkpoint:
     pickle_globals: list[str] = field(default_factory=list)
     tokenizer_path: Path | None = None
     notes: list[str] = field(default_factory=list)
-    _closers: list[Any] = field(default_factory=list, repr=False)
 
     @property
     def prefix(self) -> keys.PrefixRewrite | None:
@@ -73,9 +71,9 @@ class Checkpoint:
         return sum(h.nbytes for h in self.tensors.values())
 
     def close(self) -> None:
-        for closer in self._closers:
-            closer.__exit__(None, None, None)
-        self._closers.clear()
+        # Handles hold the file maps; dropping them lets the maps close.
+        self.tensors = {}
+        self.entries = {}
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -118,11 +116,52 @@ def _open_file(path: Path, *, trust_pickle: bool) -> Checkpoint:
     )
 
 
-def _torch_load(path: Path, *, trust_pickle: bool, zipped: bool) -> tuple[Any, list[str]]:
-    """Scan the pickle's globals, then load with weights_only unless the user opted in."""
+def _unreadable(path: Path, exc: BaseException) -> UnreadableError:
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return UnreadableError(
+        f"{path}: cannot be read as a torch checkpoint ({first})",
+        hint="the file is truncated or corrupt; re-copy or re-save it and compare its size",
+    )
+
+
+def _open_torch(path: Path, *, trust_pickle: bool, zipped: bool) -> Checkpoint:
     found = check_pickle(path, trust=trust_pickle)  # raises unless allowed or trusted
+    safe = all(is_allowed(g) for g in found)
+    ckpt = Checkpoint(path, "torch-zip" if zipped else "torch-legacy", {}, files=[path])
+    ckpt.pickle_globals = found
+    obj = None
+    if zipped and safe:
+        try:
+            obj = torchzip.load(path)
+        except torchzip.Unsupported as exc:
+            ckpt.notes.append(f"read with torch.load ({exc} needs torch's own reader)")
+        except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, KeyError, ValueError) as exc:
+            raise _unreadable(path, exc) from exc
+    if obj is None:
+        obj = _torch_load(path, found, safe=safe, zipped=zipped)
+    if not zipped:
+        ckpt.notes.append(
+            "legacy (non-zip) torch pickle: cannot be memory-mapped, so it was read into RAM "
+            f"(about {human_bytes(path.stat().st_size)})"
+        )
+    resolved = resolve_container(obj)
+    ckpt.tensors = resolved.tensors
+    ckpt.container_path = resolved.container_path
+    ckpt.top_level_keys = resolved.top_level_keys
+    ckpt.entries = resolved.entries
+    ckpt.args = resolved.args
+    ckpt.notes += resolved.notes
+    return ckpt
+
+
+def _torch_load(path: Path, found: list[str], *, safe: bool, zipped: bool) -> Any:
+    """torch.load with weights_only unless the user opted in; tensors become handles."""
+    import argparse
+
+    import torch
+
     try:
-        if all(is_allowed(g) for g in found):
+        if safe:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 obj = torch.load(path, map_location="cpu", mmap=zipped, weights_only=True)
         else:  # --trust-pickle: the user said this file is theirs
@@ -137,143 +176,52 @@ def _torch_load(path: Path, *, trust_pickle: bool, zipped: bool) -> tuple[Any, l
         raise _unreadable(path, exc) from exc
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise _unreadable(path, exc) from exc
-    return obj, found
+    return _handles_in(obj, torch.Tensor)
 
 
-def _unreadable(path: Path, exc: BaseException) -> UnreadableError:
-    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return UnreadableError(
-        f"{path}: cannot be read as a torch checkpoint ({first})",
-        hint="the file is truncated or corrupt; re-copy or re-save it and compare its size",
-    )
-
-
-def _open_torch(path: Path, *, trust_pickle: bool, zipped: bool) -> Checkpoint:
-    obj, found = _torch_load(path, trust_pickle=trust_pickle, zipped=zipped)
-    ckpt = Checkpoint(path, "torch-zip" if zipped else "torch-legacy", {}, files=[path])
-    ckpt.pickle_globals = found
-    if not zipped:
-        ckpt.notes.append(
-            f"legacy (non-zip) torch pickle: cannot be memory-mapped, so it was read into RAM "
-            f"(about {path.stat().st_size / 2**20:.0f} MiB)"
-        )
-    _resolve_container(ckpt, obj)
-    return ckpt
-
-
-def _resolve_container(ckpt: Checkpoint, obj: Any) -> None:
-    """Find the state dict wherever it is nested and summarise everything else."""
-    if not isinstance(obj, dict):
-        ckpt.notes.append(f"the file holds a {type(obj).__name__}, not a dict of tensors")
-        return
-    ckpt.top_level_keys = [str(k) for k in obj]
-    path = _find_state_dict(obj)
-    if path is None:
-        path = ()
-    node: Any = obj
-    for k in path:
-        node = node[k]
-    ckpt.container_path = tuple(path)
-    for name, value in node.items():
-        if isinstance(value, torch.Tensor):
-            ckpt.tensors[str(name)] = from_tensor(str(name), value)
-        else:
-            ckpt.notes.append(f"state dict entry {name!r} is a {type(value).__name__}, skipped")
-    if path:
-        for k, value in obj.items():
-            if k != path[0]:
-                ckpt.entries[str(k)] = _summarise(str(k), value)
-        args = obj.get("args")
-        if isinstance(args, argparse.Namespace):
-            ckpt.args = dict(vars(args))
-        elif isinstance(args, dict):
-            ckpt.args = dict(args)
-
-
-def _tensor_share(d: dict) -> int:
-    return sum(isinstance(v, torch.Tensor) for v in d.values())
-
-
-def _find_state_dict(obj: dict, depth: int = 0) -> tuple[str, ...] | None:
-    if obj and _tensor_share(obj) * 2 > len(obj):
-        return ()
-    if depth >= 3:
-        return None
-    candidates = [k for k in keys.NESTING_KEYS if isinstance(obj.get(k), dict)]
-    candidates += [
-        k
-        for k, v in obj.items()
-        if isinstance(v, dict) and k not in candidates and k not in keys.OPTIMIZER_KEYS
-    ]
-    for k in candidates:
-        sub = _find_state_dict(obj[k], depth + 1)
-        if sub is not None:
-            return (str(k), *sub)
-    return None
-
-
-def _walk_tensors(value: Any) -> tuple[int, int]:
-    """(count, bytes) of every tensor inside nested dicts / lists / tuples."""
-    if isinstance(value, torch.Tensor):
-        return 1, value.numel() * value.element_size()
-    items: list[Any] = []
+def _handles_in(value: Any, tensor_type: type) -> Any:
+    """Replace every tensor in a loaded tree by a handle, keeping the structure."""
+    if isinstance(value, tensor_type):
+        return from_torch("", value)
     if isinstance(value, dict):
-        items = list(value.values())
-    elif isinstance(value, (list, tuple)):
-        items = list(value)
-    count = size = 0
-    for item in items:
-        c, s = _walk_tensors(item)
-        count, size = count + c, size + s
-    return count, size
+        return type(value)((k, _handles_in(v, tensor_type)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_handles_in(v, tensor_type) for v in value)
+    return value
 
 
-def _summarise(key: str, value: Any) -> Entry:
-    count, size = _walk_tensors(value)
-    if isinstance(value, argparse.Namespace):
-        return Entry("args", f"argparse.Namespace with {len(vars(value))} fields", 0, vars(value))
-    if isinstance(value, dict) and "state" in value and "param_groups" in value:
-        groups = value.get("param_groups") or [{}]
-        settings = {k: v for k, v in groups[0].items() if k != "params"}
-        return Entry(
-            "optimizer",
-            f"optimizer state for {len(value['state'])} params, {count} tensors, "
-            f"{human_bytes(size)}",
-            size,
-            settings,
-        )
-    if count:
-        return Entry("tensors", f"{count} tensors, {human_bytes(size)}", size)
-    if isinstance(value, (int, float, str, bool)) or value is None:
-        return Entry("value", repr(value), 0, value)
-    if isinstance(value, dict):
-        plain = _plain(value)
-        shown = ", ".join(f"{k}={v!r}" for k, v in list(plain.items())[:4])
-        more = ", ..." if len(value) > 4 else ""
-        return Entry(
-            "dict", f"dict: {shown}{more}" if shown else f"dict, {len(value)} entries", 0, plain
-        )
-    return Entry("other", type(value).__name__)
-
-
-def _plain(d: dict) -> dict:
-    return {str(k): v for k, v in d.items() if isinstance(v, (int, float, str, bool, type(None)))}
+_HEADER_LEN = struct.Struct("<Q")
 
 
 def _open_safetensors(path: Path) -> Checkpoint:
     try:
-        handle = safe_open(str(path), framework="pt")
-        handle.__enter__()
-        tensors = {name: from_safetensors(name, handle) for name in handle.keys()}  # noqa: SIM118
-        metadata = handle.metadata()
+        # safe_open validates the header (offsets, overlaps, sizes) before we trust it.
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata()
+        with path.open("rb") as f:
+            (n,) = _HEADER_LEN.unpack(f.read(_HEADER_LEN.size))
+            header = json.loads(f.read(n))
     except Exception as exc:  # safetensors raises its own error types for a bad header
         raise UnreadableError(
             f"{path}: corrupt safetensors header ({exc})",
             hint="the file is truncated or not safetensors; re-copy or re-save it",
         ) from exc
+    header.pop("__metadata__", None)
+    data = np.memmap(path, dtype=np.uint8, mode="c") if header else None
+    start = _HEADER_LEN.size + n
+    tensors: dict[str, TensorHandle] = {}
+    for name, info in header.items():
+        dtype = DTYPES.get(SAFETENSORS_DTYPES.get(info["dtype"], ""))
+        if dtype is None:
+            raise UnreadableError(
+                f"{path}: tensor {name} has dtype {info['dtype']}, which ckpt-doctor cannot read",
+                hint="convert the file to a standard float dtype",
+            )
+        lo, hi = info["data_offsets"]
+        arr = data[start + lo : start + hi].view(dtype.storage).reshape(info["shape"])
+        tensors[name] = from_array(name, arr, dtype)
     ckpt = Checkpoint(path, "safetensors", tensors, files=[path], metadata=metadata)
     ckpt.top_level_keys = list(tensors)
-    ckpt._closers.append(handle)
     return ckpt
 
 
@@ -345,7 +293,6 @@ def _open_hf_sharded(path: Path, index: Path) -> Checkpoint:
         tensors[name] = opened[f].tensors[name]
     ckpt = Checkpoint(path, "hf-sharded", tensors, files=[path / f for f in files])
     ckpt.top_level_keys = list(tensors)
-    ckpt._closers = [c for o in opened.values() for c in o._closers]
     ckpt.params = _hf_params(path)
     ckpt.tokenizer_path = find_tokenizer(path)
     return ckpt

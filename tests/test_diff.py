@@ -9,11 +9,11 @@ import torch
 
 from ckpt_doctor import numerics
 from ckpt_doctor.diffing import diff_tensors
-from ckpt_doctor.handles import from_tensor
+from ckpt_doctor.handles import from_torch
 
 
 def handles(d: dict[str, torch.Tensor]):
-    return {k: from_tensor(k, v) for k, v in d.items()}
+    return {k: from_torch(k, v) for k, v in d.items()}
 
 
 def direct_stats(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -62,10 +62,10 @@ def test_statistics_match_direct_float64_and_chunking_does_not_matter(monkeypatc
     b = torch.randn(300, 70, generator=g).half()
     a = (b.float() + 1e-3 * torch.randn(300, 70, generator=g)).half()
     expected = direct_stats(a, b)
-    whole = numerics.compare(from_tensor("a", a), from_tensor("b", b))
+    whole = numerics.compare(from_torch("a", a), from_torch("b", b))
     monkeypatch.setattr(numerics, "STATS_CHUNK_ELEMS", 64)
     monkeypatch.setattr(numerics, "BITWISE_CHUNK_ELEMS", 64)
-    chunked = numerics.compare(from_tensor("a", a), from_tensor("b", b))
+    chunked = numerics.compare(from_torch("a", a), from_torch("b", b))
     for got in (whole, chunked):
         assert got.max_abs == pytest.approx(expected[0], rel=0, abs=0)
         assert got.rel_l2 == pytest.approx(expected[1], rel=1e-12)
@@ -74,14 +74,14 @@ def test_statistics_match_direct_float64_and_chunking_does_not_matter(monkeypatc
 
 def test_identical_bits_including_nan_are_identical():
     t = torch.tensor([1.0, float("nan"), 3.0])
-    got = numerics.compare(from_tensor("a", t), from_tensor("b", t.clone()))
+    got = numerics.compare(from_torch("a", t), from_torch("b", t.clone()))
     assert got.identical and got.max_abs == 0.0
 
 
 def test_nan_difference_is_reported_as_nan():
     a = torch.tensor([1.0, float("nan"), 3.0])
     b = torch.tensor([1.0, 2.0, 3.0])
-    got = numerics.compare(from_tensor("a", a), from_tensor("b", b))
+    got = numerics.compare(from_torch("a", a), from_torch("b", b))
     assert not got.identical and math.isnan(got.max_abs)
     report = diff_tensors(handles({"x": a}), handles({"x": b}))
     assert report.to_json()["tensors"][0]["max_abs"] == "nan"

@@ -305,14 +305,15 @@ def test_line_running_past_a_frame_is_unreadable(tmp_path: Path, data: bytes, c_
     recorder = _Recorder(data)
     recorder.load()
     assert recorder.seen == [c_sees]  # genops would read "xxposix" / "xyzFloatStorage"
-    path = _write(tmp_path / "frame.pkl", data)
-    with pytest.raises(UnreadableError, match="frame"):
+    path = _write(tmp_path / "x.pkl", data)
+    with pytest.raises(UnreadableError, match="runs past the end of its frame"):
         referenced_globals(path)
 
 
 def test_frame_running_past_stop_is_unreadable(tmp_path: Path) -> None:
-    path = _write(tmp_path / "frame.pkl", _framed(b"N.", b"") + b"junk")
-    with pytest.raises(UnreadableError, match="frame"):
+    data = b"\x80\x04\x95" + struct.pack("<Q", 6) + b"N.junk"  # the frame holds "N.junk"
+    path = _write(tmp_path / "x.pkl", data)
+    with pytest.raises(UnreadableError, match="last frame runs past STOP"):
         referenced_globals(path)
 
 
