@@ -225,17 +225,28 @@ def _open_safetensors(path: Path) -> Checkpoint:
     return ckpt
 
 
+# HF layouts, preferred first: safetensors over pickles, full models over PEFT adapters.
+HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+HF_SINGLE_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+)
+
+
 def _open_dir(path: Path, *, trust_pickle: bool) -> Checkpoint:
     shards = sorted(path.glob("consolidated.*.pth"))
     if shards:
         return _open_meta_dir(path, shards, trust_pickle=trust_pickle)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        return _open_hf_sharded(path, index)
-    for single in ("model.safetensors", "adapter_model.safetensors"):
+    for index in HF_INDEX_FILES:
+        if (path / index).exists():
+            return _open_hf_sharded(path, path / index, trust_pickle=trust_pickle)
+    for single in HF_SINGLE_FILES:
         if (path / single).exists():
-            ckpt = _open_safetensors(path / single)
+            ckpt = _open_file(path / single, trust_pickle=trust_pickle)
             ckpt.params = _hf_params(path)
+            ckpt.tokenizer_path = find_tokenizer(path)
             return ckpt
     raise UnreadableError(
         f"{path}: no checkpoint files found in this directory",
@@ -273,7 +284,7 @@ def _open_meta_dir(path: Path, shards: list[Path], *, trust_pickle: bool) -> Che
     return ckpt
 
 
-def _open_hf_sharded(path: Path, index: Path) -> Checkpoint:
+def _open_hf_sharded(path: Path, index: Path, *, trust_pickle: bool) -> Checkpoint:
     weight_map: dict[str, str] = _read_json(index).get("weight_map", {})
     files = sorted(set(weight_map.values()))
     missing = [f for f in files if not (path / f).exists()]
@@ -282,7 +293,7 @@ def _open_hf_sharded(path: Path, index: Path) -> Checkpoint:
             f"{path}: shard(s) listed in {index.name} are missing: {', '.join(missing)}",
             hint="download or copy the missing shard files into the directory",
         )
-    opened = {f: _open_safetensors(path / f) for f in files}
+    opened = {f: _open_file(path / f, trust_pickle=trust_pickle) for f in files}
     tensors: dict[str, TensorHandle] = {}
     for name, f in weight_map.items():
         if name not in opened[f].tensors:

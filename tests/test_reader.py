@@ -218,3 +218,19 @@ def test_zip_and_safetensors_reads_do_not_import_torch(tmp_path, base):
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_hf_sharded_pickle_dir(tmp_path, base):
+    names = sorted(base)
+    half = len(names) // 2
+    groups = {"pytorch_model-00001-of-00002.bin": names[:half]}
+    groups["pytorch_model-00002-of-00002.bin"] = names[half:]
+    folder = tmp_path / "hfbin"
+    folder.mkdir()
+    for file, group in groups.items():
+        save_zip({n: base[n] for n in group}, folder / file)
+    weight_map = {n: f for f, group in groups.items() for n in group}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with open_checkpoint(folder) as ckpt:
+        assert ckpt.format == "hf-sharded" and len(ckpt.files) == 2
+        assert_same(ckpt, base)

@@ -1,0 +1,495 @@
+"""Shared benchmark harness: child-process measurement, reporting helpers, synthetic checkpoints.
+
+Memory is measured as the peak of ``RssAnon`` sampled from ``/proc/<pid>/status``. We do not use
+``ru_maxrss`` / ``VmHWM`` because they also count file-backed pages (page cache pages mapped by an
+mmap of the checkpoint), which would make an mmap-based reader look as expensive as a full load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_WORKDIR = Path("/tmp/ckpt-doctor-bench")
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+
+# --------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Measured:
+    wall_s: float
+    peak_rss_anon_mib: float
+    returncode: int
+    stdout: str
+    stderr: str
+    samples: int = 0  # how many RssAnon readings the poller got (sanity check on the sampling)
+    cpu_s: float = 0.0  # child user+sys CPU: less sensitive than wall to other load on the box
+
+    def summary(self) -> dict[str, Any]:
+        """Numbers only (no captured output) for the raw-results JSON."""
+        d = asdict(self)
+        d.pop("stdout")
+        d.pop("stderr")
+        return d
+
+
+def _read_rss_anon_kib(pid: int) -> int | None:
+    """RssAnon of a live process in KiB; None once it is gone or a zombie (no RssAnon line)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    i = data.find(b"RssAnon:")
+    if i < 0:
+        return None
+    j = data.find(b"\n", i)
+    return int(data[i + 8 : j].split()[0])
+
+
+def run_measured(
+    cmd: list[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    interval_s: float = 0.001,
+) -> Measured:
+    """Run ``cmd`` to completion, sampling its RssAnon every ~``interval_s`` from a thread.
+
+    Wall time covers Popen until the child's output is fully drained (i.e. the child exited), so
+    interpreter start-up is included for every side alike.
+    """
+    peak_kib = 0
+    samples = 0
+    done = threading.Event()
+
+    def poll(pid: int) -> None:
+        nonlocal peak_kib, samples
+        # Sleep-based polling: a busy loop would steal one of the (few) cores from the child.
+        while not done.is_set():
+            kib = _read_rss_anon_kib(pid)
+            if kib is not None:
+                samples += 1
+                peak_kib = max(peak_kib, kib)
+            time.sleep(interval_s)
+
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(env) if env is not None else None,
+        cwd=cwd,
+    )
+    poller = threading.Thread(target=poll, args=(proc.pid,), daemon=True)
+    poller.start()
+    # communicate() drains both pipes, so a chatty child cannot deadlock on a full pipe.
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    done.set()
+    poller.join()
+    # RUSAGE_CHILDREN only grows when a child is reaped; runs are sequential, so the delta is ours.
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    return Measured(
+        wall_s=wall,
+        peak_rss_anon_mib=peak_kib / 1024,
+        returncode=proc.returncode,
+        stdout=out.decode("utf-8", "replace"),
+        stderr=err.decode("utf-8", "replace"),
+        samples=samples,
+        cpu_s=cpu,
+    )
+
+
+def child_env() -> dict[str, str]:
+    """Environment for children: make ``ckpt_doctor`` importable from the repo without install."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def median_of(runs: Iterable[float]) -> float:
+    return float(statistics.median(list(runs)))
+
+
+def warm_page_cache(paths: Iterable[str | os.PathLike[str]], chunk: int = 16 * MIB) -> None:
+    """Read files once so that timed runs all see a warm page cache (nobody pays cold I/O)."""
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.read(chunk):
+                pass
+
+
+def parse_json_stdout(stdout: str) -> Any:
+    """Parse a child's JSON stdout; tolerate leading noise lines before the document."""
+    text = stdout.strip()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        start = text.find("{")
+        if start < 0:
+            raise
+        return json.loads(text[start:])
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------
+
+
+def markdown_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+        return str(v)
+
+    cells = [[fmt(v) for v in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+
+    def line(vals: Sequence[str]) -> str:
+        return "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths, strict=True)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(headers), sep, *(line(r) for r in cells)])
+
+
+def machine_description() -> str:
+    cpu = "unknown CPU"
+    try:
+        for ln in Path("/proc/cpuinfo").read_text().splitlines():
+            if ln.startswith("model name"):
+                cpu = ln.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram_gib = float("nan")
+    try:
+        for ln in Path("/proc/meminfo").read_text().splitlines():
+            if ln.startswith("MemTotal:"):
+                ram_gib = int(ln.split()[1]) / (1024 * 1024)
+                break
+    except OSError:
+        pass
+    try:
+        # metadata avoids importing torch (slow, and pollutes the parent's memory) just for this.
+        torch_v = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_v = "not installed"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (
+        f"{cpu}, {cores} cores, {ram_gib:.1f} GiB RAM, Linux {platform.release()}, "
+        f"Python {platform.python_version()}, torch {torch_v}"
+    )
+
+
+def load_average() -> str:
+    """1/5/15-min load average: timings on a shared 2-core box are only as good as its quiet."""
+    try:
+        one, five, fifteen = Path("/proc/loadavg").read_text().split()[:3]
+    except (OSError, ValueError):
+        return "unknown"
+    return f"{one} / {five} / {fifteen} (1/5/15 min)"
+
+
+def fmt_mib(nbytes: int) -> str:
+    return f"{nbytes / MIB:.1f} MiB"
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic LLaMA / LLaMA-Adapter checkpoints
+# --------------------------------------------------------------------------------------------
+
+VOCAB = 32000
+N_HEADS = 16
+MULTIPLE_OF = 256
+ADAPTER_LEN = 10
+MAX_SEQ_LEN = 512
+MIN_LAYERS = 8  # layers.7 is perturbed, so at least 8 layers must exist
+PERTURBED = ("layers.3.attention.wq.weight", "layers.7.feed_forward.w2.weight")
+# Bump when the generated content changes so stale caches are rebuilt.
+GENERATOR_VERSION = 1
+
+
+def ffn_hidden(dim: int) -> int:
+    """LLaMA's FeedForward hidden size: 2/3 of 4*dim, rounded up to a multiple of 256."""
+    h = int(2 * 4 * dim / 3)
+    return MULTIPLE_OF * math.ceil(h / MULTIPLE_OF)
+
+
+def llama_shapes(dim: int, n_layers: int, vocab: int = VOCAB) -> dict[str, tuple[int, ...]]:
+    h = ffn_hidden(dim)
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (vocab, dim)}
+    for i in range(n_layers):
+        for w in ("wq", "wk", "wv", "wo"):
+            shapes[f"layers.{i}.attention.{w}.weight"] = (dim, dim)
+        shapes[f"layers.{i}.feed_forward.w1.weight"] = (h, dim)
+        shapes[f"layers.{i}.feed_forward.w2.weight"] = (dim, h)
+        shapes[f"layers.{i}.feed_forward.w3.weight"] = (h, dim)
+        shapes[f"layers.{i}.attention_norm.weight"] = (dim,)
+        shapes[f"layers.{i}.ffn_norm.weight"] = (dim,)
+    shapes["norm.weight"] = (dim,)
+    shapes["output.weight"] = (vocab, dim)
+    return shapes
+
+
+def choose_config(target_gib: float) -> dict[str, int]:
+    """Pick (dim, n_layers) so the fp16 base is ~target_gib.
+
+    dim is 2048 as specified; for targets too small to hold the embeddings plus MIN_LAYERS layers
+    at dim 2048 (quick self-tests), dim is halved until it fits, keeping n_heads = 16.
+    """
+    target = target_gib * GIB
+    dim = 2048
+    while True:
+        h = ffn_hidden(dim)
+        fixed = 2 * (2 * VOCAB * dim + dim)  # embeddings + output + final norm, fp16
+        per_layer = 2 * (4 * dim * dim + 3 * h * dim + 2 * dim)
+        n_layers = round((target - fixed) / per_layer)
+        if n_layers >= MIN_LAYERS or dim <= 128:
+            return {"dim": dim, "n_layers": max(n_layers, MIN_LAYERS), "n_heads": N_HEADS}
+        dim //= 2
+
+
+def _fill(shape: tuple[int, ...], seed: int, *, scale: float, block_rows: int = 512) -> Any:
+    """A cheap pseudo-random fp16 tensor: randn one small block, then tile it with column rolls.
+
+    torch.randn over ~1e9 fp32 elements would dominate build time and need 4 bytes/element of
+    scratch; this touches each output byte once. Each tensor has its own seed and each tile its own
+    roll, so tensors differ from one another and rows within a tensor are not plain repeats.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    if len(shape) == 1:
+        return (torch.randn(shape, generator=g) * scale).to(torch.float16)
+    rows, cols = shape
+    blk = (torch.randn((min(rows, block_rows), cols), generator=g) * scale).to(torch.float16)
+    out = torch.empty(shape, dtype=torch.float16)
+    for k, start in enumerate(range(0, rows, blk.shape[0])):
+        stop = min(start + blk.shape[0], rows)
+        out[start:stop] = torch.roll(blk[: stop - start], shifts=(k * 997) % cols, dims=1)
+    return out
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    # Stable across runs (unlike hash()), distinct per tensor name.
+    import zlib
+
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def _expected_manifest(target_gib: float, seed: int) -> dict[str, Any]:
+    cfg = choose_config(target_gib)
+    adapter_layer = cfg["n_layers"] - 2
+    shapes = llama_shapes(cfg["dim"], cfg["n_layers"])
+    adapter_shapes: dict[str, tuple[int, ...]] = {
+        "adapter_query.weight": (adapter_layer * ADAPTER_LEN, cfg["dim"])
+    }
+    for i in range(cfg["n_layers"]):
+        adapter_shapes[f"layers.{i}.attention.gate"] = (1, cfg["n_heads"], 1, 1)
+    return {
+        "generator_version": GENERATOR_VERSION,
+        "target_gib": target_gib,
+        "seed": seed,
+        "config": {
+            **cfg,
+            "vocab": VOCAB,
+            "ffn_hidden": ffn_hidden(cfg["dim"]),
+            "adapter_len": ADAPTER_LEN,
+            "adapter_layer": adapter_layer,
+            "max_seq_len": MAX_SEQ_LEN,
+        },
+        "perturbed": list(PERTURBED),
+        "base_shapes": {k: list(v) for k, v in shapes.items()},
+        "adapter_shapes": {k: list(v) for k, v in adapter_shapes.items()},
+    }
+
+
+def _result(workdir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    base, ft = workdir / "base.pth", workdir / "finetuned.pth"
+    return {
+        "workdir": str(workdir),
+        "base": str(base),
+        "finetuned": str(ft),
+        "perturbed": list(manifest["perturbed"]),
+        "adapter_names": list(manifest["adapter_shapes"]),
+        "base_names": list(manifest["base_shapes"]),
+        "config": manifest["config"],
+        "base_bytes": base.stat().st_size,
+        "finetuned_bytes": ft.stat().st_size,
+        "total_bytes": base.stat().st_size + ft.stat().st_size,
+    }
+
+
+def build_llama_checkpoints(
+    workdir: str | os.PathLike[str], *, target_gib: float = 2.0, seed: int = 0
+) -> dict[str, Any]:
+    """Write ``base.pth`` (flat fp16 Meta-named state dict) and ``finetuned.pth`` (training ckpt).
+
+    Reuses existing files when ``manifest.json`` matches the requested shapes/seed. The manifest is
+    written last, so an interrupted build is never mistaken for a complete one.
+    """
+    wd = Path(workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+    manifest_path = wd / "manifest.json"
+    want = _expected_manifest(target_gib, seed)
+    base_path, ft_path = wd / "base.pth", wd / "finetuned.pth"
+    if manifest_path.exists() and base_path.exists() and ft_path.exists():
+        try:
+            have = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError:
+            have = None
+        if have is not None and {k: v for k, v in have.items() if k != "files"} == want:
+            sizes = have.get("files", {})
+            if sizes == {
+                "base.pth": base_path.stat().st_size,
+                "finetuned.pth": ft_path.stat().st_size,
+            }:
+                return _result(wd, want)
+    manifest_path.unlink(missing_ok=True)
+    import torch  # only now: importing torch costs ~2 s, and cache hits do not need it
+
+    cfg = want["config"]
+    dim, n_layers, n_heads = cfg["dim"], cfg["n_layers"], cfg["n_heads"]
+    adapter_layer = cfg["adapter_layer"]
+
+    # Base weights: ~N(0, 0.02) like an initialised/trained LLaMA; norms near 1.
+    base: dict[str, torch.Tensor] = {}
+    for name, shape in want["base_shapes"].items():
+        s = _tensor_seed(seed, name)
+        if len(shape) == 1:
+            base[name] = (1.0 + _fill(tuple(shape), s, scale=0.05).float()).to(torch.float16)
+        else:
+            base[name] = _fill(tuple(shape), s, scale=0.02)
+    _atomic_save(base, base_path)
+
+    # Fine-tuned model: base tensors shared (no copy) except the perturbed ones.
+    model: dict[str, torch.Tensor] = dict(base)
+    g = torch.Generator().manual_seed(seed + 1)
+    for name in PERTURBED:
+        t = base[name].clone()
+        rows = torch.randperm(t.shape[0], generator=g)[:4]
+        # 1e-3 is ~60x the fp16 spacing near 0.02, so the delta survives the fp16 cast.
+        delta = torch.randn((len(rows), t.shape[1]), generator=g) * 1e-3 + 1e-3
+        t[rows] = (t[rows].float() + delta).to(torch.float16)
+        assert not torch.equal(t, base[name])
+        model[name] = t
+
+    adapter: dict[str, torch.Tensor] = {
+        "adapter_query.weight": torch.randn((adapter_layer * ADAPTER_LEN, dim), generator=g) * 0.02,
+    }
+    first_adapted = n_layers - adapter_layer
+    for i in range(n_layers):
+        gate = torch.zeros((1, n_heads, 1, 1))
+        if i >= first_adapted:  # gates start at 0 and only train in the adapted top layers
+            gate = torch.randn((1, n_heads, 1, 1), generator=g) * 0.1
+        adapter[f"layers.{i}.attention.gate"] = gate
+    model.update(adapter)
+
+    # AdamW-like optimizer state for the trainable (adapter) parameters only.
+    opt_state = {
+        idx: {
+            "step": torch.tensor(4000.0),
+            "exp_avg": torch.randn(t.shape, generator=g) * 1e-4,
+            "exp_avg_sq": torch.rand(t.shape, generator=g) * 1e-8,
+        }
+        for idx, t in enumerate(adapter.values())
+    }
+    optimizer = {
+        "state": opt_state,
+        "param_groups": [
+            {
+                "lr": 9e-3,
+                "betas": (0.9, 0.95),
+                "eps": 1e-8,
+                "weight_decay": 0.02,
+                "amsgrad": False,
+                "foreach": None,
+                "maximize": False,
+                "capturable": False,
+                "differentiable": False,
+                "fused": None,
+                "params": list(range(len(adapter))),
+            }
+        ],
+    }
+    ckpt = {
+        "model": model,
+        "optimizer": optimizer,
+        "epoch": 4,
+        "scaler": {
+            "scale": 65536.0,
+            "growth_factor": 2.0,
+            "backoff_factor": 0.5,
+            "growth_interval": 2000,
+            "_growth_tracker": 0,
+        },
+        "args": argparse.Namespace(
+            adapter_len=ADAPTER_LEN, adapter_layer=adapter_layer, max_seq_len=MAX_SEQ_LEN
+        ),
+    }
+    _atomic_save(ckpt, ft_path)
+    del base, model, ckpt
+
+    manifest = {
+        **want,
+        "files": {"base.pth": base_path.stat().st_size, "finetuned.pth": ft_path.stat().st_size},
+    }
+    write_json(manifest_path, manifest)
+    return _result(wd, want)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    import torch
+
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)  # zip format (the default since torch 1.6)
+    os.replace(tmp, path)
+
+
+def _main() -> int:
+    ap = argparse.ArgumentParser(
+        description="Build (or reuse) the synthetic benchmark checkpoints."
+    )
+    ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    ap.add_argument("--target-gib", type=float, default=2.0, help="approximate base.pth size")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    info = build_llama_checkpoints(args.workdir, target_gib=args.target_gib, seed=args.seed)
+    info["build_s"] = round(time.perf_counter() - t0, 2)
+    info.pop("base_names")
+    json.dump(info, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
