@@ -162,7 +162,8 @@ def check_pickle(path: str | os.PathLike[str], *, trust: bool = False) -> list[s
         # so everything before the damage would still have been executed.
         corrupt = " (the stream is also truncated or corrupt)" if error is not None else ""
         raise UnsafePickleError(
-            f"pickle references globals outside the allowlist: {', '.join(bad)}; "
+            f"{os.fspath(path)}: pickle references globals outside the allowlist: "
+            f"{', '.join(bad)}; "
             f"nothing was executed{corrupt}",
             globals_found=bad,
             hint="re-run with --trust-pickle only if the file comes from a trusted source: "
