@@ -45,3 +45,11 @@ class UnsafePickleError(CkptDoctorError):
     def __init__(self, message: str, *, globals_found: list[str], hint: str = "") -> None:
         super().__init__(message, hint=hint)
         self.globals_found = globals_found
+
+
+class ModelLoadError(CkptDoctorError):
+    """The weights cannot be put into the model (a base tensor is missing, a shape differs)."""
+
+    def __init__(self, message: str, *, code: str, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.code = code

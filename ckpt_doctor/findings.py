@@ -29,6 +29,7 @@ CATALOGUE: dict[str, Severity] = {
     "VOCAB_MISMATCH": "error",
     "DTYPE_CHANGED": "info",
     "OPTIMIZER_STATE": "info",
+    "UNEXPECTED_KEYS": "warning",
     "NO_EOS": "error",
     "LOOP": "error",
 }
