@@ -157,5 +157,79 @@ def diff(
     _run(as_json, body)
 
 
+@app.command("smoke-generate")
+def smoke_generate(
+    base: Annotated[Path, typer.Option("--base", help="Base weights (Meta / HF directory).")],
+    adapter: Annotated[
+        Path | None, typer.Option("--adapter", help="Adapter-only file to load on the base.")
+    ] = None,
+    full: Annotated[
+        Path | None, typer.Option("--full", help="Full / training checkpoint to load.")
+    ] = None,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(
+            "--tokenizer", help="tokenizer.model / tokenizer.json (default: beside base)."
+        ),
+    ] = None,
+    prompt: Annotated[
+        list[str] | None, typer.Option("--prompt", help="An instruction; repeat for more.")
+    ] = None,
+    template: Annotated[str, typer.Option(help="Prompt template: alpaca or none.")] = "alpaca",
+    max_new_tokens: Annotated[int, typer.Option(help="Stop a prompt after this many.")] = 128,
+    gate: Annotated[str, typer.Option(help="Gate function: raw (upstream) or tanh.")] = "raw",
+    load_as: Annotated[
+        str, typer.Option(help="strict, or upstream (load_state_dict(strict=False)).")
+    ] = "strict",
+    dtype: Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    attention: Annotated[str, typer.Option(help="auto, reference or fused.")] = "auto",
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    as_json: JsonOpt = False,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Generate with the reference model and tell eos from loop from max tokens."""
+
+    def body() -> int:
+        from ckpt_doctor import render
+        from ckpt_doctor.generate import GenerationConfig
+        from ckpt_doctor.smoke import smoke_generate as run_smoke
+
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            template=template,
+        )
+        with ExitStack() as stack:
+            opened = [
+                stack.enter_context(open_checkpoint(p, trust_pickle=trust_pickle)) if p else None
+                for p in (base, adapter, full)
+            ]
+            report = run_smoke(
+                opened[0],
+                adapter=opened[1],
+                full=opened[2],
+                tokenizer_path=tokenizer,
+                prompts=prompt,
+                config=config,
+                load_as=load_as,
+                dtype=dtype,
+                device=device,
+                gate_fn=gate,
+                attention=attention,
+            )
+        if as_json:
+            render.print_json(report.to_json())
+        else:
+            render.render_smoke(report)
+        return report.exit_code
+
+    _run(as_json, body)
+
+
 def main() -> None:
     app()

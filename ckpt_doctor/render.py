@@ -16,7 +16,9 @@ from rich.text import Text
 from ckpt_doctor.diffing import DiffReport
 from ckpt_doctor.errors import CkptDoctorError
 from ckpt_doctor.findings import Finding
+from ckpt_doctor.generate import Result
 from ckpt_doctor.inspection import InspectReport
+from ckpt_doctor.smoke import SmokeReport
 from ckpt_doctor.units import human_bytes, human_count
 
 out = Console(highlight=False)
@@ -219,3 +221,40 @@ def render_diff(report: DiffReport, *, show_all: bool = False) -> None:
     if adapter:
         names = ", ".join(t.name for t in adapter[:8]) + (" ..." if len(adapter) > 8 else "")
         out.print(f"[green]adapter tensors[/] ({len(adapter)}): {names}")
+
+
+OUTCOME_STYLE = {"eos": "green", "loop": "bold red", "max_tokens": "yellow"}
+
+
+def render_smoke(report: SmokeReport) -> None:
+    load = report.load
+    matched = f"{len(load.from_file)} of {load.model_keys} model keys from the file"
+    out.print(
+        f"[bold]smoke-generate[/]: {_escape(load.source)}, load as {load.mode} ({matched}), "
+        f"{load.dtype} on {report.device}, gate {load.gate_fn}, attention {report.attention}"
+    )
+    table = Table(show_lines=True, expand=True)
+    for col in ("prompt", "outcome", "tokens", "loop (start, period)", "max P(eos)", "text"):
+        table.add_column(col, ratio=4 if col == "text" else None)
+    for r in report.results:
+        loop = f"{r.loop.start}, {r.loop.period}" if r.loop else ""
+        table.add_row(
+            r.prompt,
+            Text(r.outcome, OUTCOME_STYLE[r.outcome]),
+            str(len(r.generated_ids)),
+            loop,
+            f"{r.max_eos_prob:.3f}",
+            _marked_text(r),
+        )
+    out.print(table)
+    counts = {o: sum(r.outcome == o for r in report.results) for o in OUTCOME_STYLE}
+    out.print(", ".join(f"{v} {k}" for k, v in counts.items() if v))
+    if report.findings:
+        render_findings(report.findings)
+
+
+def _marked_text(r: Result) -> Text:
+    """The generation, with the repeating part (from the loop's start) marked."""
+    if r.loop_char is None:
+        return Text(r.text)
+    return Text(r.text[: r.loop_char]) + Text(r.text[r.loop_char :], "red underline")

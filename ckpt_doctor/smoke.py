@@ -1,0 +1,141 @@
+"""``smoke-generate``: load a model as the user would, generate, and say how each prompt ended."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckpt_doctor.errors import UsageError
+from ckpt_doctor.findings import Finding, exit_code_for, finding
+from ckpt_doctor.generate import GenerationConfig, Result, generate
+from ckpt_doctor.loading import LoadReport, load_model
+from ckpt_doctor.reader import Checkpoint, find_tokenizer
+from ckpt_doctor.tokenizer import load_tokenizer
+
+# Alpaca-style instructions used when no --prompt is given.
+DEFAULT_PROMPTS = (
+    "Tell me about alpacas.",
+    "List three primary colors.",
+    "Give two tips for staying healthy.",
+    "Translate 'good morning' into French.",
+    "Write a haiku about the sea.",
+)
+ATTENTION = ("auto", "reference", "fused")
+
+
+@dataclass
+class SmokeReport:
+    load: LoadReport
+    results: list[Result]
+    tokenizer: Path
+    device: str
+    attention: str
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code_for(self.findings)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "load": self.load.to_json(),
+            "tokenizer": str(self.tokenizer),
+            "device": self.device,
+            "attention": self.attention,
+            "results": [r.to_json() for r in self.results],
+            "findings": [f.to_json() for f in self.findings],
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but torch sees no CUDA device", hint="use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise UsageError(f"unknown device {name!r}", hint="use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def resolve_attention(name: str, device: torch.device) -> str:
+    if name not in ATTENTION:
+        raise UsageError(f"unknown attention {name!r}", hint=f"use one of {', '.join(ATTENTION)}")
+    if name == "fused":
+        raise UsageError(
+            "the fused gated-attention path is not available in this build",
+            hint="use --attention reference (auto picks it)",
+        )
+    del device  # auto: the fused path will be chosen here on CUDA once it exists
+    return "reference"
+
+
+def outcome_findings(results: list[Result]) -> list[Finding]:
+    """NO_EOS / LOOP: the behavioural symptoms, with the prompts that showed them."""
+    out = []
+    loops = [r for r in results if r.outcome == "loop"]
+    capped = [r for r in results if r.outcome == "max_tokens"]
+    if loops:
+        periods = sorted({r.loop.period for r in loops if r.loop})
+        out.append(
+            finding(
+                "LOOP",
+                f"{len(loops)} of {len(results)} prompts fell into a loop (periods "
+                f"{', '.join(map(str, periods))}) without emitting eos",
+                "check what was loaded (LOAD_NOTHING? inert gates?); run ckpt-doctor inspect",
+                prompts=[r.prompt for r in loops],
+            )
+        )
+    if capped:
+        out.append(
+            finding(
+                "NO_EOS",
+                f"{len(capped)} of {len(results)} prompts reached the token limit without eos "
+                f"(highest P(eos) seen: {max(r.max_eos_prob for r in capped):.3f})",
+                "check what was loaded, or raise --max-new-tokens if answers are long",
+                prompts=[r.prompt for r in capped],
+            )
+        )
+    return out
+
+
+def smoke_generate(
+    base: Checkpoint,
+    *,
+    adapter: Checkpoint | None = None,
+    full: Checkpoint | None = None,
+    tokenizer_path: Path | None = None,
+    prompts: list[str] | None = None,
+    config: GenerationConfig | None = None,
+    load_as: str = "strict",
+    dtype: str = "auto",
+    device: str = "auto",
+    gate_fn: str = "raw",
+    attention: str = "auto",
+) -> SmokeReport:
+    config = config or GenerationConfig()
+    dev = resolve_device(device)
+    attn = resolve_attention(attention, dev)
+    tok_path = tokenizer_path or base.tokenizer_path or find_tokenizer(base.path)
+    if tok_path is None:
+        raise UsageError(
+            f"no tokenizer.model or tokenizer.json beside {base.path} or one level up",
+            hint="pass --tokenizer PATH",
+        )
+    tokenizer = load_tokenizer(tok_path)
+    max_len = max(64, min(2048, config.max_new_tokens + 256))
+    model, load = load_model(
+        base,
+        adapter=adapter,
+        full=full,
+        load_as=load_as,
+        dtype=dtype,
+        device=dev,
+        gate_fn=gate_fn,
+        max_seq_len=max_len,
+    )
+    results = generate(model, tokenizer, list(prompts or DEFAULT_PROMPTS), config=config)
+    findings = [*load.findings, *outcome_findings(results)]
+    return SmokeReport(load, results, tok_path, str(dev), attn, findings)
