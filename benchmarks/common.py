@@ -18,7 +18,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+import zlib
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -26,8 +27,10 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WORKDIR = Path("/tmp/ckpt-doctor-bench")
+CKPT_DOCTOR = [sys.executable, "-m", "ckpt_doctor"]
 MIB = 1024 * 1024
 GIB = 1024 * MIB
+POLL_INTERVAL_S = 0.001
 
 # --------------------------------------------------------------------------------------------
 # Measurement
@@ -47,8 +50,7 @@ class Measured:
     def summary(self) -> dict[str, Any]:
         """Numbers only (no captured output) for the raw-results JSON."""
         d = asdict(self)
-        d.pop("stdout")
-        d.pop("stderr")
+        del d["stdout"], d["stderr"]
         return d
 
 
@@ -66,18 +68,17 @@ def _read_rss_anon_kib(pid: int) -> int | None:
     return int(data[i + 8 : j].split()[0])
 
 
-def run_measured(
-    cmd: list[str],
-    *,
-    env: Mapping[str, str] | None = None,
-    cwd: str | os.PathLike[str] | None = None,
-    interval_s: float = 0.001,
-) -> Measured:
-    """Run ``cmd`` to completion, sampling its RssAnon every ~``interval_s`` from a thread.
+def run_measured(cmd: list[str], *, in_repo: bool = True) -> Measured:
+    """Run ``cmd`` to completion, sampling its RssAnon every ~1 ms from a thread.
 
+    ``in_repo``: run from the repo root with ``ckpt_doctor`` importable without install.
     Wall time covers Popen until the child's output is fully drained (i.e. the child exited), so
     interpreter start-up is included for every side alike.
     """
+    env = None
+    if in_repo:
+        path = [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     peak_kib = 0
     samples = 0
     done = threading.Event()
@@ -90,7 +91,7 @@ def run_measured(
             if kib is not None:
                 samples += 1
                 peak_kib = max(peak_kib, kib)
-            time.sleep(interval_s)
+            time.sleep(POLL_INTERVAL_S)
 
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -98,8 +99,8 @@ def run_measured(
         cmd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=dict(env) if env is not None else None,
-        cwd=cwd,
+        env=env,
+        cwd=REPO_ROOT if in_repo else None,
     )
     poller = threading.Thread(target=poll, args=(proc.pid,), daemon=True)
     poller.start()
@@ -122,35 +123,159 @@ def run_measured(
     )
 
 
-def child_env() -> dict[str, str]:
-    """Environment for children: make ``ckpt_doctor`` importable from the repo without install."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    return env
-
-
 def median_of(runs: Iterable[float]) -> float:
     return float(statistics.median(list(runs)))
 
 
-def warm_page_cache(paths: Iterable[str | os.PathLike[str]], chunk: int = 16 * MIB) -> None:
-    """Read files once so that timed runs all see a warm page cache (nobody pays cold I/O)."""
-    for p in paths:
-        with open(p, "rb", buffering=0) as f:
-            while f.read(chunk):
-                pass
+def run_stats(runs: Sequence[Measured], *, peak: bool = True) -> dict[str, float]:
+    stats = {
+        "median_wall_s": median_of(r.wall_s for r in runs),
+        "median_cpu_s": median_of(r.cpu_s for r in runs),
+    }
+    if peak:
+        stats["median_peak_rss_anon_mib"] = median_of(r.peak_rss_anon_mib for r in runs)
+    return stats
 
 
 def parse_json_stdout(stdout: str) -> Any:
-    """Parse a child's JSON stdout; tolerate leading noise lines before the document."""
-    text = stdout.strip()
+    """Parse a child's JSON stdout, skipping any noise printed before the document."""
+    return json.loads(stdout[max(stdout.find("{"), 0) :])
+
+
+def check_run(
+    m: Measured, ok_codes: Container[int], read: Callable[[Any], dict[str, Any]]
+) -> dict[str, Any]:
+    """Check one run: an allowed exit code, and JSON stdout that ``read`` digests into fields."""
+    res: dict[str, Any] = {"ok": False, "returncode": m.returncode}
+    if m.returncode not in ok_codes:
+        res["error"] = f"exit code {m.returncode}: {m.stderr.strip()[-2000:]}"
+        return res
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        start = text.find("{")
-        if start < 0:
-            raise
-        return json.loads(text[start:])
+        res.update(read(parse_json_stdout(m.stdout)))
+    except Exception as e:  # any malformed output is a failed run, not a crashed benchmark
+        res["error"] = f"bad JSON output: {e!r}; stdout head: {m.stdout[:500]!r}"
+        return res
+    res["ok"] = True
+    return res
+
+
+def run_alternating(
+    sides: dict[str, tuple[list[str], Callable[[Measured], dict[str, Any]]]], repeats: int
+) -> tuple[dict[str, list[Measured]], dict[str, list[dict[str, Any]]]]:
+    """Run each side's command ``repeats`` times and check every run.
+
+    Sides take turns, so drift in the machine's load hits all of them alike.
+    """
+    runs: dict[str, list[Measured]] = {s: [] for s in sides}
+    checks: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
+    for i in range(repeats):
+        for side, (cmd, check) in sides.items():
+            m = run_measured(cmd)
+            c = check(m)
+            runs[side].append(m)
+            checks[side].append(c)
+            status = "ok" if c["ok"] else f"FAIL ({c.get('error', '')[:300]})"
+            print(
+                f"[{i + 1}/{repeats}] {side:11s} wall {m.wall_s:7.2f} s  cpu {m.cpu_s:6.2f} s  "
+                f"peak RssAnon {m.peak_rss_anon_mib:8.1f} MiB  rc {m.returncode}  {status}",
+                file=sys.stderr,
+            )
+    return runs, checks
+
+
+# --------------------------------------------------------------------------------------------
+# Benchmark script plumbing
+# --------------------------------------------------------------------------------------------
+
+
+def parse_common_args(
+    ap: argparse.ArgumentParser, argv: list[str] | None, *, benchmark: str, repeats: int
+) -> argparse.Namespace:
+    """Add the options every benchmark shares, parse, and resolve ``--out`` under the workdir."""
+    out_name = f"{benchmark}.json"
+    ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--target-gib", type=float, default=2.0, help="approximate base.pth size")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None, help=f"default: WORKDIR/{out_name}")
+    args = ap.parse_args(argv)
+    args.out = args.out or args.workdir / out_name
+    args.benchmark = benchmark
+    return args
+
+
+def prepare_checkpoints(args: argparse.Namespace, *warm: str) -> tuple[dict[str, Any], str]:
+    """Build (or reuse) the checkpoints, warm the page cache for the ``warm`` files of them.
+
+    Returns the checkpoint info and the load average once ready, i.e. at the start of timing.
+    """
+    info = build_llama_checkpoints(args.workdir, target_gib=args.target_gib, seed=args.seed)
+    for k in warm:  # read once so that timed runs all see a warm page cache (no cold I/O)
+        with open(info[k], "rb", buffering=0) as f:
+            while f.read(16 * MIB):
+                pass
+    return info, load_average()
+
+
+def target(text: str, passed: bool, value: float | None = None) -> dict[str, Any]:
+    """One verdict of the report; ``value`` is the measured number, where there is one."""
+    t: dict[str, Any] = {"target": text}
+    if value is not None:
+        t["value"] = value
+    t["pass"] = passed
+    return t
+
+
+def finish(
+    args: argparse.Namespace,
+    *,
+    title: str,
+    load_at_start: str,
+    body: Sequence[str],
+    targets: list[dict[str, Any]],
+    results: dict[str, Any],
+    errors: list[str] | None = None,
+) -> int:
+    """Print the markdown report, write the raw-results JSON; exit 0 iff every target passes.
+
+    ``body`` is the report between the machine/load lines and the target verdicts.
+    """
+    passed = all(t["pass"] for t in targets)
+    machine = machine_description()
+    report = "\n".join(
+        [
+            f"## {title}",
+            "",
+            f"Machine: {machine}",
+            f"Load average: {load_at_start} at start, {load_average()} at end.",
+            *body,
+            "",
+            *(
+                f"- [{'PASS' if t['pass'] else 'FAIL'}] {t['target']}"
+                + (f" (got {t['value']:.3f})" if "value" in t else "")
+                for t in targets
+            ),
+            *(f"- error: {e}" for e in errors or ()),
+            "",
+            f"Overall: {'PASS' if passed else 'FAIL'}",
+        ]
+    )
+    print(report)
+    write_json(
+        args.out,
+        {
+            "benchmark": args.benchmark,
+            "machine": machine,
+            "load_average_start": load_at_start,
+            **results,
+            "targets": targets,
+            **({"errors": errors} if errors is not None else {}),
+            "passed": passed,
+            "report_markdown": report,
+        },
+    )
+    print(f"\nraw results: {args.out}", file=sys.stderr)
+    return 0 if passed else 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,32 +299,30 @@ def markdown_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str
     return "\n".join([line(headers), sep, *(line(r) for r in cells)])
 
 
+def _proc_field(path: str, prefix: str) -> str | None:
+    """The rest of the first line of a /proc text file starting with ``prefix``."""
+    try:
+        for ln in Path(path).read_text().splitlines():
+            if ln.startswith(prefix):
+                return ln[len(prefix) :]
+    except OSError:
+        pass
+    return None
+
+
 def machine_description() -> str:
-    cpu = "unknown CPU"
-    try:
-        for ln in Path("/proc/cpuinfo").read_text().splitlines():
-            if ln.startswith("model name"):
-                cpu = ln.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram_gib = float("nan")
-    try:
-        for ln in Path("/proc/meminfo").read_text().splitlines():
-            if ln.startswith("MemTotal:"):
-                ram_gib = int(ln.split()[1]) / (1024 * 1024)
-                break
-    except OSError:
-        pass
+    cpu = _proc_field("/proc/cpuinfo", "model name")
+    cpu = cpu.split(":", 1)[1].strip() if cpu else "unknown CPU"
+    mem_kib = _proc_field("/proc/meminfo", "MemTotal:")
+    ram_gib = int(mem_kib.split()[0]) / (1024 * 1024) if mem_kib else float("nan")
     try:
         # metadata avoids importing torch (slow, and pollutes the parent's memory) just for this.
         torch_v = metadata.version("torch")
     except metadata.PackageNotFoundError:
         torch_v = "not installed"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (
-        f"{cpu}, {cores} cores, {ram_gib:.1f} GiB RAM, Linux {platform.release()}, "
-        f"Python {platform.python_version()}, torch {torch_v}"
+        f"{cpu}, {len(os.sched_getaffinity(0))} cores, {ram_gib:.1f} GiB RAM, "
+        f"Linux {platform.release()}, Python {platform.python_version()}, torch {torch_v}"
     )
 
 
@@ -219,7 +342,7 @@ def fmt_mib(nbytes: int) -> str:
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    p.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,9 +366,9 @@ def ffn_hidden(dim: int) -> int:
     return MULTIPLE_OF * math.ceil(h / MULTIPLE_OF)
 
 
-def llama_shapes(dim: int, n_layers: int, vocab: int = VOCAB) -> dict[str, tuple[int, ...]]:
+def llama_shapes(dim: int, n_layers: int) -> dict[str, tuple[int, ...]]:
     h = ffn_hidden(dim)
-    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (vocab, dim)}
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (VOCAB, dim)}
     for i in range(n_layers):
         for w in ("wq", "wk", "wv", "wo"):
             shapes[f"layers.{i}.attention.{w}.weight"] = (dim, dim)
@@ -255,7 +378,7 @@ def llama_shapes(dim: int, n_layers: int, vocab: int = VOCAB) -> dict[str, tuple
         shapes[f"layers.{i}.attention_norm.weight"] = (dim,)
         shapes[f"layers.{i}.ffn_norm.weight"] = (dim,)
     shapes["norm.weight"] = (dim,)
-    shapes["output.weight"] = (vocab, dim)
+    shapes["output.weight"] = (VOCAB, dim)
     return shapes
 
 
@@ -300,8 +423,6 @@ def _fill(shape: tuple[int, ...], seed: int, *, scale: float, block_rows: int = 
 
 def _tensor_seed(seed: int, name: str) -> int:
     # Stable across runs (unlike hash()), distinct per tensor name.
-    import zlib
-
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
@@ -332,47 +453,36 @@ def _expected_manifest(target_gib: float, seed: int) -> dict[str, Any]:
     }
 
 
-def _result(workdir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    base, ft = workdir / "base.pth", workdir / "finetuned.pth"
-    return {
-        "workdir": str(workdir),
-        "base": str(base),
-        "finetuned": str(ft),
-        "perturbed": list(manifest["perturbed"]),
-        "adapter_names": list(manifest["adapter_shapes"]),
-        "base_names": list(manifest["base_shapes"]),
-        "config": manifest["config"],
-        "base_bytes": base.stat().st_size,
-        "finetuned_bytes": ft.stat().st_size,
-        "total_bytes": base.stat().st_size + ft.stat().st_size,
-    }
-
-
-def build_llama_checkpoints(
-    workdir: str | os.PathLike[str], *, target_gib: float = 2.0, seed: int = 0
-) -> dict[str, Any]:
+def build_llama_checkpoints(workdir: Path, *, target_gib: float, seed: int) -> dict[str, Any]:
     """Write ``base.pth`` (flat fp16 Meta-named state dict) and ``finetuned.pth`` (training ckpt).
 
     Reuses existing files when ``manifest.json`` matches the requested shapes/seed. The manifest is
     written last, so an interrupted build is never mistaken for a complete one.
     """
-    wd = Path(workdir)
-    wd.mkdir(parents=True, exist_ok=True)
-    manifest_path = wd / "manifest.json"
+    workdir.mkdir(parents=True, exist_ok=True)
+    manifest_path = workdir / "manifest.json"
+    base_path, ft_path = workdir / "base.pth", workdir / "finetuned.pth"
     want = _expected_manifest(target_gib, seed)
-    base_path, ft_path = wd / "base.pth", wd / "finetuned.pth"
-    if manifest_path.exists() and base_path.exists() and ft_path.exists():
-        try:
-            have = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError:
-            have = None
-        if have is not None and {k: v for k, v in have.items() if k != "files"} == want:
-            sizes = have.get("files", {})
-            if sizes == {
-                "base.pth": base_path.stat().st_size,
-                "finetuned.pth": ft_path.stat().st_size,
-            }:
-                return _result(wd, want)
+
+    def sizes() -> dict[str, int]:
+        return {p.name: p.stat().st_size for p in (base_path, ft_path)}
+
+    def result() -> dict[str, Any]:
+        return {
+            "base": str(base_path),
+            "finetuned": str(ft_path),
+            "perturbed": list(PERTURBED),
+            "config": want["config"],
+            "base_bytes": base_path.stat().st_size,
+            "finetuned_bytes": ft_path.stat().st_size,
+        }
+
+    try:
+        have = json.loads(manifest_path.read_text())
+        if have.pop("files") == sizes() and have == want:
+            return result()
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass  # missing or stale cache: rebuild
     manifest_path.unlink(missing_ok=True)
     import torch  # only now: importing torch costs ~2 s, and cache hits do not need it
 
@@ -457,13 +567,8 @@ def build_llama_checkpoints(
     }
     _atomic_save(ckpt, ft_path)
     del base, model, ckpt
-
-    manifest = {
-        **want,
-        "files": {"base.pth": base_path.stat().st_size, "finetuned.pth": ft_path.stat().st_size},
-    }
-    write_json(manifest_path, manifest)
-    return _result(wd, want)
+    write_json(manifest_path, {**want, "files": sizes()})
+    return result()
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -472,24 +577,3 @@ def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)  # zip format (the default since torch 1.6)
     os.replace(tmp, path)
-
-
-def _main() -> int:
-    ap = argparse.ArgumentParser(
-        description="Build (or reuse) the synthetic benchmark checkpoints."
-    )
-    ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
-    ap.add_argument("--target-gib", type=float, default=2.0, help="approximate base.pth size")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    t0 = time.perf_counter()
-    info = build_llama_checkpoints(args.workdir, target_gib=args.target_gib, seed=args.seed)
-    info["build_s"] = round(time.perf_counter() - t0, 2)
-    info.pop("base_names")
-    json.dump(info, sys.stdout, indent=2)
-    print()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())

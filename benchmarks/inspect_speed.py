@@ -17,73 +17,38 @@ import argparse
 import json
 import os
 import re
-import shlex
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from common import (
-    DEFAULT_WORKDIR,
+    CKPT_DOCTOR,
     MIB,
-    REPO_ROOT,
-    Measured,
-    build_llama_checkpoints,
-    child_env,
+    check_run,
+    finish,
     fmt_mib,
-    load_average,
-    machine_description,
     markdown_table,
     median_of,
+    parse_common_args,
     parse_json_stdout,
+    prepare_checkpoints,
+    run_alternating,
     run_measured,
-    warm_page_cache,
-    write_json,
+    run_stats,
+    target,
 )
 
 MAX_WALL_S = 2.0
 MAX_TOUCHED_FRACTION = 0.05
+CHILD_LABELS = {
+    "ckpt-doctor": "open_checkpoint + inspect_checkpoint (in-process)",
+    "reference": "reference: torch.load(mmap=True) + adapter tensors",
+}
 
 # --------------------------------------------------------------------------------------------
 # Child side (runs in a separate process via --child)
 # --------------------------------------------------------------------------------------------
-
-
-def api_open_and_inspect() -> Callable[[str], tuple[Any, Any]]:
-    """The one place naming ckpt-doctor's Python API; adjust here if the names change.
-
-    Returns a function path -> (checkpoint handle, report). The handle is returned so the caller
-    keeps it (and its mmap) alive while it reads smaps.
-    """
-    from ckpt_doctor.inspection import inspect_checkpoint
-    from ckpt_doctor.reader import open_checkpoint
-
-    def run(path: str) -> tuple[Any, Any]:
-        ck = open_checkpoint(path)
-        report = inspect_checkpoint(ck)
-        return ck, report
-
-    return run
-
-
-def reference_open_and_inspect() -> Callable[[str], tuple[Any, Any]]:
-    """Reference lower bound: torch.load(mmap=True) and touch only the adapter tensors."""
-    import torch
-
-    def run(path: str) -> tuple[Any, Any]:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ck = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
-        model = ck["model"]
-        report = {
-            k: float(v.float().abs().sum())
-            for k, v in model.items()
-            if k.startswith("adapter_") or k.endswith(".gate")
-        }
-        return ck, report
-
-    return run
-
 
 _SMAPS_HEADER = re.compile(r"^[0-9a-f]+-[0-9a-f]+ \S+ [0-9a-f]+ \S+ \d+\s*(.*)$")
 
@@ -116,12 +81,33 @@ def read_bytes_so_far() -> int:
     return 0
 
 
-def child_main(path: str, which: str) -> int:
-    factory = api_open_and_inspect if which == "ckpt-doctor" else reference_open_and_inspect
-    run = factory()  # imports happen here, outside the timed region
+def child_main(which: str, path: str) -> int:
+    # Imports happen here, outside the timed region. Both return the checkpoint handle so it
+    # (and its mmap) stays alive while smaps is read.
+    if which == "ckpt-doctor":
+        from ckpt_doctor.inspection import inspect_checkpoint
+        from ckpt_doctor.reader import open_checkpoint
+
+        def run() -> tuple[Any, Any]:
+            ck = open_checkpoint(path)
+            return ck, inspect_checkpoint(ck)
+
+    else:  # reference lower bound: torch.load(mmap=True), touching only the adapter tensors
+        import torch
+
+        def run() -> tuple[Any, Any]:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                ck = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+            report = {
+                k: float(v.float().abs().sum())
+                for k, v in ck["model"].items()
+                if k.startswith("adapter_") or k.endswith(".gate")
+            }
+            return ck, report
+
     r0 = read_bytes_so_far()
     t0 = time.perf_counter()
-    ck, report = run(path)
+    ck, report = run()
     elapsed = time.perf_counter() - t0
     read_mib = (read_bytes_so_far() - r0) / MIB
     maps = file_mapping_rss(path)  # ck is still referenced here, so its mmap is still live
@@ -144,28 +130,13 @@ def child_main(path: str, which: str) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def ckpt_doctor_available() -> bool:
-    pkg = REPO_ROOT / "ckpt_doctor"
-    return (pkg / "cli.py").exists() and (pkg / "reader.py").exists()
-
-
-def check_cli_run(m: Measured) -> dict[str, Any]:
-    """exit 1 is expected (a training checkpoint yields warnings); 2 or worse is a failure."""
-    res: dict[str, Any] = {"ok": False, "returncode": m.returncode}
-    if m.returncode not in (0, 1):
-        res["error"] = f"exit code {m.returncode}: {m.stderr.strip()[-2000:]}"
-        return res
-    try:
-        doc = parse_json_stdout(m.stdout)
-    except Exception as e:
-        res["error"] = f"bad JSON output: {e!r}; stdout head: {m.stdout[:500]!r}"
-        return res
+def read_inspect_json(doc: Any) -> dict[str, Any]:
+    res: dict[str, Any] = {}
     if isinstance(doc, dict):
         res["top_level_keys"] = sorted(doc)
         findings = doc.get("findings")
         if isinstance(findings, list):
             res["finding_ids"] = sorted({f.get("id") for f in findings if isinstance(f, dict)})
-    res["ok"] = True
     return res
 
 
@@ -174,7 +145,7 @@ def run_children(which: str, path: str, repeats: int) -> tuple[list[dict[str, An
     results: list[dict[str, Any]] = []
     errors: list[str] = []
     for _ in range(repeats):
-        m = run_measured(cmd, env=child_env(), cwd=REPO_ROOT)
+        m = run_measured(cmd)
         try:
             if m.returncode != 0:
                 raise RuntimeError(f"exit code {m.returncode}: {m.stderr.strip()[-2000:]}")
@@ -187,197 +158,120 @@ def run_children(which: str, path: str, repeats: int) -> tuple[list[dict[str, An
     return results, errors
 
 
+def child_summary(rs: list[dict[str, Any]], file_mib: float) -> dict[str, float] | None:
+    if not rs:
+        return None
+    touched = max(r["touched_mib"] + r["read_mib"] for r in rs)
+    return {
+        "median_open_inspect_s": median_of(r["open_inspect_s"] for r in rs),
+        "median_mmap_touched_mib": median_of(r["touched_mib"] for r in rs),
+        "median_read_mib": median_of(r["read_mib"] for r in rs),
+        "max_touched_total_mib": touched,
+        "touched_fraction": touched / file_mib,
+        "mappings": rs[0]["mappings"],
+        "median_child_peak_rss_anon_mib": median_of(r["child_peak_rss_anon_mib"] for r in rs),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--target-gib", type=float, default=2.0, help="approximate base.pth size")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=None, help="default: WORKDIR/inspect_speed.json")
-    ap.add_argument(
-        "--ckpt-doctor-cmd",
-        default=None,
-        help="command prefix for ckpt-doctor (default: '<this python> -m ckpt_doctor')",
-    )
-    ap.add_argument(
-        "--reference-only",
-        action="store_true",
-        help="skip ckpt-doctor; only run the torch mmap reference (harness self-test)",
-    )
     ap.add_argument(
         "--child",
         nargs=2,
         metavar=("WHICH", "PATH"),
         help=argparse.SUPPRESS,  # internal: run the touched-pages child (ckpt-doctor|reference)
     )
-    args = ap.parse_args(argv)
+    args = parse_common_args(ap, argv, benchmark="inspect_speed", repeats=5)
     if args.child:
-        return child_main(args.child[1], args.child[0])
+        return child_main(*args.child)
 
-    out_path = args.out or args.workdir / "inspect_speed.json"
-    run_ckpt = not args.reference_only
-    if run_ckpt and not args.ckpt_doctor_cmd and not ckpt_doctor_available():
-        print("ckpt_doctor/cli.py or reader.py missing; use --reference-only", file=sys.stderr)
-        return 1
-    prefix = (
-        shlex.split(args.ckpt_doctor_cmd)
-        if args.ckpt_doctor_cmd
-        else [sys.executable, "-m", "ckpt_doctor"]
-    )
-
-    info = build_llama_checkpoints(args.workdir, target_gib=args.target_gib, seed=args.seed)
+    # inspect should be lazy; measure it, not the disk
+    info, load_at_start = prepare_checkpoints(args, "finetuned")
     ft = info["finetuned"]
-    file_mib = info["finetuned_bytes"] / MIB
-    warm_page_cache([ft])  # inspect should be lazy; measure it, not the disk
-    load_at_start = load_average()
 
     # Floors: what any Python CLI that imports torch pays before doing anything.
     floors: dict[str, dict[str, float]] = {}
     for label, code in (("python -c pass", "pass"), ("python -c 'import torch'", "import torch")):
-        ms = [run_measured([sys.executable, "-c", code]) for _ in range(args.repeats)]
-        floors[label] = {
-            "median_wall_s": median_of(m.wall_s for m in ms),
-            "median_cpu_s": median_of(m.cpu_s for m in ms),
-        }
+        cmd = [sys.executable, "-c", code]
+        ms = [run_measured(cmd, in_repo=False) for _ in range(args.repeats)]
+        floors[label] = run_stats(ms, peak=False)
 
-    cli_cmd = [*prefix, "inspect", ft, "--json"]
-    cli_runs: list[Measured] = []
-    cli_checks: list[dict[str, Any]] = []
-    errors: list[str] = []
-    if run_ckpt:
-        for i in range(args.repeats):
-            m = run_measured(cli_cmd, env=child_env(), cwd=REPO_ROOT)
-            c = check_cli_run(m)
-            cli_runs.append(m)
-            cli_checks.append(c)
-            print(
-                f"[{i + 1}/{args.repeats}] inspect CLI wall {m.wall_s:6.2f} s  "
-                f"cpu {m.cpu_s:5.2f} s  peak RssAnon {m.peak_rss_anon_mib:7.1f} MiB  "
-                f"rc {m.returncode}  "
-                f"{'ok' if c['ok'] else 'FAIL ' + c.get('error', '')[:300]}",
-                file=sys.stderr,
-            )
-            if not c["ok"]:
-                errors.append(f"CLI run {i + 1}: {c.get('error')}")
+    cli_cmd = [*CKPT_DOCTOR, "inspect", ft, "--json"]
+    # exit 1 is expected (a training checkpoint yields warnings); 2 or worse is a failure.
+    runs, checks = run_alternating(
+        {"inspect CLI": (cli_cmd, lambda m: check_run(m, (0, 1), read_inspect_json))},
+        args.repeats,
+    )
+    cli_runs, cli_checks = runs["inspect CLI"], checks["inspect CLI"]
+    errors = [f"CLI run {i + 1}: {c.get('error')}" for i, c in enumerate(cli_checks) if not c["ok"]]
 
     child: dict[str, list[dict[str, Any]]] = {}
-    for which in (["ckpt-doctor"] if run_ckpt else []) + ["reference"]:
+    for which in CHILD_LABELS:
         child[which], errs = run_children(which, ft, args.repeats)
         errors += errs
+    summaries = {w: child_summary(rs, info["finetuned_bytes"] / MIB) for w, rs in child.items()}
+    cli_stats = run_stats(cli_runs)
 
-    def child_summary(which: str) -> dict[str, float] | None:
-        rs = child.get(which) or []
-        if not rs:
-            return None
-        touched = [r["touched_mib"] + r["read_mib"] for r in rs]
-        return {
-            "median_open_inspect_s": median_of(r["open_inspect_s"] for r in rs),
-            "median_mmap_touched_mib": median_of(r["touched_mib"] for r in rs),
-            "median_read_mib": median_of(r["read_mib"] for r in rs),
-            "max_touched_total_mib": max(touched),
-            "touched_fraction": max(touched) / file_mib,
-            "mappings": rs[0]["mappings"],
-            "median_child_peak_rss_anon_mib": median_of(r["child_peak_rss_anon_mib"] for r in rs),
-        }
-
-    summaries = {w: child_summary(w) for w in child}
-    cli_stats = (
-        {
-            "median_wall_s": median_of(r.wall_s for r in cli_runs),
-            "median_cpu_s": median_of(r.cpu_s for r in cli_runs),
-            "median_peak_rss_anon_mib": median_of(r.peak_rss_anon_mib for r in cli_runs),
-        }
-        if cli_runs
-        else None
-    )
-
-    targets: list[dict[str, Any]] = []
-    if run_ckpt:
-        s = summaries.get("ckpt-doctor")
-        targets += [
-            {
-                "target": "inspect CLI exits 0/1 with JSON output on every run",
-                "pass": bool(cli_checks) and all(c["ok"] for c in cli_checks),
-            },
-            {
-                "target": f"inspect CLI median wall < {MAX_WALL_S} s",
-                "value": cli_stats["median_wall_s"] if cli_stats else float("nan"),
-                "pass": bool(cli_stats) and cli_stats["median_wall_s"] < MAX_WALL_S,
-            },
-            {
-                "target": f"open+inspect touches < {MAX_TOUCHED_FRACTION:.0%} of the file "
-                "(mmap Rss + read bytes, max over runs)",
-                "value": s["touched_fraction"] if s else float("nan"),
-                "pass": bool(s) and s["touched_fraction"] < MAX_TOUCHED_FRACTION,
-            },
-        ]
-    else:
-        r = summaries.get("reference")
-        targets.append({"target": "reference child ran (harness self-test)", "pass": r is not None})
-    passed = all(t["pass"] for t in targets)
+    s = summaries["ckpt-doctor"]
+    targets = [
+        target(
+            "inspect CLI exits 0/1 with JSON output on every run",
+            all(c["ok"] for c in cli_checks),
+        ),
+        target(
+            f"inspect CLI median wall < {MAX_WALL_S} s",
+            cli_stats["median_wall_s"] < MAX_WALL_S,
+            cli_stats["median_wall_s"],
+        ),
+        target(
+            f"open+inspect touches < {MAX_TOUCHED_FRACTION:.0%} of the file "
+            "(mmap Rss + read bytes, max over runs)",
+            bool(s) and s["touched_fraction"] < MAX_TOUCHED_FRACTION,
+            s["touched_fraction"] if s else float("nan"),
+        ),
+    ]
 
     rows: list[list[Any]] = [
         [k, v["median_wall_s"], v["median_cpu_s"], "", "", "", "floor"] for k, v in floors.items()
     ]
-    if cli_stats:
-        rows.append(
-            [
-                "`ckpt-doctor inspect --json` (CLI)",
-                cli_stats["median_wall_s"],
-                cli_stats["median_cpu_s"],
-                "",
-                "",
-                cli_stats["median_peak_rss_anon_mib"],
-                "exit " + ",".join(str(r.returncode) for r in cli_runs),
-            ]
-        )
-    labels = {
-        "ckpt-doctor": "open_checkpoint + inspect_checkpoint (in-process)",
-        "reference": "reference: torch.load(mmap=True) + adapter tensors",
-    }
-    for w, s in summaries.items():
-        if s is None:
-            rows.append([labels[w], "FAILED", "", "", "", "", ""])
+    rows.append(
+        [
+            "`ckpt-doctor inspect --json` (CLI)",
+            cli_stats["median_wall_s"],
+            cli_stats["median_cpu_s"],
+            "",
+            "",
+            cli_stats["median_peak_rss_anon_mib"],
+            "exit " + ",".join(str(r.returncode) for r in cli_runs),
+        ]
+    )
+    for w, sm in summaries.items():
+        if sm is None:
+            rows.append([CHILD_LABELS[w], "FAILED", "", "", "", "", ""])
             continue
         rows.append(
             [
-                labels[w],
-                s["median_open_inspect_s"],
+                CHILD_LABELS[w],
+                sm["median_open_inspect_s"],
                 "",
-                f"{s['median_mmap_touched_mib']:.2f} + {s['median_read_mib']:.2f}",
-                f"{s['touched_fraction']:.3%}",
-                s["median_child_peak_rss_anon_mib"],
-                f"{s['mappings']} mapping(s) of the file",
+                f"{sm['median_mmap_touched_mib']:.2f} + {sm['median_read_mib']:.2f}",
+                f"{sm['touched_fraction']:.3%}",
+                sm["median_child_peak_rss_anon_mib"],
+                f"{sm['mappings']} mapping(s) of the file",
             ]
         )
-    table = markdown_table(
-        rows,
-        [
-            "what",
-            "median wall (s)",
-            "median CPU (s)",
-            "touched MiB (mmap Rss + read)",
-            "touched / file",
-            "peak RssAnon (MiB)",
-            "note",
-        ],
-    )
-    target_lines = [
-        f"- [{'PASS' if t['pass'] else 'FAIL'}] {t['target']}"
-        + (f" (got {t['value']:.3f})" if "value" in t else "")
-        for t in targets
-    ]
-    report = "\n".join(
-        [
-            "## inspect speed: `ckpt-doctor inspect` on a training checkpoint",
-            "",
-            f"Machine: {machine_description()}",
-            f"Load average: {load_at_start} at start, {load_average()} at end.",
+    headers = ["what", "median wall (s)", "median CPU (s)", "touched MiB (mmap Rss + read)"]
+    headers += ["touched / file", "peak RssAnon (MiB)", "note"]
+    return finish(
+        args,
+        title="inspect speed: `ckpt-doctor inspect` on a training checkpoint",
+        load_at_start=load_at_start,
+        body=[
             f"File: finetuned.pth {fmt_mib(info['finetuned_bytes'])} (zip; fp16 LLaMA base + fp32 "
             "LLaMA-Adapter + optimizer state + argparse.Namespace args).",
             f"Repeats: {args.repeats}, fresh process each.",
             "",
-            table,
+            markdown_table(rows, headers),
             "",
             "Notes: CLI time is wall time of a fresh process (interpreter start-up and imports "
             "included; the floor rows show that cost alone); CPU = child user+sys time, less "
@@ -385,37 +279,21 @@ def main(argv: list[str] | None = None) -> int:
             "open+inspect after imports. Touched = Rss of the process's mappings of the file "
             "(/proc/self/smaps, handle kept alive) + bytes read via read()/pread (/proc/self/io "
             "rchar) during open+inspect. Page cache warmed before timing.",
-            "",
-            *target_lines,
-            *(f"- error: {e}" for e in errors),
-            "",
-            f"Overall: {'PASS' if passed else 'FAIL'}",
-        ]
-    )
-    print(report)
-    write_json(
-        out_path,
-        {
-            "benchmark": "inspect_speed",
-            "machine": machine_description(),
-            "load_average_start": load_at_start,
+        ],
+        targets=targets,
+        results={
             "file": {"path": ft, "bytes": info["finetuned_bytes"]},
             "repeats": args.repeats,
             "floors_s": floors,
-            "cli_command": cli_cmd if run_ckpt else None,
+            "cli_command": cli_cmd,
             "cli_runs": [r.summary() for r in cli_runs],
             "cli_checks": cli_checks,
             "cli_stats": cli_stats,
             "child_runs": child,
             "child_summaries": summaries,
-            "targets": targets,
-            "errors": errors,
-            "passed": passed,
-            "report_markdown": report,
         },
+        errors=errors,
     )
-    print(f"\nraw results: {out_path}", file=sys.stderr)
-    return 0 if passed else 1
 
 
 if __name__ == "__main__":

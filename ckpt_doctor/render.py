@@ -6,7 +6,7 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
@@ -16,10 +16,12 @@ from rich.text import Text
 from ckpt_doctor.diffing import DiffReport
 from ckpt_doctor.errors import CkptDoctorError
 from ckpt_doctor.findings import Finding
-from ckpt_doctor.generate import Result
 from ckpt_doctor.inspection import InspectReport
-from ckpt_doctor.smoke import SmokeReport
 from ckpt_doctor.units import human_bytes, human_count
+
+if TYPE_CHECKING:  # both import torch, which inspect and diff must never pay for
+    from ckpt_doctor.generate import Result
+    from ckpt_doctor.smoke import SmokeReport
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)

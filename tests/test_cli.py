@@ -144,3 +144,20 @@ def test_prefixed_file_reports_key_prefix(tmp_path):
     ids = {f["id"] for f in doc["findings"]}
     assert code == 1 and {"KEY_PREFIX", "LOAD_NOTHING"} <= ids
     assert doc["prefix"] == "module."
+
+
+def test_inspect_and_diff_never_import_torch():
+    """Importing torch costs seconds: inspect and diff must stay I/O bound (Must show 1)."""
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from ckpt_doctor.cli import app\n"
+        f"r = CliRunner().invoke(app, ['inspect', {str(BUNDLE / 'checkpoint-4.pth')!r},"
+        f" '--base', {str(BUNDLE / 'base')!r}, '--json'])\n"
+        "assert r.exit_code == 1, r.output\n"
+        f"r = CliRunner().invoke(app, ['diff', {str(BUNDLE / 'checkpoint-4.pth')!r},"
+        f" '--base', {str(BUNDLE / 'base')!r}, '--json'])\n"
+        "assert r.exit_code == 1, r.output\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
