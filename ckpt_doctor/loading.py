@@ -174,6 +174,8 @@ def _overlay_upstream(
         if name not in expected or handle is None:
             report.unexpected.append(name)
             continue
+        if name == V1_QUERY_KEY and not report.args.adapter_layer:
+            continue  # its split is unknown (see _unresolved_adapter): the model runs without it
         if handle.shape != expected[name]:  # torch raises even with strict=False
             code = "GATE_SHAPE" if name.endswith(".gate") else "ADAPTER_SHAPE"
             raise ModelLoadError(
@@ -216,6 +218,8 @@ def _overlay_strict(
         if name not in expected:
             report.unexpected.append(name)
             continue
+        if name == V1_QUERY_KEY and not args.adapter_layer:
+            continue  # its split is unknown (see _unresolved_adapter): the model runs without it
         shape = expected[name]
         if handle.shape != shape and name.endswith(".gate") and handle.numel == 1:
             state[name] = tensor(handle).reshape(1, 1, 1, 1).expand(shape).clone()
@@ -229,6 +233,7 @@ def _overlay_strict(
             )
         state[name] = tensor(handle)
         report.from_file.append(name)
+    _unresolved_adapter(report, src)
     scalar = [n for n in report.from_file if n.endswith(".gate") and src[n].numel == 1]
     if scalar:
         report.findings.append(
@@ -245,6 +250,8 @@ def _overlay_strict(
     else:
         required = [V1_QUERY_KEY, *(v1_gate_key(i) for i in args.adapted_layers)]
         adapter_missing = [n for n in required if n not in src]
+        if not report.adapter.gate_layers and not args.adapter_layer:
+            adapter_missing.append("layers.N.attention.gate")
     base_missing = [n for n in expected if full and not is_adapter_key(n) and n not in src]
     if base_missing:
         report.findings.append(
@@ -274,6 +281,32 @@ def _overlay_strict(
                 f"were ignored: {', '.join(report.unexpected[:5])}",
                 "check the file is a LLaMA(-Adapter v1) checkpoint for this base",
                 tensors=report.unexpected,
+            )
+        )
+
+
+def _unresolved_adapter(report: LoadReport, src: dict[str, TensorHandle]) -> None:
+    """An adapter whose adapter_len x adapter_layer nothing tells (no args, no trained gate)."""
+    config = report.adapter
+    if config is None or report.args.adapter_layer or V1_QUERY_KEY not in src:
+        return
+    gates = [src[k].values() for k in config.gate_layers.values()]
+    if gates and not any(g.any() for g in gates):
+        report.findings.append(
+            finding(
+                "ADAPTER_INERT",
+                f"every gate in {report.source} is exactly 0: the adapter adds nothing and the "
+                "model runs as the base (its prompt split is unknown, so it was left out)",
+                "these are zero-init gates: use a trained checkpoint",
+            )
+        )
+    elif gates:
+        report.findings.append(
+            finding(
+                "ADAPTER_SHAPE",
+                f"adapter_query.weight {list(src[V1_QUERY_KEY].shape)} in {report.source} does "
+                "not split into adapter_len x adapter_layer; the model runs without it",
+                "pass the checkpoint with its training args, or the adapter's own base",
             )
         )
 

@@ -162,16 +162,27 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
 
+def _embedding(rows: int, dim: int) -> nn.Embedding:
+    """nn.Embedding, initialised N(0, 1) unless built on the meta device for loading.
+
+    (nn.Embedding's own init on meta goes through torch._refs and imports torch._dynamo:
+    seconds of start-up and ~70 MB for a tensor about to be replaced anyway.)"""
+    weight = torch.empty(rows, dim)
+    if not weight.is_meta:
+        nn.init.normal_(weight)
+    return nn.Embedding(rows, dim, _weight=weight)
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.tok_embeddings = _embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         # Row j*adapter_len .. (j+1)*adapter_len-1 is the prompt of adapted layer j.
-        self.adapter_query = nn.Embedding(args.adapter_len * args.adapter_layer, args.dim)
+        self.adapter_query = _embedding(args.adapter_len * args.adapter_layer, args.dim)
         self.rope: torch.Tensor | None = None
         self.adapter_kv: dict[int, AdapterKV] = {}
 
