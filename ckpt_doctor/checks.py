@@ -83,7 +83,7 @@ def check_load_overlap(
     """What upstream's load_state_dict(strict=False) would do with the loaded object."""
     if not ckpt.tensors:
         return []
-    seen = ckpt.top_level_keys or list(ckpt.tensors)
+    seen = list(ckpt.upstream_view())
     matched = [k for k in seen if k in model_names]
     if matched:
         return []

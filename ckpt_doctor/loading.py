@@ -151,13 +151,6 @@ def load_model(
     return model, report
 
 
-def _raw_top_level(ckpt: Checkpoint) -> dict[str, TensorHandle | None]:
-    """What ``torch.load(path)`` gives upstream: the container's own keys when nested."""
-    if ckpt.container_path:
-        return dict.fromkeys(ckpt.top_level_keys)
-    return dict(ckpt.tensors)
-
-
 Shapes = dict[str, tuple[int, ...]]
 ToTensor = Callable[[TensorHandle], torch.Tensor]
 
@@ -169,7 +162,7 @@ def _overlay_upstream(
     report: LoadReport,
     tensor: ToTensor,
 ) -> None:
-    raw = _raw_top_level(extra)
+    raw = extra.upstream_view()
     for name, handle in raw.items():
         if name not in expected or handle is None:
             report.unexpected.append(name)

@@ -66,6 +66,13 @@ class Checkpoint:
             out[keys.hf_to_meta(name) or name] = handle
         return out
 
+    def upstream_view(self) -> dict[str, TensorHandle | None]:
+        """What upstream's ``load_state_dict(torch.load(path), strict=False)`` is given: the
+        top-level entries as saved (a container's own keys, which hold no tensors)."""
+        if self.container_path:
+            return dict.fromkeys(self.top_level_keys)
+        return dict(self.tensors)
+
     @property
     def total_bytes(self) -> int:
         return sum(h.nbytes for h in self.tensors.values())
