@@ -14,6 +14,7 @@ import typer
 from ckpt_doctor import __version__
 from ckpt_doctor.diffing import Progress, diff_tensors
 from ckpt_doctor.errors import CkptDoctorError
+from ckpt_doctor.findings import exit_code_for
 from ckpt_doctor.inspection import inspect_checkpoint
 from ckpt_doctor.reader import open_checkpoint
 
@@ -153,6 +154,53 @@ def diff(
             else:
                 render.render_diff(report, show_all=show_all)
             return 0 if report.counts["identical"] == len(report.tensors) else 1
+
+    _run(as_json, body)
+
+
+@app.command()
+def extract(
+    path: PathArg,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output .pth or .safetensors.")],
+    base: BaseOpt = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="pth or safetensors (default: by suffix).")
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="Cast the adapter (default: keep dtypes).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT.")] = False,
+    as_json: JsonOpt = False,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Extract the adapter tensors into a flat file that upstream example.py loads."""
+
+    def body() -> int:
+        from ckpt_doctor import render
+        from ckpt_doctor.extraction import extract as run_extract
+
+        with ExitStack() as stack:
+            ckpt = stack.enter_context(open_checkpoint(path, trust_pickle=trust_pickle))
+            base_ckpt = (
+                stack.enter_context(open_checkpoint(base, trust_pickle=trust_pickle))
+                if base
+                else None
+            )
+            with _progress("comparing with base") as progress:
+                result = run_extract(
+                    ckpt,
+                    out,
+                    base=base_ckpt,
+                    fmt=fmt,
+                    dtype=dtype,
+                    force=force,
+                    progress=progress,
+                )
+        if as_json:
+            render.print_json(result.to_json())
+        else:
+            render.render_extraction(result)
+        return exit_code_for(result.findings)
 
     _run(as_json, body)
 

@@ -13,10 +13,12 @@ class CkptDoctorError(Exception):
     code = "ERROR"
     exit_code = 2
 
-    def __init__(self, message: str, *, hint: str = "") -> None:
+    def __init__(self, message: str, *, hint: str = "", code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        if code is not None:  # a finding id when the refusal is one (e.g. ADAPTER_MISSING)
+            self.code = code
 
 
 class UsageError(CkptDoctorError):
@@ -50,6 +52,6 @@ class UnsafePickleError(CkptDoctorError):
 class ModelLoadError(CkptDoctorError):
     """The weights cannot be put into the model (a base tensor is missing, a shape differs)."""
 
-    def __init__(self, message: str, *, code: str, hint: str = "") -> None:
-        super().__init__(message, hint=hint)
-        self.code = code
+
+class RefusedError(CkptDoctorError):
+    """A command would produce something wrong (an empty adapter, say), so it did nothing."""

@@ -19,7 +19,8 @@ from ckpt_doctor.findings import Finding
 from ckpt_doctor.inspection import InspectReport
 from ckpt_doctor.units import human_bytes, human_count
 
-if TYPE_CHECKING:  # both import torch, which inspect and diff must never pay for
+if TYPE_CHECKING:  # these import torch, which inspect and diff must never pay for
+    from ckpt_doctor.extraction import Extraction
     from ckpt_doctor.generate import Result
     from ckpt_doctor.smoke import SmokeReport
 
@@ -260,3 +261,25 @@ def _marked_text(r: Result) -> Text:
     if r.loop_char is None:
         return Text(r.text)
     return Text(r.text[: r.loop_char]) + Text(r.text[r.loop_char :], "red underline")
+
+
+def render_extraction(result: Extraction) -> None:
+    a = result.adapter
+    saved = result.input_bytes - result.output_bytes
+    out.print(
+        f"[bold]extracted[/] {len(result.taken)} tensors from {_escape(str(result.source))} "
+        f"-> [green]{_escape(str(result.output))}[/] ({result.format}, "
+        f"{human_bytes(result.output_bytes)}; {human_bytes(saved)} smaller than the input)"
+    )
+    out.print(
+        f"adapter: {a.family.name}, adapter_len {a.adapter_len}, adapter_layer "
+        f"{a.adapter_layer} (from {a.source}); left behind: {len(result.left)} tensors"
+    )
+    reasons: dict[str, list[str]] = {}
+    for name, why in result.taken.items():
+        reasons.setdefault(why, []).append(name)
+    for why, names in reasons.items():
+        shown = ", ".join(names[:6]) + (f" (+{len(names) - 6} more)" if len(names) > 6 else "")
+        out.print(f"  taken ({why}): {shown}")
+    if result.findings:
+        render_findings(result.findings)
