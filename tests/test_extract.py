@@ -1,0 +1,180 @@
+"""extract: exact key sets, bit-exact tensors, any layer count, atomic writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from ckpt_doctor import extraction
+from ckpt_doctor.cli import app
+from ckpt_doctor.errors import RefusedError, UsageError
+from ckpt_doctor.extraction import extract
+from ckpt_doctor.model import ModelArgs, Transformer
+from ckpt_doctor.reader import open_checkpoint
+from fixtures.make_fixtures import (
+    TinyConfig,
+    adapter_tensors,
+    base_state_dict,
+    save_zip,
+    training_checkpoint,
+    write_meta_dir,
+)
+
+CFG = TinyConfig()
+runner = CliRunner()
+
+
+def world(tmp_path: Path, cfg: TinyConfig = CFG, *, drift: bool = False) -> tuple[Path, Path]:
+    base = base_state_dict(cfg)
+    write_meta_dir(base, tmp_path / "base", cfg)
+    model = dict(base)
+    if drift:
+        model["layers.0.attention.wq.weight"] = model["layers.0.attention.wq.weight"] + 0.5
+    ckpt = training_checkpoint(cfg, model, adapter_tensors(cfg))
+    return tmp_path / "base", save_zip(ckpt, tmp_path / "checkpoint-4.pth")
+
+
+def expected_keys(n_layers: int) -> set[str]:
+    return {"adapter_query.weight"} | {f"layers.{i}.attention.gate" for i in range(n_layers)}
+
+
+def test_training_checkpoint_gives_exactly_the_adapter_bit_exact(tmp_path):
+    base_dir, ckpt_path = world(tmp_path)
+    out = tmp_path / "adapter.pth"
+    with open_checkpoint(ckpt_path) as ckpt, open_checkpoint(base_dir) as base:
+        result = extract(ckpt, out, base=base)
+        source = {k: h.to_torch() for k, h in ckpt.canonical().items()}
+    saved = torch.load(out, weights_only=True)
+    assert set(saved) == expected_keys(CFG.n_layers) == set(result.taken)
+    for name, tensor in saved.items():
+        assert tensor.dtype == source[name].dtype and torch.equal(tensor, source[name]), name
+    assert result.findings == [] and len(result.left) == 39
+    assert result.output_bytes < result.input_bytes / 10
+
+
+def test_output_loads_the_way_upstream_example_py_does(tmp_path):
+    """model.load_state_dict(torch.load(adapter), strict=False) must match every key."""
+    _, ckpt_path = world(tmp_path)
+    out = tmp_path / "adapter.pth"
+    with open_checkpoint(ckpt_path) as ckpt:
+        extract(ckpt, out)
+    args = ModelArgs(
+        dim=CFG.dim,
+        n_layers=CFG.n_layers,
+        n_heads=CFG.n_heads,
+        vocab_size=CFG.vocab_size,
+        ffn_hidden=CFG.ffn_hidden,
+        adapter_len=CFG.adapter_len,
+        adapter_layer=CFG.adapter_layer,
+    )
+    model = Transformer(args)
+    adapter = torch.load(out, weights_only=True)
+    result = model.load_state_dict(adapter, strict=False)
+    assert result.unexpected_keys == []
+    assert set(adapter) <= set(model.state_dict())
+    assert torch.equal(model.layers[3].attention.gate.data, adapter["layers.3.attention.gate"])
+
+
+def test_safetensors_round_trips_with_metadata(tmp_path):
+    base_dir, ckpt_path = world(tmp_path)
+    out = tmp_path / "adapter.safetensors"
+    with open_checkpoint(ckpt_path) as ckpt, open_checkpoint(base_dir) as base:
+        result = extract(ckpt, out, base=base)
+        source = {k: h.to_torch() for k, h in ckpt.canonical().items()}
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    assert set(tensors) == expected_keys(CFG.n_layers)
+    assert all(torch.equal(t, source[k]) for k, t in tensors.items())
+    assert meta["family"] == "llama-adapter-v1" and meta["gate_fn"] == "tanh"
+    assert (meta["adapter_len"], meta["adapter_layer"]) == ("4", "2")
+    assert (meta["n_layers"], meta["dim"], meta["n_heads"]) == ("4", "64", "4")
+    assert meta["source"] == "checkpoint-4.pth" and meta["tool"].startswith("ckpt-doctor ")
+    assert meta["sha256"] == extraction.tensor_digest(tensors) == result.metadata["sha256"]
+    with open_checkpoint(out) as reread:  # and ckpt-doctor reads its own metadata back
+        assert reread.metadata["adapter_layer"] == "2"
+
+
+@pytest.mark.parametrize("n_layers", [3, 5, 32])
+def test_any_layer_count(tmp_path, n_layers):
+    cfg = replace(CFG, n_layers=n_layers, adapter_layer=min(n_layers - 1, 30), dim=32)
+    base_dir, ckpt_path = world(tmp_path, cfg)
+    out = tmp_path / "adapter.pth"
+    with open_checkpoint(ckpt_path) as ckpt, open_checkpoint(base_dir) as base:
+        result = extract(ckpt, out, base=base)
+    assert set(torch.load(out, weights_only=True)) == expected_keys(n_layers)
+    assert result.adapter.adapter_layer == cfg.adapter_layer
+    assert result.adapter.adapter_len == cfg.adapter_len
+
+
+def test_drifted_base_tensor_is_left_and_reported(tmp_path):
+    base_dir, ckpt_path = world(tmp_path, drift=True)
+    with open_checkpoint(ckpt_path) as ckpt, open_checkpoint(base_dir) as base:
+        result = extract(ckpt, tmp_path / "a.pth", base=base)
+    assert "layers.0.attention.wq.weight" not in result.taken
+    assert [f.id for f in result.findings] == ["BASE_MODIFIED"]
+
+
+def test_never_writes_an_empty_file(tmp_path):
+    base_dir, _ = world(tmp_path)
+    out = tmp_path / "a.pth"
+    with open_checkpoint(base_dir) as base, pytest.raises(RefusedError) as info:
+        extract(base, out, base=base)
+    assert info.value.code == "ADAPTER_MISSING" and not out.exists()
+
+
+def test_refuses_to_overwrite_without_force_or_an_input(tmp_path):
+    _, ckpt_path = world(tmp_path)
+    out = tmp_path / "a.pth"
+    out.write_bytes(b"keep me")
+    with open_checkpoint(ckpt_path) as ckpt:
+        with pytest.raises(UsageError, match="--force"):
+            extract(ckpt, out)
+        assert out.read_bytes() == b"keep me"
+        with pytest.raises(UsageError, match="inputs"):
+            extract(ckpt, ckpt_path, force=True)
+        extract(ckpt, out, force=True)
+    assert set(torch.load(out, weights_only=True)) == expected_keys(CFG.n_layers)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_failure_mid_write_leaves_no_output_and_input_untouched(tmp_path, monkeypatch, fmt):
+    _, ckpt_path = world(tmp_path)
+    before = digest(ckpt_path)
+    out = tmp_path / f"a.{fmt}"
+    real_save = extraction._save
+
+    def crash(tensors, path, fmt_, metadata):
+        real_save(tensors, path, fmt_, metadata)  # bytes are on disk, then the crash comes
+        raise OSError("disk full")
+
+    monkeypatch.setattr(extraction, "_save", crash)
+    with open_checkpoint(ckpt_path) as ckpt, pytest.raises(OSError, match="disk full"):
+        extract(ckpt, out)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert digest(ckpt_path) == before
+
+
+def test_cli_extract_json(tmp_path):
+    base_dir, ckpt_path = world(tmp_path)
+    out = tmp_path / "a.safetensors"
+    result = runner.invoke(
+        app, ["extract", str(ckpt_path), "--base", str(base_dir), "-o", str(out), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert set(doc["taken"]) == expected_keys(CFG.n_layers) and doc["findings"] == []
+    again = runner.invoke(app, ["extract", str(ckpt_path), "-o", str(out)])
+    assert again.exit_code == 2 and "--force" in again.stderr
