@@ -135,7 +135,7 @@ def test_refuses_to_overwrite_without_force_or_an_input(tmp_path):
     out = tmp_path / "a.pth"
     out.write_bytes(b"keep me")
     with open_checkpoint(ckpt_path) as ckpt:
-        with pytest.raises(UsageError, match="--force"):
+        with pytest.raises(UsageError, match="already exists"):
             extract(ckpt, out)
         assert out.read_bytes() == b"keep me"
         with pytest.raises(UsageError, match="inputs"):
