@@ -205,6 +205,38 @@ def extract(
     _run(as_json, body)
 
 
+@app.command()
+def verify(
+    adapter: Annotated[Path, typer.Argument(help="The extracted adapter file.")],
+    base: Annotated[Path, typer.Option("--base", help="Base weights the adapter goes on.")],
+    full: Annotated[
+        Path | None, typer.Option("--full", help="The checkpoint it was extracted from.")
+    ] = None,
+    as_json: JsonOpt = False,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Prove an adapter is bit-exact, complete and loadable (and equals --full's model)."""
+
+    def body() -> int:
+        from ckpt_doctor import render
+        from ckpt_doctor.verification import verify as run_verify
+
+        with ExitStack() as stack:
+            opened = [
+                stack.enter_context(open_checkpoint(p, trust_pickle=trust_pickle)) if p else None
+                for p in (adapter, base, full)
+            ]
+            with _progress("comparing with base") as progress:
+                report = run_verify(opened[0], base=opened[1], full=opened[2], progress=progress)
+        if as_json:
+            render.print_json(report.to_json())
+        else:
+            render.render_verify(report)
+        return report.exit_code
+
+    _run(as_json, body)
+
+
 @app.command("smoke-generate")
 def smoke_generate(
     base: Annotated[Path, typer.Option("--base", help="Base weights (Meta / HF directory).")],

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # these import torch, which inspect and diff must never pay f
     from ckpt_doctor.extraction import Extraction
     from ckpt_doctor.generate import Result
     from ckpt_doctor.smoke import SmokeReport
+    from ckpt_doctor.verification import VerifyReport
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -283,3 +284,12 @@ def render_extraction(result: Extraction) -> None:
         out.print(f"  taken ({why}): {shown}")
     if result.findings:
         render_findings(result.findings)
+
+
+def render_verify(report: VerifyReport) -> None:
+    for c in report.checks:
+        mark = "[green]pass[/]" if c.passed else "[bold red]FAIL[/]"
+        out.print(f"{mark}  {c.name:<12} {_escape(c.detail)}")
+    out.print("[green]verified[/]" if report.passed else "[bold red]verification failed[/]")
+    if report.findings:
+        render_findings(report.findings)
