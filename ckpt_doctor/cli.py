@@ -237,6 +237,57 @@ def verify(
     _run(as_json, body)
 
 
+@app.command()
+def repair(
+    path: PathArg,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output .pth or .safetensors.")],
+    base: BaseOpt = None,
+    bake_tanh: Annotated[
+        bool, typer.Option("--bake-tanh", help="Gates g -> tanh(g) for raw-gate inference.")
+    ] = False,
+    restore_base: Annotated[
+        bool, typer.Option("--restore-base", help="Put drifted frozen tensors back (--base).")
+    ] = False,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="pth or safetensors (default: by suffix).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT.")] = False,
+    as_json: JsonOpt = False,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Write a fixed copy: unwrap, strip prefixes, broadcast gates; list every change."""
+
+    def body() -> int:
+        from ckpt_doctor import render
+        from ckpt_doctor.repair import repair as run_repair
+
+        with ExitStack() as stack:
+            ckpt = stack.enter_context(open_checkpoint(path, trust_pickle=trust_pickle))
+            base_ckpt = (
+                stack.enter_context(open_checkpoint(base, trust_pickle=trust_pickle))
+                if base
+                else None
+            )
+            with _progress("comparing with base") as progress:
+                report = run_repair(
+                    ckpt,
+                    out,
+                    base=base_ckpt,
+                    bake_tanh=bake_tanh,
+                    restore_base=restore_base,
+                    fmt=fmt,
+                    force=force,
+                    progress=progress,
+                )
+        if as_json:
+            render.print_json(report.to_json())
+        else:
+            render.render_repair(report)
+        return 0
+
+    _run(as_json, body)
+
+
 @app.command("smoke-generate")
 def smoke_generate(
     base: Annotated[Path, typer.Option("--base", help="Base weights (Meta / HF directory).")],

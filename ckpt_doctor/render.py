@@ -22,6 +22,7 @@ from ckpt_doctor.units import human_bytes, human_count
 if TYPE_CHECKING:  # these import torch, which inspect and diff must never pay for
     from ckpt_doctor.extraction import Extraction
     from ckpt_doctor.generate import Result
+    from ckpt_doctor.repair import RepairReport
     from ckpt_doctor.smoke import SmokeReport
     from ckpt_doctor.verification import VerifyReport
 
@@ -293,3 +294,13 @@ def render_verify(report: VerifyReport) -> None:
     out.print("[green]verified[/]" if report.passed else "[bold red]verification failed[/]")
     if report.findings:
         render_findings(report.findings)
+
+
+def render_repair(report: RepairReport) -> None:
+    if report.output is None:
+        out.print(f"nothing to repair in {_escape(str(report.source))}; nothing written")
+        return
+    out.print(f"[bold]repaired[/] {_escape(str(report.source))} -> [green]{report.output}[/]")
+    for c in report.changes:
+        names = f": {', '.join(c.tensors[:4])}" + (" ..." if len(c.tensors) > 4 else "")
+        out.print(f"  {c.kind:<16} {_escape(c.detail)}{names if c.tensors else ''}")

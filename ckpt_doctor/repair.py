@@ -1,0 +1,151 @@
+"""``repair``: write a fixed copy for the findings that can be fixed, listing every change.
+
+- unwrap a container (CONTAINER_NESTED / LOAD_NOTHING): keep the state dict, drop the rest;
+- strip known key prefixes (KEY_PREFIX);
+- broadcast legacy scalar gates to per-head gates (GATE_SHAPE);
+- ``bake_tanh``: replace g by tanh(g), so raw-gate inference matches tanh-gate training
+  (GATE_TANH_MISMATCH);
+- ``restore_base``: put drifted frozen tensors back from the base (BASE_MODIFIED).
+Nothing else changes. The input is never modified; the output is written atomically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ckpt_doctor import keys
+from ckpt_doctor.atomic import check_destination, write_atomically
+from ckpt_doctor.diffing import Progress, diff_tensors
+from ckpt_doctor.errors import RefusedError
+from ckpt_doctor.extraction import output_format
+from ckpt_doctor.facts import model_facts
+from ckpt_doctor.families import is_adapter_key, v1_gate_layers
+from ckpt_doctor.handles import DTYPES, TensorHandle, from_array
+from ckpt_doctor.reader import Checkpoint
+from ckpt_doctor.units import human_bytes
+
+
+@dataclass(frozen=True)
+class Change:
+    kind: str
+    detail: str
+    tensors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RepairReport:
+    source: Path
+    output: Path | None
+    changes: list[Change]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": str(self.source),
+            "output": str(self.output) if self.output else None,
+            "changes": [vars(c) for c in self.changes],
+        }
+
+
+def plan_repair(
+    ckpt: Checkpoint,
+    *,
+    base: Checkpoint | None = None,
+    bake_tanh: bool = False,
+    restore_base: bool = False,
+    progress: Progress | None = None,
+) -> tuple[dict[str, TensorHandle], list[Change]]:
+    """The repaired tensors (as handles) and the list of changes; nothing is written."""
+    changes: list[Change] = []
+    tensors = dict(ckpt.tensors)
+    if ckpt.container_path:
+        dropped = ", ".join(f"{k} ({e.summary})" for k, e in ckpt.entries.items())
+        where = "".join(f"[{k!r}]" for k in ckpt.container_path)
+        changes.append(Change("unwrap", f"kept checkpoint{where}; dropped {dropped or 'nothing'}"))
+    rewrite = ckpt.prefix
+    if rewrite is not None:
+        tensors = {keys.strip_prefix(k, rewrite.prefix): h for k, h in tensors.items()}
+        changes.append(
+            Change(
+                "strip-prefix", f"removed '{rewrite.prefix}' from {rewrite.keys_with_prefix} keys"
+            )
+        )
+    base_tensors = base.canonical() if base is not None else {}
+    facts = model_facts(tensors, params=base.params if base else ckpt.params)
+    if base is not None:
+        facts = model_facts(base_tensors, params=base.params, fallback=facts)
+    gates = v1_gate_layers(tensors)
+    scalar = [gates[i] for i in gates if tensors[gates[i]].numel == 1]
+    if scalar:
+        heads = facts.n_heads
+        if not heads:
+            raise RefusedError(
+                f"{ckpt.path}: scalar gates need the model's head count to broadcast",
+                code="GATE_SHAPE",
+                hint="pass --base with params.json",
+            )
+        for name in scalar:
+            values = np.broadcast_to(tensors[name].array().reshape(1, 1, 1, 1), (1, heads, 1, 1))
+            tensors[name] = from_array(name, np.ascontiguousarray(values), tensors[name].dtype)
+        changes.append(Change("broadcast-gates", f"scalar [1] -> [1, {heads}, 1, 1]", scalar))
+    if bake_tanh and gates:
+        for name in gates.values():
+            h = tensors[name]
+            values = np.tanh(h.values()).astype(np.float32)
+            tensors[name] = from_array(name, values.reshape(h.shape), DTYPES["float32"])
+        changes.append(
+            Change("bake-tanh", "gates g -> tanh(g) for raw-gate inference", list(gates.values()))
+        )
+    if restore_base:
+        if base is None:
+            raise RefusedError(
+                "--restore-base needs --base", code="USAGE", hint="pass the base weights"
+            )
+        diff = diff_tensors(tensors, base_tensors, progress=progress)
+        drifted = [t.name for t in diff.with_status("modified") if not is_adapter_key(t.name)]
+        for name in drifted:
+            tensors[name] = base_tensors[name].named(name)
+        if drifted:
+            changes.append(Change("restore-base", "drifted frozen tensors put back", drifted))
+    return tensors, changes
+
+
+def repair(
+    ckpt: Checkpoint,
+    out: Path,
+    *,
+    base: Checkpoint | None = None,
+    bake_tanh: bool = False,
+    restore_base: bool = False,
+    fmt: str | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> RepairReport:
+    fmt = output_format(out, fmt)
+    check_destination(out, force=force, sources=[*ckpt.files, *(base.files if base else [])])
+    tensors, changes = plan_repair(
+        ckpt, base=base, bake_tanh=bake_tanh, restore_base=restore_base, progress=progress
+    )
+    if not changes:
+        return RepairReport(ckpt.path, None, [])
+    write_atomically(out, lambda tmp: _save(tensors, tmp, fmt, ckpt))
+    size = out.stat().st_size
+    changes.append(Change("wrote", f"{len(tensors)} tensors, {human_bytes(size)}"))
+    return RepairReport(ckpt.path, out, changes)
+
+
+def _save(tensors: dict[str, TensorHandle], path: Path, fmt: str, ckpt: Checkpoint) -> None:
+    import torch
+
+    # Own memory per tensor: torch.save would otherwise write whole shared storages.
+    state = {k: h.to_torch().clone() for k, h in tensors.items()}
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        meta = {k: str(v) for k, v in (ckpt.args or {}).items() if k.startswith("adapter_")}
+        save_file(state, str(path), metadata={"format": "pt", **meta})
+    else:
+        torch.save(state, path)
