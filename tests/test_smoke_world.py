@@ -1,0 +1,91 @@
+"""The fixture world reproduces the looping bug and its cure, through the CLI (issue Must show 2).
+
+fixtures/world holds a tiny base trained on responses that never end with eos, and an upstream
+training checkpoint of a LLaMA-Adapter trained on eos-terminated answers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ckpt_doctor.cli import app
+from ckpt_doctor.families import is_adapter_key
+from ckpt_doctor.reader import open_checkpoint
+
+WORLD = Path(__file__).resolve().parents[1] / "fixtures" / "world"
+BASE, CKPT = WORLD / "base", WORLD / "checkpoint-4.pth"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def held_out() -> list[str]:
+    return json.loads((WORLD / "prompts.json").read_text())["held_out"]
+
+
+@pytest.fixture(scope="module")
+def adapter_file(tmp_path_factory) -> Path:
+    """The adapter tensors alone, flat, with upstream names (what extraction produces)."""
+    with open_checkpoint(CKPT) as ckpt:
+        flat = {k: h.to_torch().clone() for k, h in ckpt.tensors.items() if is_adapter_key(k)}
+    path = tmp_path_factory.mktemp("world") / "adapter.pth"
+    torch.save(flat, path)
+    return path
+
+
+def smoke(held_out: list[str], *args: str) -> tuple[int, dict]:
+    prompts = [a for p in held_out for a in ("--prompt", p)]
+    result = runner.invoke(app, ["smoke-generate", "--base", str(BASE), *args, *prompts, "--json"])
+    assert result.exit_code in (0, 1), result.output
+    return result.exit_code, json.loads(result.stdout)
+
+
+def share(doc: dict, *outcomes: str) -> float:
+    results = doc["results"]
+    return sum(r["outcome"] in outcomes for r in results) / len(results)
+
+
+def ids(doc: dict) -> dict[str, str]:
+    return {f["id"]: f["severity"] for f in doc["findings"]}
+
+
+def test_base_plus_adapter_ends_in_eos(held_out, adapter_file):
+    code, doc = smoke(held_out, "--adapter", str(adapter_file))
+    assert len(doc["results"]) == len(held_out) >= 20
+    assert share(doc, "eos") >= 0.9
+    assert "LOAD_NOTHING" not in ids(doc)
+    assert doc["load"]["matched"] > 0
+    assert all(r["prompt_ids"][0] == 1 for r in doc["results"])  # bos from the tokenizer
+    answered = [r for r in doc["results"] if r["generated_ids"] and r["text"]]
+    assert len(answered) >= 0.9 * len(held_out)
+    assert code == (0 if share(doc, "eos") == 1 and not doc["findings"] else 1)
+
+
+def test_base_alone_never_stops(held_out):
+    code, doc = smoke(held_out)
+    assert share(doc, "loop", "max_tokens") >= 0.9
+    assert code == 1 and {"LOOP", "NO_EOS"} & set(ids(doc))
+
+
+def test_upstream_load_of_training_checkpoint_is_the_seed_bug(held_out):
+    code, doc = smoke(held_out, "--full", str(CKPT), "--load-as", "upstream")
+    assert share(doc, "loop", "max_tokens") >= 0.9
+    assert ids(doc)["LOAD_NOTHING"] == "error"
+    assert doc["load"]["matched"] == 0 and code == 1
+    _, base_doc = smoke(held_out)
+    assert [r["generated_ids"] for r in doc["results"]] == [
+        r["generated_ids"] for r in base_doc["results"]
+    ]
+
+
+def test_strict_load_of_training_checkpoint_behaves_like_base_plus_adapter(held_out, adapter_file):
+    _, strict = smoke(held_out, "--full", str(CKPT), "--load-as", "strict")
+    _, adapter = smoke(held_out, "--adapter", str(adapter_file))
+    assert [r["generated_ids"] for r in strict["results"]] == [
+        r["generated_ids"] for r in adapter["results"]
+    ]
+    assert share(strict, "eos") >= 0.9
