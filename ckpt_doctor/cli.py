@@ -26,7 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_state = {"debug": os.environ.get("CKPT_DOCTOR_DEBUG", "") not in ("", "0")}
+_state = {"debug": False}
 
 PathArg = Annotated[Path, typer.Argument(help="Checkpoint file or directory (Meta, HF).")]
 BaseOpt = Annotated[
@@ -58,7 +58,8 @@ def _main(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show version.")
     ] = False,
 ) -> None:
-    _state["debug"] = _state["debug"] or debug
+    # Set on every invocation (tests run many in one process).
+    _state["debug"] = debug or os.environ.get("CKPT_DOCTOR_DEBUG", "") not in ("", "0")
 
 
 def _run(as_json: bool, body: Callable[[], int]) -> None:
@@ -284,6 +285,38 @@ def repair(
         else:
             render.render_repair(report)
         return 0
+
+    _run(as_json, body)
+
+
+@app.command()
+def diagnose(
+    path: PathArg,
+    base: Annotated[Path, typer.Option("--base", help="Base weights the fine-tune started from.")],
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option("--tokenizer", help="tokenizer.model or .json (default: beside the base)."),
+    ] = None,
+    prompt: Annotated[
+        list[str] | None, typer.Option("--prompt", help="An instruction; repeat for more.")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Per prompt, per smoke arm.")] = 64,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find the root cause of a misbehaving checkpoint and the command that fixes it."""
+
+    def body() -> int:
+        from ckpt_doctor import render
+        from ckpt_doctor.diagnosis import diagnose as run_diagnose
+
+        result = run_diagnose(
+            path, base, tokenizer_path=tokenizer, prompts=prompt, max_new_tokens=max_new_tokens
+        )
+        if as_json:
+            render.print_json(result.to_json())
+        else:
+            render.render_diagnosis(result)
+        return result.exit_code
 
     _run(as_json, body)
 
