@@ -20,6 +20,7 @@ from ckpt_doctor.inspection import InspectReport
 from ckpt_doctor.units import human_bytes, human_count
 
 if TYPE_CHECKING:  # these import torch, which inspect and diff must never pay for
+    from ckpt_doctor.diagnosis import Diagnosis
     from ckpt_doctor.extraction import Extraction
     from ckpt_doctor.generate import Result
     from ckpt_doctor.repair import RepairReport
@@ -304,3 +305,24 @@ def render_repair(report: RepairReport) -> None:
     for c in report.changes:
         names = f": {', '.join(c.tensors[:4])}" + (" ..." if len(c.tensors) > 4 else "")
         out.print(f"  {c.kind:<16} {_escape(c.detail)}{names if c.tensors else ''}")
+
+
+def render_diagnosis(d: Diagnosis) -> None:
+    if d.findings:
+        render_findings(d.findings)
+    if d.arms:
+        table = Table(title="A/B smoke run", title_justify="left")
+        for col in ("arm", "keys loaded", "eos", "loop", "max_tokens", "note"):
+            table.add_column(col)
+        for arm in d.arms:
+            table.add_row(
+                arm.name,
+                "" if arm.matched is None else str(arm.matched),
+                *(str(arm.outcomes.get(o, 0)) for o in ("eos", "loop", "max_tokens")),
+                _escape(arm.error or ""),
+            )
+        out.print(table)
+    style = "bold red" if d.root_cause else "green"
+    out.print(f"[{style}]root cause: {d.root_cause or 'none'}[/]  {_escape(d.verdict)}")
+    if d.fix:
+        out.print(f"[bold]fix:[/] {_escape(d.fix)}")
