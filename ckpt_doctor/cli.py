@@ -395,5 +395,27 @@ def smoke_generate(
     _run(as_json, body)
 
 
+@app.command()
+def demo(
+    world: Annotated[
+        Path | None, typer.Option("--world", help="Fixture world dir (default: fixtures/world).")
+    ] = None,
+) -> None:
+    """The whole story on the bundled fixtures: loop, diagnose, extract, verify, eos."""
+
+    def body() -> int:
+        import tempfile
+
+        from ckpt_doctor import render
+        from ckpt_doctor.demo import WORLD, run_demo
+
+        with tempfile.TemporaryDirectory(prefix="ckpt-doctor-demo-") as tmp:
+            result = run_demo(Path(tmp), world=world or WORLD)
+            render.render_demo(result)
+        return result.exit_code
+
+    _run(False, body)
+
+
 def main() -> None:
     app()

@@ -7,6 +7,8 @@ until they run out. Every row stops on its own at eos, at a detected loop, or at
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +20,7 @@ from ckpt_doctor.model import Transformer
 from ckpt_doctor.tokenizer import Tokenizer, format_prompt
 
 OUTCOMES = ("eos", "loop", "max_tokens")
+SMALL_MODEL_DIM = 512
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,22 @@ def _sample(logits: torch.Tensor, config: GenerationConfig, gen: torch.Generator
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+@contextmanager
+def cpu_threads_for(model: Transformer) -> Iterator[None]:
+    """One intra-op thread for small models on the CPU: their matmuls take microseconds, and
+    waking a second thread costs more (milliseconds when another process holds that core)."""
+    small = model.args.dim <= SMALL_MODEL_DIM
+    if model.tok_embeddings.weight.device.type != "cpu" or not small:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @torch.inference_mode()
 def generate(
     model: Transformer,
@@ -80,7 +99,13 @@ def generate(
     config: GenerationConfig | None = None,
 ) -> list[Result]:
     """Generate for every instruction in one batch; an outcome per prompt."""
-    config = config or GenerationConfig()
+    with cpu_threads_for(model):
+        return _generate(model, tokenizer, instructions, config or GenerationConfig())
+
+
+def _generate(
+    model: Transformer, tokenizer: Tokenizer, instructions: list[str], config: GenerationConfig
+) -> list[Result]:
     device = model.tok_embeddings.weight.device
     results = [
         Result(text, tokenizer.prompt_ids(format_prompt(text, template=config.template)))

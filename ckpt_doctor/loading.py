@@ -126,7 +126,11 @@ def load_model(
     report = LoadReport(load_as, source, args, dtype_name, gate_fn, len(expected), adapter=config)
 
     def tensor(h: TensorHandle) -> torch.Tensor:
-        return h.to_torch().to(device=device, dtype=torch_dtype)
+        t = h.to_torch().to(device=device, dtype=torch_dtype)
+        # BLAS kernels pick code paths by alignment; a weight mapped at an odd file offset
+        # (safetensors aligns to 8 bytes) would give last-bit-different logits than the same
+        # weight from another file. Own copies of misaligned tensors keep results identical.
+        return t.clone() if t.data_ptr() % 64 else t
 
     state: dict[str, torch.Tensor] = {}
     for name, shape in expected.items():

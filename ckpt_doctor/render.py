@@ -20,6 +20,7 @@ from ckpt_doctor.inspection import InspectReport
 from ckpt_doctor.units import human_bytes, human_count
 
 if TYPE_CHECKING:  # these import torch, which inspect and diff must never pay for
+    from ckpt_doctor.demo import DemoResult
     from ckpt_doctor.diagnosis import Diagnosis
     from ckpt_doctor.extraction import Extraction
     from ckpt_doctor.generate import Result
@@ -326,3 +327,24 @@ def render_diagnosis(d: Diagnosis) -> None:
     out.print(f"[{style}]root cause: {d.root_cause or 'none'}[/]  {_escape(d.verdict)}")
     if d.fix:
         out.print(f"[bold]fix:[/] {_escape(d.fix)}")
+
+
+def render_demo(result: DemoResult) -> None:
+    def step(title: str) -> None:
+        out.rule(f"[bold]{title}[/]", align="left")
+
+    w = result.world
+    step(f"1. The symptom: {w.name}/checkpoint-4.pth loaded as upstream example.py does")
+    render_smoke(result.before)
+    step("2. ckpt-doctor diagnose")
+    render_diagnosis(result.diagnosis)
+    step("3. ckpt-doctor extract")
+    render_extraction(result.extraction)
+    step("4. ckpt-doctor verify")
+    render_verify(result.verification)
+    step("5. The cure: base + extracted adapter")
+    render_smoke(result.after)
+    if result.story_holds:
+        out.print("[bold green]eos is back: the adapter was never loaded, now it is.[/]")
+    else:
+        out.print("[bold red]the demo story did not hold on this machine (see above)[/]")

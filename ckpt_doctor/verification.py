@@ -137,7 +137,9 @@ def _same_logits(
     vocab = a.args.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, vocab, (3, 24), generator=g)  # fixed ids: no tokenizer needed
-    with torch.inference_mode():
+    from ckpt_doctor.generate import cpu_threads_for
+
+    with torch.inference_mode(), cpu_threads_for(a):
         la = a(prompts, 0, a.new_cache(3, 24), all_logits=True)
         lf = f(prompts, 0, f.new_cache(3, 24), all_logits=True)
     diff = float((la - lf).abs().max())

@@ -1,0 +1,69 @@
+"""``demo``: the whole story on the bundled fixture world, start to finish.
+
+1. the symptom: the training checkpoint loaded as upstream example.py does loops, no eos;
+2. diagnose: the root cause and the command that fixes it;
+3. extract the adapter; 4. verify it; 5. the cure: base + adapter ends in eos.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckpt_doctor.diagnosis import Diagnosis, diagnose
+from ckpt_doctor.errors import UsageError
+from ckpt_doctor.extraction import Extraction, extract
+from ckpt_doctor.generate import GenerationConfig
+from ckpt_doctor.reader import open_checkpoint
+from ckpt_doctor.smoke import SmokeReport, smoke_generate
+from ckpt_doctor.verification import VerifyReport, verify
+
+# Where the fixture world lives in a source checkout (fixtures/ is not installed).
+WORLD = Path(__file__).resolve().parents[1] / "fixtures" / "world"
+N_PROMPTS = 4
+
+
+@dataclass
+class DemoResult:
+    world: Path
+    before: SmokeReport
+    diagnosis: Diagnosis
+    extraction: Extraction
+    verification: VerifyReport
+    after: SmokeReport
+
+    @property
+    def story_holds(self) -> bool:
+        looped = all(r.outcome != "eos" for r in self.before.results)
+        cured = all(r.outcome == "eos" for r in self.after.results)
+        return looped and cured and self.verification.passed
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.story_holds else 1
+
+
+def run_demo(workdir: Path, *, world: Path = WORLD, max_new_tokens: int = 64) -> DemoResult:
+    ckpt_path, base_path = world / "checkpoint-4.pth", world / "base"
+    if not ckpt_path.exists() or not base_path.exists():
+        raise UsageError(
+            f"no fixture world at {world}",
+            hint="run the demo from a source checkout, or pass --world DIR "
+            "(built by python fixtures/make_fixtures.py --world)",
+        )
+    prompts = json.loads((world / "prompts.json").read_text())["held_out"][:N_PROMPTS]
+    config = GenerationConfig(max_new_tokens=max_new_tokens)
+    adapter_path = workdir / "adapter.safetensors"
+    with open_checkpoint(base_path) as base:
+        with open_checkpoint(ckpt_path) as ckpt:
+            before = smoke_generate(
+                base, full=ckpt, load_as="upstream", prompts=prompts, config=config
+            )
+        diagnosis = diagnose(ckpt_path, base_path, prompts=prompts, max_new_tokens=max_new_tokens)
+        with open_checkpoint(ckpt_path) as ckpt:
+            extraction = extract(ckpt, adapter_path, base=base, force=True)
+        with open_checkpoint(adapter_path) as adapter, open_checkpoint(ckpt_path) as ckpt:
+            verification = verify(adapter, base=base, full=ckpt)
+            after = smoke_generate(base, adapter=adapter, prompts=prompts, config=config)
+    return DemoResult(world, before, diagnosis, extraction, verification, after)
