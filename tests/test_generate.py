@@ -38,7 +38,7 @@ class ScriptedModel:
     def __init__(self, scripts: list[list[int]], vocab: int = 16) -> None:
         self.scripts, self.vocab = scripts, vocab
         self.tok_embeddings = SimpleNamespace(weight=torch.zeros(1))
-        self.args = SimpleNamespace(max_seq_len=4096)
+        self.args = SimpleNamespace(max_seq_len=4096, dim=8)
         self.lengths: list[int] = []
 
     def new_cache(self, batch: int, length: int) -> None:
