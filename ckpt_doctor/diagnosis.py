@@ -160,6 +160,6 @@ def _verdict(cause: str | None, findings: list[Finding], arms: list[Arm], ckpt: 
             parts.append("generations identical to the base alone")
         n = sum(upstream.outcomes.values())
         no_eos = n - upstream.outcomes.get("eos", 0)
-        if n and not upstream.error:
+        if no_eos and not upstream.error:
             parts.append(f"no eos within the limit on {no_eos} of {n} prompts")
     return "; ".join(parts)

@@ -174,7 +174,7 @@ def _overlay_upstream(
         if name == V1_QUERY_KEY and not report.args.adapter_layer:
             continue  # its split is unknown (see _unresolved_adapter): the model runs without it
         if handle.shape != expected[name]:  # torch raises even with strict=False
-            code = "GATE_SHAPE" if name.endswith(".gate") else "ADAPTER_SHAPE"
+            code = _shape_code(name)
             raise ModelLoadError(
                 f"load_state_dict(strict=False) raises on {name}: shape {list(handle.shape)} "
                 f"in {extra.path}, {list(expected[name])} in the model",

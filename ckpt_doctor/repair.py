@@ -20,7 +20,7 @@ import numpy as np
 from ckpt_doctor import keys
 from ckpt_doctor.atomic import check_destination, write_atomically
 from ckpt_doctor.diffing import Progress, diff_tensors
-from ckpt_doctor.errors import RefusedError
+from ckpt_doctor.errors import RefusedError, UsageError
 from ckpt_doctor.extraction import output_format
 from ckpt_doctor.facts import model_facts
 from ckpt_doctor.families import is_adapter_key, v1_gate_layers
@@ -101,9 +101,7 @@ def plan_repair(
         )
     if restore_base:
         if base is None:
-            raise RefusedError(
-                "--restore-base needs --base", code="USAGE", hint="pass the base weights"
-            )
+            raise UsageError("--restore-base needs --base", hint="pass the base weights")
         diff = diff_tensors(tensors, base_tensors, progress=progress)
         drifted = [t.name for t in diff.with_status("modified") if not is_adapter_key(t.name)]
         for name in drifted:

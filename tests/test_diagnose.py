@@ -1,0 +1,299 @@
+"""``diagnose`` names the right root cause for each broken variant of the fixture world.
+
+Must show: on a broken variant of the world's checkpoint for each of nested container, ``module.``
+prefix, all gates zero, legacy scalar gate, large gate, drifted base tensors, resized vocab, NaN in
+the adapter, empty file, truncated file and pickle payload, ``diagnose`` names the right finding
+id as the root cause; on the healthy adapter it raises no error. One test per variant.
+
+The variants are derived from fixtures/world/checkpoint-4.pth into a temporary directory (the
+fixtures are never written) once per module; each diagnose runs a few held-out prompts only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ckpt_doctor.cli import app
+from ckpt_doctor.diagnosis import CAUSES, Diagnosis, diagnose
+from ckpt_doctor.families import is_adapter_key
+
+WORLD = Path(__file__).resolve().parents[1] / "fixtures" / "world"
+BASE, CKPT = WORLD / "base", WORLD / "checkpoint-4.pth"
+MAX_NEW_TOKENS = 48
+N_PROMPTS = 4
+runner = CliRunner()
+
+
+class _Payload:
+    """Unpickling this runs ``os.system(command)``: what a malicious checkpoint does."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+@dataclass
+class Variants:
+    root: Path
+    files: dict[str, Path]
+    marker: Path  # the file the pickle payload would create if it ever ran
+
+
+def _load_training_checkpoint() -> dict:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(CKPT, weights_only=True)
+
+
+def _gate_names(adapter: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k in adapter if k.endswith("attention.gate")]
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[str]:
+    return json.loads((WORLD / "prompts.json").read_text())["held_out"][:N_PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory) -> Variants:
+    root = tmp_path_factory.mktemp("diagnose-variants")
+    model = _load_training_checkpoint()["model"]
+    adapter = {k: v.clone() for k, v in model.items() if is_adapter_key(k)}
+    gates = _gate_names(adapter)
+    assert adapter and len(gates) == 4  # the world: 4 layers, a gate each
+    files: dict[str, Path] = {"nested": CKPT}
+
+    def save(name: str, obj: object) -> None:
+        files[name] = root / f"{name}.pth"
+        torch.save(obj, files[name])
+
+    save("healthy", adapter)
+    save("prefix", {f"module.{k}": v for k, v in adapter.items()})
+    save("zero_gates", {k: torch.zeros_like(v) if k in gates else v for k, v in adapter.items()})
+    # Legacy adapters stored one scalar per layer: shape [1], here the mean of the heads.
+    save("scalar_gates", {k: v.mean().reshape(1) if k in gates else v for k, v in adapter.items()})
+    large = {k: v.clone() for k, v in adapter.items()}
+    large["layers.3.attention.gate"].view(-1)[0] = 2.0
+    save("large_gate", large)
+    drifted = {k: v.clone() for k, v in model.items()}
+    drifted["layers.0.attention.wq.weight"][0, :4] += 0.25
+    save("drifted", drifted)
+    resized = {k: v.clone() for k, v in model.items()}
+    for name in ("tok_embeddings.weight", "output.weight"):
+        t = resized[name]
+        resized[name] = torch.cat([t, torch.zeros(2, t.shape[1], dtype=t.dtype)])
+    save("resized_vocab", resized)
+    nan = {k: v.clone() for k, v in adapter.items()}
+    nan["adapter_query.weight"][3, 5] = float("nan")
+    save("nan", nan)
+    files["empty"] = root / "empty.pth"
+    files["empty"].write_bytes(b"")
+    data = CKPT.read_bytes()
+    files["truncated"] = root / "truncated.pth"
+    files["truncated"].write_bytes(data[: len(data) // 2])
+    marker = root / "pwned"
+    save("pickle", {"model": adapter, "payload": _Payload(f"touch {marker}")})
+    return Variants(root, files, marker)
+
+
+@pytest.fixture(scope="module")
+def run(variants, prompts):
+    """Diagnose a variant by name, once per module."""
+    done: dict[str, Diagnosis] = {}
+
+    def go(name: str) -> Diagnosis:
+        if name not in done:
+            done[name] = diagnose(
+                variants.files[name], BASE, prompts=prompts, max_new_tokens=MAX_NEW_TOKENS
+            )
+        return done[name]
+
+    return go
+
+
+def _ids(diagnosis: Diagnosis) -> set[str]:
+    return {f.id for f in diagnosis.findings}
+
+
+def _arms(diagnosis: Diagnosis) -> dict[str, object]:
+    upstream, extracted, alone = diagnosis.arms
+    assert upstream.name == "as upstream loads it"
+    assert extracted.name == "extracted adapter on the base"
+    assert alone.name == "base alone"
+    return {"upstream": upstream, "extracted": extracted, "alone": alone}
+
+
+def _assert_cause(diagnosis: Diagnosis, cause: str, *, exit_code: int = 1) -> None:
+    assert diagnosis.root_cause == cause, (diagnosis.root_cause, diagnosis.verdict)
+    assert diagnosis.exit_code == exit_code
+    assert diagnosis.verdict
+    fix = CAUSES[cause]
+    if fix is None:
+        assert diagnosis.fix is None
+    else:
+        assert diagnosis.fix == fix.format(path=diagnosis.path, base=BASE)
+
+
+# --------------------------------------------------------------------------- variants
+
+
+def test_nested_container_loads_nothing(run, prompts):
+    d = run("nested")
+    _assert_cause(d, "LOAD_NOTHING")
+    assert "nested" in d.verdict and "0 of" in d.verdict
+    assert "['model']" in d.verdict
+    assert d.fix is not None and d.fix.startswith("ckpt-doctor extract ")
+    assert str(CKPT) in d.fix and f"--base {BASE}" in d.fix
+    assert "CONTAINER_NESTED" in _ids(d)
+    arms = _arms(d)
+    upstream, extracted, alone = arms["upstream"], arms["extracted"], arms["alone"]
+    assert upstream.error is None and upstream.matched == 0 and upstream.model_keys > 0
+    assert upstream.generated == alone.generated  # loading nothing leaves the base alone
+    assert len(upstream.generated) == len(prompts)
+    assert upstream.outcomes.get("eos", 0) == 0
+    assert extracted.matched > 0
+    assert extracted.outcomes.get("eos", 0) >= 0.75 * len(prompts)
+    assert extracted.generated != alone.generated
+
+
+def test_module_prefix(run):
+    d = run("prefix")
+    # Both hold (nothing matches as saved), but the prefix is the specific cause.
+    assert {"KEY_PREFIX", "LOAD_NOTHING"} <= _ids(d)
+    _assert_cause(d, "KEY_PREFIX")
+    assert d.fix.startswith("ckpt-doctor repair ")
+    assert "module." in d.verdict
+    arms = _arms(d)
+    assert arms["upstream"].matched == 0
+    assert arms["upstream"].generated == arms["alone"].generated
+    assert arms["extracted"].matched > 0  # canonical names: the prefix is stripped
+
+
+def test_all_gates_zero_is_inert(run):
+    d = run("zero_gates")
+    _assert_cause(d, "ADAPTER_INERT")
+    arms = _arms(d)
+    assert arms["upstream"].matched > 0  # the keys load; they just do nothing
+    assert arms["upstream"].generated == arms["alone"].generated
+
+
+def test_legacy_scalar_gate(run):
+    d = run("scalar_gates")
+    _assert_cause(d, "GATE_SHAPE")
+    assert d.fix.startswith("ckpt-doctor repair ") and "--base" in d.fix
+    arms = _arms(d)
+    assert arms["upstream"].error and "GATE_SHAPE" in arms["upstream"].error
+
+
+def test_large_gate_tanh_mismatch(run):
+    d = run("large_gate")
+    _assert_cause(d, "GATE_TANH_MISMATCH")
+    assert "--bake-tanh" in d.fix
+    (lead,) = [f for f in d.findings if f.id == "GATE_TANH_MISMATCH"]
+    assert lead.severity == "warning"
+
+
+def test_drifted_base_tensors(run):
+    d = run("drifted")
+    _assert_cause(d, "BASE_MODIFIED")
+    assert "--restore-base" in d.fix and f"--base {BASE}" in d.fix
+    assert "layers.0.attention.wq.weight" in d.verdict
+    assert _arms(d)["upstream"].matched == _arms(d)["upstream"].model_keys  # flat: all match
+
+
+def test_resized_vocab(run):
+    d = run("resized_vocab")
+    _assert_cause(d, "VOCAB_MISMATCH")
+    assert all(f.severity == "error" for f in d.findings if f.id == "VOCAB_MISMATCH")
+    assert "258" in d.verdict and "256" in d.verdict
+    assert _arms(d)["upstream"].error  # load_state_dict raises on the size mismatch
+
+
+def test_nan_in_adapter(run):
+    d = run("nan")
+    _assert_cause(d, "NONFINITE")
+    assert "adapter_query.weight" in d.verdict
+
+
+def test_empty_file(run):
+    d = run("empty")
+    _assert_cause(d, "EMPTY", exit_code=2)
+    assert d.arms == []
+
+
+def test_truncated_file(run):
+    d = run("truncated")
+    _assert_cause(d, "UNREADABLE", exit_code=2)
+    assert d.arms == []
+
+
+def test_pickle_payload_is_refused_and_never_runs(run, variants):
+    d = run("pickle")
+    _assert_cause(d, "UNSAFE_PICKLE", exit_code=2)
+    assert "system" in d.verdict
+    assert d.arms == []
+    assert not variants.marker.exists()
+
+
+def test_healthy_adapter(run, prompts):
+    d = run("healthy")
+    assert d.root_cause is None and d.fix is None and d.exit_code == 0
+    assert not [f for f in d.findings if f.severity == "error"]
+    arms = _arms(d)
+    assert all(a.error is None for a in arms.values())
+    assert arms["upstream"].matched > 0
+    assert arms["upstream"].generated == arms["extracted"].generated
+    assert arms["upstream"].outcomes.get("eos", 0) >= 0.75 * len(prompts)
+
+
+def test_every_root_cause_is_a_finding_id(run, variants):
+    """The root cause is always one of the diagnosis's findings, so --json carries it in full."""
+    for name in variants.files:
+        d = run(name)
+        if d.root_cause is not None:
+            assert d.root_cause in _ids(d), name
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def _cli(path: Path, prompts: list[str]) -> tuple[int, dict]:
+    args = ["diagnose", str(path), "--base", str(BASE), "--json"]
+    args += ["--max-new-tokens", str(MAX_NEW_TOKENS)]
+    for p in prompts:
+        args += ["--prompt", p]
+    result = runner.invoke(app, args)
+    return result.exit_code, json.loads(result.stdout)  # exactly one JSON document
+
+
+def test_cli_nested_exits_1(variants, prompts):
+    code, doc = _cli(variants.files["nested"], prompts)
+    assert code == 1
+    assert doc["root_cause"] == "LOAD_NOTHING"
+    assert doc["fix"].startswith("ckpt-doctor extract ")
+    upstream = doc["arms"][0]
+    assert upstream["name"] == "as upstream loads it" and upstream["matched"] == 0
+    assert {f["id"] for f in doc["findings"]} >= {"LOAD_NOTHING", "CONTAINER_NESTED"}
+
+
+def test_cli_healthy_exits_0(variants, prompts):
+    code, doc = _cli(variants.files["healthy"], prompts)
+    assert code == 0
+    assert doc["root_cause"] is None and doc["fix"] is None
+    assert all(f["severity"] != "error" for f in doc["findings"])
+
+
+def test_cli_empty_exits_2(variants, prompts):
+    code, doc = _cli(variants.files["empty"], prompts)
+    assert code == 2
+    assert doc["root_cause"] == "EMPTY"
+    assert [f["id"] for f in doc["findings"]] == ["EMPTY"]
