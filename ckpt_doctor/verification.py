@@ -84,9 +84,10 @@ def verify(
                 else f"not extracted: {', '.join(lost[:5])}",
             )
         )
-    report.checks.append(_loads(adapter, base, report))
+    check, model = _loads(adapter, base, report)
+    report.checks.append(check)
     if full is not None:
-        report.checks.append(_same_logits(adapter, base, full, report))
+        report.checks.append(_same_logits(model, base, full, report))
     return report
 
 
@@ -115,38 +116,41 @@ def _bit_exact(tensors: dict, source: dict) -> Check:
     return Check("bit-exact", ok, detail)
 
 
-def _loads(adapter: Checkpoint, base: Checkpoint, report: VerifyReport) -> Check:
+def _file_dtype(base: Checkpoint) -> str:
+    """Verify in the weights' own dtype: parameters then share the file maps, so checking a
+    multi-GB model costs no copy of it (a float32 upcast would double it)."""
+    emb = base.canonical().get("tok_embeddings.weight")
+    return emb.dtype.name if emb is not None and emb.is_float else "auto"
+
+
+def _loads(adapter: Checkpoint, base: Checkpoint, report: VerifyReport) -> tuple[Check, Any]:
     from ckpt_doctor.loading import load_model
 
-    _, load = load_model(base, adapter=adapter, load_as="strict", max_seq_len=64)
+    model, load = load_model(
+        base, adapter=adapter, load_as="strict", dtype=_file_dtype(base), max_seq_len=64
+    )
     errors = [f for f in load.findings if f.severity == "error"]
     report.findings += load.findings
     detail = f"{len(load.from_file)} of {load.model_keys} model keys from the adapter"
-    return Check("strict load", not errors, detail)
+    return Check("strict load", not errors, detail), model
 
 
-def _same_logits(
-    adapter: Checkpoint, base: Checkpoint, full: Checkpoint, report: VerifyReport
-) -> Check:
+def _same_logits(model: Any, base: Checkpoint, full: Checkpoint, report: VerifyReport) -> Check:
     import torch
 
+    from ckpt_doctor.generate import cpu_threads_for
     from ckpt_doctor.loading import load_model
 
-    a, _ = load_model(base, adapter=adapter, load_as="strict", max_seq_len=64)
-    f, _ = load_model(base, full=full, load_as="strict", max_seq_len=64)
-    vocab = a.args.vocab_size
+    f, _ = load_model(base, full=full, load_as="strict", dtype=_file_dtype(base), max_seq_len=64)
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(3, vocab, (3, 24), generator=g)  # fixed ids: no tokenizer needed
-    from ckpt_doctor.generate import cpu_threads_for
-
-    with torch.inference_mode(), cpu_threads_for(a):
-        la = a(prompts, 0, a.new_cache(3, 24), all_logits=True)
+    prompts = torch.randint(3, model.args.vocab_size, (3, 24), generator=g)  # no tokenizer needed
+    with torch.inference_mode(), cpu_threads_for(model):
+        la = model(prompts, 0, model.new_cache(3, 24), all_logits=True)
         lf = f(prompts, 0, f.new_cache(3, 24), all_logits=True)
     diff = float((la - lf).abs().max())
     report.max_logit_diff = diff
     drifted = any(x.id == "BASE_MODIFIED" for x in report.findings)
-    same = torch.equal(la, lf)
-    if same:
+    if torch.equal(la, lf):
         return Check("same logits", True, "base + adapter == full checkpoint, bit for bit")
     detail = f"max |logit diff| {diff:.3g} vs the full checkpoint"
     # A drifted base explains the difference (the finding names the tensors), but the adapter

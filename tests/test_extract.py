@@ -178,3 +178,55 @@ def test_cli_extract_json(tmp_path):
     assert set(doc["taken"]) == expected_keys(CFG.n_layers) and doc["findings"] == []
     again = runner.invoke(app, ["extract", str(ckpt_path), "-o", str(out)])
     assert again.exit_code == 2 and "--force" in again.stderr
+
+
+def run_verify(adapter: Path, base_dir: Path, full: Path | None) -> dict:
+    args = ["verify", str(adapter), "--base", str(base_dir), "--json"]
+    result = runner.invoke(app, [*args, *(["--full", str(full)] if full else [])])
+    assert result.exit_code in (0, 1), result.output
+    return {"code": result.exit_code, **json.loads(result.stdout)}
+
+
+@pytest.mark.parametrize("suffix", ["pth", "safetensors"])
+def test_verify_passes_on_a_fresh_extraction(tmp_path, suffix):
+    base_dir, ckpt_path = world(tmp_path)
+    out = tmp_path / f"adapter.{suffix}"
+    with open_checkpoint(ckpt_path) as ckpt, open_checkpoint(base_dir) as base:
+        extract(ckpt, out, base=base)
+    doc = run_verify(out, base_dir, ckpt_path)
+    assert doc["code"] == 0 and doc["passed"] and doc["max_logit_diff"] == 0.0
+    checks = {c["name"]: c["passed"] for c in doc["checks"]}
+    assert checks == dict.fromkeys(
+        ["reload", "bit-exact", "complete", "strict load", "same logits"], True
+    )
+
+
+def test_verify_catches_a_tampered_and_an_incomplete_adapter(tmp_path):
+    base_dir, ckpt_path = world(tmp_path)
+    out = tmp_path / "adapter.pth"
+    with open_checkpoint(ckpt_path) as ckpt:
+        extract(ckpt, out)
+    adapter = torch.load(out, weights_only=True)
+    adapter["layers.3.attention.gate"] = adapter["layers.3.attention.gate"] + 1e-3
+    torch.save(adapter, tmp_path / "tampered.pth")
+    del adapter["adapter_query.weight"]
+    torch.save(adapter, tmp_path / "incomplete.pth")
+    tampered = run_verify(tmp_path / "tampered.pth", base_dir, ckpt_path)
+    checks = {c["name"]: c["passed"] for c in tampered["checks"]}
+    assert tampered["code"] == 1 and not checks["bit-exact"] and not checks["same logits"]
+    incomplete = run_verify(tmp_path / "incomplete.pth", base_dir, ckpt_path)
+    checks = {c["name"]: c["passed"] for c in incomplete["checks"]}
+    assert incomplete["code"] == 1 and not checks["complete"]
+
+
+def test_verify_explains_a_drifted_base(tmp_path):
+    base_dir, ckpt_path = world(tmp_path, drift=True)
+    out = tmp_path / "adapter.pth"
+    with open_checkpoint(ckpt_path) as ckpt, open_checkpoint(base_dir) as base:
+        extract(ckpt, out, base=base)
+    doc = run_verify(out, base_dir, ckpt_path)
+    checks = {c["name"]: c for c in doc["checks"]}
+    assert checks["complete"]["passed"] and "drifted" in checks["complete"]["detail"]
+    assert not checks["same logits"]["passed"]
+    assert "BASE_MODIFIED" in checks["same logits"]["detail"]
+    assert doc["code"] == 1 and doc["max_logit_diff"] > 0
