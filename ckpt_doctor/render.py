@@ -241,8 +241,10 @@ def render_smoke(report: SmokeReport) -> None:
         f"{load.dtype} on {report.device}, gate {load.gate_fn}, attention {report.attention}"
     )
     table = Table(show_lines=True, expand=True)
-    for col in ("prompt", "outcome", "tokens", "loop (start, period)", "max P(eos)", "text"):
-        table.add_column(col, ratio=4 if col == "text" else None)
+    table.add_column("prompt", ratio=2)
+    for col in ("outcome", "tokens", "loop at, period", "max P(eos)"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("text (repeating part underlined)", ratio=3)
     for r in report.results:
         loop = f"{r.loop.start}, {r.loop.period}" if r.loop else ""
         table.add_row(
@@ -262,9 +264,10 @@ def render_smoke(report: SmokeReport) -> None:
 
 def _marked_text(r: Result) -> Text:
     """The generation, with the repeating part (from the loop's start) marked."""
+    text = r.text.replace("\n", "⏎")  # same length: loop_char still indexes it
     if r.loop_char is None:
-        return Text(r.text)
-    return Text(r.text[: r.loop_char]) + Text(r.text[r.loop_char :], "red underline")
+        return Text(text)
+    return Text(text[: r.loop_char]) + Text(text[r.loop_char :], "red underline")
 
 
 def render_extraction(result: Extraction) -> None:
