@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -16,7 +16,7 @@ from ckpt_doctor.diffing import Progress, diff_tensors
 from ckpt_doctor.errors import CkptDoctorError
 from ckpt_doctor.findings import exit_code_for
 from ckpt_doctor.inspection import inspect_checkpoint
-from ckpt_doctor.reader import open_checkpoint
+from ckpt_doctor.reader import Checkpoint, open_checkpoint
 
 app = typer.Typer(
     name="ckpt-doctor",
@@ -33,6 +33,18 @@ BaseOpt = Annotated[
     Path | None, typer.Option("--base", help="Base weights (file or Meta / HF directory).")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+OutOpt = Annotated[Path, typer.Option("-o", "--out", help="Output .pth or .safetensors.")]
+FormatOpt = Annotated[
+    str | None, typer.Option("--format", help="pth or safetensors (default: by suffix).")
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing OUT.")]
+TokenizerOpt = Annotated[
+    Path | None,
+    typer.Option("--tokenizer", help="tokenizer.model or .json (default: beside the base)."),
+]
+PromptOpt = Annotated[
+    list[str] | None, typer.Option("--prompt", help="An instruction; repeat for more.")
+]
 TrustOpt = Annotated[
     bool,
     typer.Option(
@@ -89,6 +101,23 @@ def _run(as_json: bool, body: Callable[[], int]) -> None:
     raise typer.Exit(code)
 
 
+def _open(stack: ExitStack, *paths: Path | None, trust_pickle: bool) -> list[Checkpoint | None]:
+    """Open every given path lazily (None stays None); all close when the stack does."""
+    return [
+        stack.enter_context(open_checkpoint(p, trust_pickle=trust_pickle)) if p else None
+        for p in paths
+    ]
+
+
+def _emit(as_json: bool, report: Any, show: Callable[[Any], None]) -> None:
+    from ckpt_doctor import render
+
+    if as_json:
+        render.print_json(report.to_json())
+    else:
+        show(report)
+
+
 def _progress(label: str) -> AbstractContextManager[Progress | None]:
     """A progress bar on stderr when a person is watching; nothing in pipes and tests."""
     from ckpt_doctor import render
@@ -112,18 +141,10 @@ def inspect(
         from ckpt_doctor import render
 
         with ExitStack() as stack:
-            ckpt = stack.enter_context(open_checkpoint(path, trust_pickle=trust_pickle))
-            base_ckpt = (
-                stack.enter_context(open_checkpoint(base, trust_pickle=trust_pickle))
-                if base
-                else None
-            )
+            ckpt, base_ckpt = _open(stack, path, base, trust_pickle=trust_pickle)
             with _progress("comparing with base") as progress:
                 report = inspect_checkpoint(ckpt, base=base_ckpt, deep=deep, progress=progress)
-            if as_json:
-                render.print_json(report.to_json())
-            else:
-                render.render_inspect(report)
+            _emit(as_json, report, render.render_inspect)
             return report.exit_code
 
     _run(as_json, body)
@@ -150,10 +171,7 @@ def diff(
         ):
             with _progress("diff") as progress:
                 report = diff_tensors(ckpt.canonical(), base_ckpt.canonical(), progress=progress)
-            if as_json:
-                render.print_json(report.to_json())
-            else:
-                render.render_diff(report, show_all=show_all)
+            _emit(as_json, report, lambda r: render.render_diff(r, show_all=show_all))
             return 0 if report.counts["identical"] == len(report.tensors) else 1
 
     _run(as_json, body)
@@ -162,15 +180,13 @@ def diff(
 @app.command()
 def extract(
     path: PathArg,
-    out: Annotated[Path, typer.Option("-o", "--out", help="Output .pth or .safetensors.")],
+    out: OutOpt,
     base: BaseOpt = None,
-    fmt: Annotated[
-        str | None, typer.Option("--format", help="pth or safetensors (default: by suffix).")
-    ] = None,
+    fmt: FormatOpt = None,
     dtype: Annotated[
         str | None, typer.Option("--dtype", help="Cast the adapter (default: keep dtypes).")
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT.")] = False,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
     trust_pickle: TrustOpt = False,
 ) -> None:
@@ -181,12 +197,7 @@ def extract(
         from ckpt_doctor.extraction import extract as run_extract
 
         with ExitStack() as stack:
-            ckpt = stack.enter_context(open_checkpoint(path, trust_pickle=trust_pickle))
-            base_ckpt = (
-                stack.enter_context(open_checkpoint(base, trust_pickle=trust_pickle))
-                if base
-                else None
-            )
+            ckpt, base_ckpt = _open(stack, path, base, trust_pickle=trust_pickle)
             with _progress("comparing with base") as progress:
                 result = run_extract(
                     ckpt,
@@ -197,10 +208,7 @@ def extract(
                     force=force,
                     progress=progress,
                 )
-        if as_json:
-            render.print_json(result.to_json())
-        else:
-            render.render_extraction(result)
+        _emit(as_json, result, render.render_extraction)
         return exit_code_for(result.findings)
 
     _run(as_json, body)
@@ -223,16 +231,10 @@ def verify(
         from ckpt_doctor.verification import verify as run_verify
 
         with ExitStack() as stack:
-            opened = [
-                stack.enter_context(open_checkpoint(p, trust_pickle=trust_pickle)) if p else None
-                for p in (adapter, base, full)
-            ]
+            opened = _open(stack, adapter, base, full, trust_pickle=trust_pickle)
             with _progress("comparing with base") as progress:
                 report = run_verify(opened[0], base=opened[1], full=opened[2], progress=progress)
-        if as_json:
-            render.print_json(report.to_json())
-        else:
-            render.render_verify(report)
+        _emit(as_json, report, render.render_verify)
         return report.exit_code
 
     _run(as_json, body)
@@ -241,7 +243,7 @@ def verify(
 @app.command()
 def repair(
     path: PathArg,
-    out: Annotated[Path, typer.Option("-o", "--out", help="Output .pth or .safetensors.")],
+    out: OutOpt,
     base: BaseOpt = None,
     bake_tanh: Annotated[
         bool, typer.Option("--bake-tanh", help="Gates g -> tanh(g) for raw-gate inference.")
@@ -249,10 +251,8 @@ def repair(
     restore_base: Annotated[
         bool, typer.Option("--restore-base", help="Put drifted frozen tensors back (--base).")
     ] = False,
-    fmt: Annotated[
-        str | None, typer.Option("--format", help="pth or safetensors (default: by suffix).")
-    ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT.")] = False,
+    fmt: FormatOpt = None,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
     trust_pickle: TrustOpt = False,
 ) -> None:
@@ -263,12 +263,7 @@ def repair(
         from ckpt_doctor.repair import repair as run_repair
 
         with ExitStack() as stack:
-            ckpt = stack.enter_context(open_checkpoint(path, trust_pickle=trust_pickle))
-            base_ckpt = (
-                stack.enter_context(open_checkpoint(base, trust_pickle=trust_pickle))
-                if base
-                else None
-            )
+            ckpt, base_ckpt = _open(stack, path, base, trust_pickle=trust_pickle)
             with _progress("comparing with base") as progress:
                 report = run_repair(
                     ckpt,
@@ -280,10 +275,7 @@ def repair(
                     force=force,
                     progress=progress,
                 )
-        if as_json:
-            render.print_json(report.to_json())
-        else:
-            render.render_repair(report)
+        _emit(as_json, report, render.render_repair)
         return 0
 
     _run(as_json, body)
@@ -293,13 +285,8 @@ def repair(
 def diagnose(
     path: PathArg,
     base: Annotated[Path, typer.Option("--base", help="Base weights the fine-tune started from.")],
-    tokenizer: Annotated[
-        Path | None,
-        typer.Option("--tokenizer", help="tokenizer.model or .json (default: beside the base)."),
-    ] = None,
-    prompt: Annotated[
-        list[str] | None, typer.Option("--prompt", help="An instruction; repeat for more.")
-    ] = None,
+    tokenizer: TokenizerOpt = None,
+    prompt: PromptOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="Per prompt, per smoke arm.")] = 64,
     as_json: JsonOpt = False,
 ) -> None:
@@ -312,10 +299,7 @@ def diagnose(
         result = run_diagnose(
             path, base, tokenizer_path=tokenizer, prompts=prompt, max_new_tokens=max_new_tokens
         )
-        if as_json:
-            render.print_json(result.to_json())
-        else:
-            render.render_diagnosis(result)
+        _emit(as_json, result, render.render_diagnosis)
         return result.exit_code
 
     _run(as_json, body)
@@ -336,9 +320,7 @@ def smoke_generate(
             "--tokenizer", help="tokenizer.model / tokenizer.json (default: beside base)."
         ),
     ] = None,
-    prompt: Annotated[
-        list[str] | None, typer.Option("--prompt", help="An instruction; repeat for more.")
-    ] = None,
+    prompt: PromptOpt = None,
     template: Annotated[str, typer.Option(help="Prompt template: alpaca or none.")] = "alpaca",
     max_new_tokens: Annotated[int, typer.Option(help="Stop a prompt after this many.")] = 128,
     gate: Annotated[str, typer.Option(help="Gate function: raw (upstream) or tanh.")] = "raw",
@@ -369,10 +351,7 @@ def smoke_generate(
             template=template,
         )
         with ExitStack() as stack:
-            opened = [
-                stack.enter_context(open_checkpoint(p, trust_pickle=trust_pickle)) if p else None
-                for p in (base, adapter, full)
-            ]
+            opened = _open(stack, base, adapter, full, trust_pickle=trust_pickle)
             report = run_smoke(
                 opened[0],
                 adapter=opened[1],
@@ -386,10 +365,7 @@ def smoke_generate(
                 gate_fn=gate,
                 attention=attention,
             )
-        if as_json:
-            render.print_json(report.to_json())
-        else:
-            render.render_smoke(report)
+        _emit(as_json, report, render.render_smoke)
         return report.exit_code
 
     _run(as_json, body)
