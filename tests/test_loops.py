@@ -16,7 +16,6 @@ start = step - span + 1 and repeats = span / period, always.
 from __future__ import annotations
 
 import random
-import time
 
 import numpy as np
 import pytest
@@ -190,13 +189,12 @@ def test_to_json() -> None:
     assert loop.to_json() == {"period": 3, "start": 4, "repeats": 10.67}
 
 
-def test_batch_of_512_tokens_is_fast() -> None:
+def test_batch_of_512_random_tokens_has_no_loop() -> None:
+    # (No timing assertion: the suite must not depend on how loaded the machine is.)
     rng = np.random.default_rng(0)
     streams = rng.integers(0, 32000, size=(8, 512))
     dets = [LoopDetector() for _ in range(8)]
-    t0 = time.perf_counter()
     for col in range(512):
         for det, stream in zip(dets, streams, strict=True):
             det.push(int(stream[col]))
-    assert time.perf_counter() - t0 < 2.0  # generous for CI; a few tens of ms here
     assert all(det.loop is None for det in dets)
