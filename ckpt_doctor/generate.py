@@ -19,7 +19,6 @@ from ckpt_doctor.loops import Loop, LoopDetector
 from ckpt_doctor.model import Transformer
 from ckpt_doctor.tokenizer import Tokenizer, format_prompt
 
-OUTCOMES = ("eos", "loop", "max_tokens")
 SMALL_MODEL_DIM = 512
 
 
