@@ -26,9 +26,11 @@ peft 0.21.2), against SPEC section 3:
   [1]), so it matches ckpt-doctor's ``gate_fn="raw"`` only when all heads share one gate value.
 - Output: ``o_proj(base) + o_proj(adapter)`` instead of ``o_proj(base + adapter)``: equal up to
   fp32 rounding.
-- Cost: every forward recomputes q_proj (a second time), k_proj and v_proj of the prompt and a
-  second o_proj, in every adapted layer and every decode step; ckpt-doctor computes the prompt
-  K/V once per load and applies wo once.
+- Cost: in every adapted layer and every decode step PEFT runs q_proj and v_proj of the hidden
+  states a second time (``llama_compute_query_states``; the v_proj result is unused with
+  transformers >= 4.48), k_proj and v_proj of the prompt, and a second o_proj; ckpt-doctor
+  computes the prompt K/V once per load and applies wo once. transformers' DynamicCache also
+  grows by torch.cat every step, where ckpt-doctor writes into a preallocated cache.
 So PEFT's math is SPEC's with ``gate_fn=raw`` and per-head gates all equal; parity is checked on
 exactly that setting, plus all gates 0 against ckpt-doctor's plain base.
 
