@@ -32,13 +32,7 @@ DROPPED = "layers.1.feed_forward.w2.weight"  # the base tensor variant (f) lacks
 GATES = [f"layers.{i}.attention.gate" for i in range(CFG.n_layers)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: torch's intra-op threads only add contention on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -43,13 +43,7 @@ PREFILL = 5
 ADAPTED = list(CFG.adapted_layers)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: torch's intra-op threads only add contention on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sharp_weights(*, scalar_gates: bool = False) -> tuple[dict, dict]:

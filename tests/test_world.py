@@ -39,14 +39,6 @@ def checkpoint():
         return torch.load(WORLD / "checkpoint-4.pth", weights_only=True)
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_config_is_the_default():
     assert WorldConfig() == CFG, "fixtures/world/ was generated with another WorldConfig"
 
