@@ -10,19 +10,21 @@ Per adapted layer (the last ``adapter_layer`` of ``n_layers``), with x the norme
 The two softmaxes are independent: the adapter adds attention mass, it does not steal it. G is
 per head; ``gate_fn`` picks G = gate (upstream inference) or G = tanh(gate) (upstream training).
 With every gate 0 the output is exactly the base model's. Parameter names equal upstream's, so
-``load_state_dict`` behaves as it does for upstream example.py.
+``load_state_dict`` behaves as it does for upstream example.py. The attention itself is
+kernels/reference.py (PyTorch) or, with set_attention("fused"), the Triton kernels beside it.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ckpt_doctor.families import apply_gate
+from ckpt_doctor.kernels import gated_attention, gated_attention_reference, per_head_gate
+
+ATTENTION = {"reference": gated_attention_reference, "fused": gated_attention}
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ class AdapterKV:
 
     k: torch.Tensor  # [H, adapter_len, hd]
     v: torch.Tensor  # [H, adapter_len, hd]
-    gate: torch.Tensor  # [1, H, 1, 1], fp32, after the gate function
+    gate: torch.Tensor  # [H], fp32, after the gate function
 
 
 class KVCache:
@@ -99,16 +101,62 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose CPU product follows the weight's memory layout (see lay_out_weights).
+
+    MKL streams a row-major weight fastest as ``W @ x.T`` when several rows multiply it, and a
+    column-major one (a transposed view of a [in, out] buffer) fastest as ``x @ W.T`` for a
+    single row. Same math either way; only the order of the reads differs."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        rows = x.numel() // x.shape[-1]
+        if x.device.type == "cpu" and rows > 1 and w.is_contiguous():
+            flat = x.reshape(rows, x.shape[-1])
+            return (w @ flat.t()).t().contiguous().view(*x.shape[:-1], w.shape[0])
+        return F.linear(x, w)
+
+
+def lay_out(linears: list[Linear], *, column_major: bool) -> torch.Tensor | None:
+    """Put a group of weights that read the same input in one layout (see lay_out_weights).
+
+    Column-major: one [in, sum of outs] buffer holding every weight's transpose, returned so the
+    group can run as one GEMM; each weight becomes a view into it. Row-major: separate
+    contiguous weights again. Values and names never change."""
+    weights = [m.weight for m in linears]
+    if column_major:
+        buffer = torch.cat([w.detach().t() for w in weights], dim=1)
+        col = 0
+        for m, w in zip(linears, weights, strict=True):
+            view = buffer[:, col : col + w.shape[0]].t()
+            m.weight = nn.Parameter(view, requires_grad=w.requires_grad)
+            col += w.shape[0]
+        return buffer
+    for m, w in zip(linears, weights, strict=True):
+        if not w.is_contiguous():
+            m.weight = nn.Parameter(w.detach().contiguous(), requires_grad=w.requires_grad)
+    return None
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.n_heads, self.head_dim = args.n_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.dim, bias=False)
-        self.wo = nn.Linear(args.dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.dim)
+        self.wk = Linear(args.dim, args.dim)
+        self.wv = Linear(args.dim, args.dim)
+        self.wo = Linear(args.dim, args.dim)
         # Upstream gives every layer a gate (zero-init); only adapted layers use theirs.
         self.gate = nn.Parameter(torch.zeros(1, args.n_heads, 1, 1))
+        self.wqkv: torch.Tensor | None = None  # [dim, 3*dim] when laid out column-major
+        self.attend = gated_attention_reference  # or the fused kernels: set_attention()
+
+    def lay_out(self, *, column_major: bool) -> None:
+        self.wqkv = lay_out([self.wq, self.wk, self.wv], column_major=column_major)
+        lay_out([self.wo], column_major=column_major)
 
     def forward(
         self,
@@ -116,40 +164,43 @@ class Attention(nn.Module):
         *,
         start: int,
         rope: torch.Tensor,
-        mask: torch.Tensor | None,
         cache_k: torch.Tensor,
         cache_v: torch.Tensor,
         adapter: AdapterKV | None,
     ) -> torch.Tensor:
-        b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.wk(x).view(b, t, self.n_heads, self.head_dim)
-        v = self.wv(x).view(b, t, self.n_heads, self.head_dim)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        b, t, dim = x.shape
+        if self.wqkv is not None:  # one GEMM over the fused column-major buffer
+            q, k, v = (x @ self.wqkv).split(dim, dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = apply_rope(q.view(b, t, self.n_heads, self.head_dim), rope)
+        k = apply_rope(k.view(b, t, self.n_heads, self.head_dim), rope)
+        v = v.view(b, t, self.n_heads, self.head_dim)
         cache_k[:b, :, start : start + t] = k.transpose(1, 2)
         cache_v[:b, :, start : start + t] = v.transpose(1, 2)
-        keys, values = cache_k[:b, :, : start + t], cache_v[:b, :, : start + t]
-        q = q.transpose(1, 2)  # [B, H, T, hd]
-        scale = 1.0 / math.sqrt(self.head_dim)
-        scores = torch.matmul(q, keys.transpose(2, 3)) * scale
-        if mask is not None:
-            scores = scores + mask
-        out = torch.matmul(F.softmax(scores.float(), dim=-1).type_as(q), values)
+        extra = {}
         if adapter is not None:
-            a_scores = torch.matmul(q, adapter.k.transpose(1, 2)) * scale
-            a_probs = F.softmax(a_scores.float(), dim=-1) * adapter.gate
-            out = out + torch.matmul(a_probs.type_as(q), adapter.v)
+            extra = {"adapter_k": adapter.k, "adapter_v": adapter.v, "gate": adapter.gate}
+        out = self.attend(q.transpose(1, 2), cache_k[:b], cache_v[:b], start=start, **extra)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w1 = Linear(dim, hidden)
+        self.w2 = Linear(hidden, dim)
+        self.w3 = Linear(dim, hidden)
+        self.w13: torch.Tensor | None = None  # [dim, 2*hidden] when laid out column-major
+
+    def lay_out(self, *, column_major: bool) -> None:
+        self.w13 = lay_out([self.w1, self.w3], column_major=column_major)
+        lay_out([self.w2], column_major=column_major)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None:  # one GEMM over the fused column-major buffer
+            gate, up = (x @ self.w13).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -180,7 +231,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = _embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size)
         # Row j*adapter_len .. (j+1)*adapter_len-1 is the prompt of adapted layer j.
         self.adapter_query = _embedding(args.adapter_len * args.adapter_layer, args.dim)
         self.rope: torch.Tensor | None = None
@@ -194,6 +245,31 @@ class Transformer(nn.Module):
         with torch.no_grad():
             self.adapter_kv = self.compute_adapter_kv(gate_fn=gate_fn)
 
+    def set_attention(self, impl: str) -> None:
+        """``reference`` (PyTorch, kernels/reference.py) or ``fused`` (the Triton kernels; the
+        caller has checked with kernels.fused_unavailable_reason that they can run here)."""
+        if impl not in ATTENTION:
+            raise ValueError(f"unknown attention {impl!r}; expected one of {sorted(ATTENTION)}")
+        for layer in self.layers:
+            layer.attention.attend = ATTENTION[impl]
+
+    def lay_out_weights(self, *, rows: int) -> None:
+        """Store the projection weights for decoding ``rows`` sequences at once on the CPU.
+
+        One row: column-major, with wq/wk/wv and w1/w3 fused (MKL's GEMV streams that ~1.3x
+        faster); several rows: row-major (``W @ x.T`` runs ~1.3x faster than ``x @ W.T``).
+        Measured with benchmarks/decode_cpu.py. Names, shapes and values stay the same; one
+        group is copied at a time, so memory peaks at the weights plus one layer's group."""
+        if self.tok_embeddings.weight.device.type != "cpu":
+            return
+        column_major = rows == 1
+        if column_major == (not self.output.weight.is_contiguous()):
+            return  # already laid out so
+        for layer in self.layers:
+            layer.attention.lay_out(column_major=column_major)
+            layer.feed_forward.lay_out(column_major=column_major)
+        lay_out([self.output], column_major=column_major)
+
     def compute_adapter_kv(self, *, gate_fn: str) -> dict[int, AdapterKV]:
         """Prompt K/V and gates of every adapted layer (differentiable: training calls it)."""
         a = self.args
@@ -206,7 +282,7 @@ class Transformer(nn.Module):
             p = prompts[j].to(attn.wk.weight.dtype)
             k = attn.wk(p).view(a.adapter_len, a.n_heads, a.head_dim).transpose(0, 1)
             v = attn.wv(p).view(a.adapter_len, a.n_heads, a.head_dim).transpose(0, 1)
-            gate = apply_gate(attn.gate.float().reshape(1, -1, 1, 1), gate_fn)
+            gate = per_head_gate(attn.gate, a.n_heads, gate_fn=gate_fn)
             out[i] = AdapterKV(k.contiguous(), v.contiguous(), gate)
         return out
 
@@ -233,16 +309,11 @@ class Transformer(nn.Module):
         _, t = tokens.shape
         h = self.tok_embeddings(tokens)
         rope = self.rope[start : start + t]
-        mask = None
-        if t > 1:  # causal over the cached prefix and the new tokens
-            mask = torch.full((t, start + t), float("-inf"), device=tokens.device)
-            mask = torch.triu(mask, diagonal=start + 1).type_as(h)
         for i, layer in enumerate(self.layers):
             h = h + layer.attention(
                 layer.attention_norm(h),
                 start=start,
                 rope=rope,
-                mask=mask,
                 cache_k=cache.k[i],
                 cache_v=cache.v[i],
                 adapter=adapter_kv.get(i),

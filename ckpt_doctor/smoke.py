@@ -11,6 +11,7 @@ import torch
 from ckpt_doctor.errors import UsageError
 from ckpt_doctor.findings import Finding, exit_code_for, finding
 from ckpt_doctor.generate import GenerationConfig, Result, generate
+from ckpt_doctor.kernels import fused_unavailable_reason
 from ckpt_doctor.loading import LoadReport, load_model
 from ckpt_doctor.reader import Checkpoint, find_tokenizer
 from ckpt_doctor.tokenizer import load_tokenizer
@@ -61,15 +62,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_attention(name: str, device: torch.device) -> str:
+    """auto: the fused kernels on CUDA when Triton is there, the PyTorch reference elsewhere."""
     if name not in ATTENTION:
         raise UsageError(f"unknown attention {name!r}", hint=f"use one of {', '.join(ATTENTION)}")
-    if name == "fused":
+    reason = fused_unavailable_reason(device)
+    if name == "fused" and reason is not None:
         raise UsageError(
-            "the fused gated-attention path is not available in this build",
-            hint="use --attention reference (auto picks it)",
+            f"--attention fused cannot run: {reason}",
+            hint="use --attention reference (auto picks the fused path where it can run)",
         )
-    del device  # auto: the fused path will be chosen here on CUDA once it exists
-    return "reference"
+    if name == "auto":
+        return "fused" if device.type == "cuda" and reason is None else "reference"
+    return name
 
 
 def outcome_findings(results: list[Result]) -> list[Finding]:
@@ -136,6 +140,7 @@ def smoke_generate(
         gate_fn=gate_fn,
         max_seq_len=max_len,
     )
+    model.set_attention(attn)
     results = generate(model, tokenizer, list(prompts or DEFAULT_PROMPTS), config=config)
     findings = [*load.findings, *outcome_findings(results)]
     return SmokeReport(load, results, tok_path, str(dev), attn, findings)

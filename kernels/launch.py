@@ -1,0 +1,194 @@
+"""Typed launcher for the fused gated-attention kernels: validates, picks the grid, launches.
+
+The package imports without Triton and without a GPU; ``fused_unavailable_reason()`` says why
+the fused path cannot run here, and ``gated_attention`` raises ``KernelInputError`` (a
+UsageError with a hint) on anything the kernels do not accept instead of computing garbage.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import torch
+
+from ckpt_doctor.errors import UsageError
+from ckpt_doctor.families import apply_gate
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_ADAPTER_LEN = 256
+MAX_HEAD_DIM = 256
+DECODE_BLOCK_N = 64
+MAX_SPLITS = 128
+SAME = "cast and move it to q's dtype and device"
+
+
+class KernelInputError(UsageError):
+    """The tensors handed to a fused kernel do not fit what it computes."""
+
+    code = "KERNEL_INPUT"
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def fused_unavailable_reason(device: torch.device) -> str | None:
+    """None when the fused kernels can run on ``device``; otherwise why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install 'ckpt-doctor[triton]')"
+    if device.type == "cuda" or interpreting():
+        return None
+    return f"the fused kernels run on CUDA (or on the CPU under TRITON_INTERPRET=1), not {device}"
+
+
+def per_head_gate(gate: torch.Tensor, n_heads: int, *, gate_fn: str) -> torch.Tensor:
+    """The gate as the kernels take it: fp32 [H], the gate function applied, a scalar broadcast.
+    (Differentiable: training computes its adapter K/V and gates through here too.)"""
+    g = apply_gate(gate.float().reshape(-1), gate_fn)
+    if g.numel() == 1:
+        return g.expand(n_heads).contiguous()
+    if g.numel() != n_heads:
+        raise KernelInputError(
+            f"gate has {g.numel()} values for {n_heads} heads",
+            hint="pass one gate per head, or a single scalar gate to broadcast",
+        )
+    return g.contiguous()
+
+
+def _check(cond: bool, message: str, hint: str) -> None:
+    if not cond:
+        raise KernelInputError(message, hint=hint)
+
+
+def _validate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start: int,
+    adapter: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> None:
+    _check(q.dim() == 4, f"q must be [B, H, T, hd], got {list(q.shape)}", "split the heads first")
+    b, h, t, hd = q.shape
+    _check(q.dtype in DTYPES, f"unsupported dtype {q.dtype}", "use float16, bfloat16 or float32")
+    _check(0 < hd <= MAX_HEAD_DIM, f"head_dim {hd} is not in 1..{MAX_HEAD_DIM}", "use reference")
+    _check(start >= 0 and t >= 1, f"start {start}, T {t}", "start >= 0 and at least one query")
+    for name, x in (("k", k), ("v", v)):
+        _check(
+            x.dim() == 4 and x.shape[0] >= b and x.shape[1] == h and x.shape[3] == hd,
+            f"{name} cache is {list(x.shape)} for q {list(q.shape)}",
+            "the cache must be [>=B, H, max_len, hd]",
+        )
+        _check(x.shape[2] >= start + t, f"{name} cache holds {x.shape[2]} positions", "grow it")
+        _check(
+            x.dtype == q.dtype and x.device == q.device, f"{name}: dtype/device differ from q", SAME
+        )
+    if adapter is None:
+        return
+    ak, av, gate = adapter
+    for name, x in (("adapter_k", ak), ("adapter_v", av)):
+        _check(
+            x.dim() == 3 and x.shape[0] == h and x.shape[2] == hd,
+            f"{name} is {list(x.shape)}, expected [H={h}, La, hd={hd}]",
+            "compute the adapter K/V with the model's own wk/wv",
+        )
+        _check(
+            x.dtype == q.dtype and x.device == q.device, f"{name}: dtype/device differ from q", SAME
+        )
+    _check(ak.shape[1] == av.shape[1], "adapter_k and adapter_v lengths differ", "one prompt")
+    _check(
+        0 < ak.shape[1] <= MAX_ADAPTER_LEN,
+        f"adapter_len {ak.shape[1]} is not in 1..{MAX_ADAPTER_LEN}",
+        "use --attention reference",
+    )
+    _check(
+        gate.dtype == torch.float32 and gate.shape == (h,) and gate.device == q.device,
+        f"gate must be fp32 [{h}] on {q.device}, got {gate.dtype} {list(gate.shape)}",
+        "normalise it with per_head_gate()",
+    )
+
+
+def _pow2(n: int, *, at_least: int = 16) -> int:
+    return max(at_least, 1 << (n - 1).bit_length())
+
+
+def _splits(rows: int, keys: int, device: torch.device) -> int:
+    """Enough splits for heads x splits to cover the GPU twice, each split >= one block."""
+    sms = (
+        4
+        if device.type != "cuda"
+        else torch.cuda.get_device_properties(device).multi_processor_count
+    )
+    return max(1, min(MAX_SPLITS, math.ceil(2 * sms / rows), math.ceil(keys / DECODE_BLOCK_N)))
+
+
+def gated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    start: int,
+    adapter_k: torch.Tensor | None = None,
+    adapter_v: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fused equivalent of kernels.reference.gated_attention_reference (same arguments)."""
+    adapter = None
+    if adapter_k is not None or adapter_v is not None or gate is not None:
+        _check(
+            adapter_k is not None and adapter_v is not None and gate is not None,
+            "adapter_k, adapter_v and gate go together",
+            "pass all three, or none for plain causal attention",
+        )
+        adapter = (adapter_k, adapter_v, gate)  # type: ignore[assignment]
+    _validate(q, k, v, start, adapter)
+    reason = fused_unavailable_reason(q.device)
+    _check(reason is None, f"fused attention cannot run: {reason}", "use --attention reference")
+
+    from ckpt_doctor.kernels import triton_attention as ta  # Triton loads here, not at import
+
+    b, h, t, hd = q.shape
+    out = torch.empty_like(q)
+    # Without an adapter the kernels never read these; any [H, *, hd] tensor fills the slots.
+    ak, av, g = (
+        adapter if adapter is not None else (q[0], q[0], q.new_zeros(h, dtype=torch.float32))
+    )
+    la = ak.shape[1] if adapter is not None else 1
+    scale_log2 = (1.0 / math.sqrt(hd)) * math.log2(math.e)
+    common = {"HEAD_DIM": hd, "BLOCK_D": _pow2(hd)}
+    block_a = _pow2(la)
+    # fp32 inputs: exact fp32 products (tf32 would lose 13 mantissa bits); ignored for 16-bit.
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    if t > 1:
+        grid = lambda meta: (math.ceil(t / meta["BLOCK_M"]), b * h)  # noqa: E731
+        ta.gated_prefill_kernel[grid](
+            q, k, v, ak, av, g, out,
+            *q.stride(), *k.stride(), *v.stride(), *ak.stride(), *av.stride(), *out.stride(),
+            h, t, start, la, scale_log2, max(t, 1).bit_length(),
+            BLOCK_A=block_a, HAS_ADAPTER=adapter is not None, PRECISION=precision,
+            **common,
+        )  # fmt: skip
+        return out
+    keys = start + 1
+    splits = _splits(b * h, keys, q.device)
+    chunk = math.ceil(math.ceil(keys / splits) / DECODE_BLOCK_N) * DECODE_BLOCK_N
+    splits = math.ceil(keys / chunk)  # every split non-empty
+    part = torch.empty(b * h, splits, common["BLOCK_D"], device=q.device, dtype=torch.float32)
+    lse = torch.empty(b * h, splits, device=q.device, dtype=torch.float32)
+    qs = (q.stride(0), q.stride(1), q.stride(3))
+    ta.decode_partial_kernel[(b * h, splits)](
+        q, k, v, part, lse, *qs,
+        k.stride(0), k.stride(1), k.stride(2), k.stride(3),
+        v.stride(0), v.stride(1), v.stride(2), v.stride(3),
+        h, keys, chunk, splits, scale_log2, BLOCK_N=DECODE_BLOCK_N, **common,
+    )  # fmt: skip
+    ta.decode_combine_kernel[(b * h,)](
+        part, lse, q, ak, av, g, out, *qs, *ak.stride(), *av.stride(),
+        out.stride(0), out.stride(1), out.stride(3),
+        h, splits, la, scale_log2,
+        BLOCK_S=_pow2(splits, at_least=2), BLOCK_A=block_a, HAS_ADAPTER=adapter is not None,
+        **common,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,216 @@
+"""Fused gated-attention kernels against the PyTorch reference, in Triton's CPU interpreter.
+
+conftest.py sets TRITON_INTERPRET=1 before anything imports Triton (fp32 and fp16 only: the
+interpreter's bf16 is wrong). The accuracy criterion: against an fp64 oracle, the kernel's max
+error is at most 2x the max error of the reference run in the same precision.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from ckpt_doctor.kernels import (
+    KernelInputError,
+    fused_unavailable_reason,
+    gated_attention,
+    gated_attention_reference,
+    per_head_gate,
+)
+from typer.testing import CliRunner
+
+from ckpt_doctor.cli import app
+from ckpt_doctor.errors import UsageError
+from ckpt_doctor.smoke import resolve_attention
+
+triton = pytest.importorskip("triton", reason="pip install 'ckpt-doctor[triton]'")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter tests: TRITON_INTERPRET=1"
+)
+
+H, HD, LA = 3, 48, 10  # head_dim 48 and adapter_len 10 are not block multiples
+GATES = {"zero": [0.0], "0.37": [0.37], "-1.5": [-1.5], "per-head": [0.5, -0.8, 1.7]}
+
+
+def case(
+    b: int, t: int, start: int, dtype: torch.dtype, *, h: int = H, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Inputs in fp64 (the oracle's); cache positions past start+T hold NaN, so a kernel that
+    reads a future position (or one past the cache) poisons its output."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    length = start + t + 5
+    k, v = rnd(b, h, length, HD), rnd(b, h, length, HD)
+    k[:, :, start + t :] = float("nan")
+    v[:, :, start + t :] = float("nan")
+    return {"q": rnd(b, h, t, HD) * 2, "k": k, "v": v, "ak": rnd(h, LA, HD), "av": rnd(h, LA, HD)}
+
+
+def run(fn, x: dict, dtype: torch.dtype, gate: torch.Tensor | None, start: int) -> torch.Tensor:
+    cast = {n: t.to(dtype) for n, t in x.items()}
+    adapter = {}
+    if gate is not None:
+        adapter = {"adapter_k": cast["ak"], "adapter_v": cast["av"], "gate": gate}
+    return fn(cast["q"], cast["k"], cast["v"], start=start, **adapter)
+
+
+def errors(x: dict, dtype: torch.dtype, gate: torch.Tensor | None, start: int) -> tuple:
+    oracle = run(gated_attention_reference, x, torch.float64, gate, start)
+    ref = run(gated_attention_reference, x, dtype, gate, start)
+    fused = run(gated_attention, x, dtype, gate, start)
+    assert fused.dtype == dtype and fused.shape == oracle.shape
+    assert torch.isfinite(fused).all()
+    return (fused.double() - oracle).abs().max().item(), (ref.double() - oracle).abs().max().item()
+
+
+SHAPES = [  # (batch, new tokens, start): prefill from 0 and after a prefix, decode
+    pytest.param(2, 37, 0, id="prefill-T37"),
+    pytest.param(2, 5, 11, id="prefill-T5-start11"),
+    pytest.param(1, 20, 70, id="prefill-T20-start70"),
+    pytest.param(2, 1, 0, id="decode-start0"),
+    pytest.param(2, 1, 75, id="decode-start75"),
+    pytest.param(1, 1, 300, id="decode-start300"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("gate", list(GATES), ids=list(GATES))
+@pytest.mark.parametrize(("b", "t", "start"), SHAPES)
+def test_fused_matches_reference(b: int, t: int, start: int, gate: str, dtype: torch.dtype):
+    x = case(b, t, start, dtype)
+    g = per_head_gate(torch.tensor(GATES[gate]), H, gate_fn="raw")
+    fused_err, ref_err = errors(x, dtype, g, start)
+    assert fused_err <= 2 * ref_err, (fused_err, ref_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(("b", "t", "start"), SHAPES)
+def test_without_adapter_is_causal_attention(b: int, t: int, start: int, dtype: torch.dtype):
+    x = case(b, t, start, dtype, seed=1)
+    fused_err, ref_err = errors(x, dtype, None, start)
+    assert fused_err <= 2 * ref_err, (fused_err, ref_err)
+
+
+@pytest.mark.parametrize(("b", "t", "start"), [(2, 9, 3), (2, 1, 40)], ids=["prefill", "decode"])
+def test_gate_zero_is_exactly_plain_causal_attention(b: int, t: int, start: int):
+    x = case(b, t, start, torch.float32, seed=2)
+    zero = per_head_gate(torch.zeros(1), H, gate_fn="tanh")
+    gated = run(gated_attention, x, torch.float32, zero, start)
+    plain = run(gated_attention, x, torch.float32, None, start)
+    assert torch.equal(gated, plain)
+
+
+def test_tanh_gate_and_scalar_broadcast():
+    assert torch.equal(per_head_gate(torch.tensor([0.5]), 3, gate_fn="raw"), torch.full((3,), 0.5))
+    tanh = per_head_gate(torch.tensor([[[[0.5]], [[-2.0]]]]), 2, gate_fn="tanh")
+    assert torch.allclose(tanh, torch.tensor([0.5, -2.0]).tanh())
+    assert tanh.dtype == torch.float32 and tanh.shape == (2,)
+    with pytest.raises(KernelInputError, match="3 values for 2 heads"):
+        per_head_gate(torch.zeros(3), 2, gate_fn="raw")
+
+
+def test_bad_inputs_raise_typed_errors():
+    x = {n: t.float() for n, t in case(1, 4, 0, torch.float32).items()}
+    g = torch.zeros(H)
+    bad = [
+        ({"q": x["q"][0]}, "q must be"),
+        ({"k": x["k"][:, :, :2]}, "cache holds 2 positions"),
+        ({"v": x["v"].half()}, "v: dtype/device differ"),
+        ({"ak": x["ak"][:, :, :8]}, "adapter_k is"),
+        ({"gate": torch.zeros(H, dtype=torch.float64)}, "gate must be fp32"),
+        ({"gate": torch.zeros(H + 1)}, "gate must be fp32"),
+    ]
+    for change, message in bad:
+        y = {**x, "gate": g, **change}
+        with pytest.raises(KernelInputError, match=message) as err:
+            gated_attention(
+                y["q"],
+                y["k"],
+                y["v"],
+                start=0,
+                adapter_k=y["ak"],
+                adapter_v=y["av"],
+                gate=y["gate"],
+            )
+        assert err.value.hint
+    with pytest.raises(KernelInputError, match="go together"):
+        gated_attention(x["q"], x["k"], x["v"], start=0, gate=g)
+
+
+def test_fused_refused_on_cpu_outside_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    reason = fused_unavailable_reason(torch.device("cpu"))
+    assert reason is not None and "CUDA" in reason
+    x = case(1, 3, 0, torch.float32)
+    with pytest.raises(KernelInputError, match="cannot run"):
+        run(gated_attention, x, torch.float32, None, 0)
+
+
+def test_ahead_of_time_compile_for_sm80_and_sm90a():
+    """The whole GPU pipeline down to a cubin, for every kernel and prefill config (no GPU)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "ckpt_doctor.kernels.aot", "--arch", "80", "90"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]  # 1: shared memory too big
+    lines = done.stdout.splitlines()
+    for arch in ("sm_80 ", "sm_90a"):
+        for kernel in ("gated_prefill_kernel", "decode_partial_kernel", "decode_combine_kernel"):
+            for dtype in ("fp16", "bf16", "fp32"):
+                assert any(kernel in ln and arch in ln and dtype in ln for ln in lines), (
+                    kernel,
+                    arch,
+                    dtype,
+                )
+
+
+WORLD = Path(__file__).resolve().parents[1] / "fixtures" / "world"
+
+
+def test_smoke_generate_fused_matches_reference_on_the_fixture_world(one_thread):
+    """The model dispatch end to end: the world's full checkpoint, fused vs reference attention,
+    through the CLI: same tokens, same outcomes, and the JSON says which path ran."""
+    prompts = json.loads((WORLD / "prompts.json").read_text())["held_out"][:3]
+    docs = {}
+    for attention in ("reference", "fused"):
+        args = ["smoke-generate", "--base", str(WORLD / "base"), "--full"]
+        args += [str(WORLD / "checkpoint-4.pth"), "--attention", attention, "--json"]
+        args += ["--max-new-tokens", "24", *(a for p in prompts for a in ("--prompt", p))]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code in (0, 1), result.output
+        docs[attention] = json.loads(result.stdout)
+        assert docs[attention]["attention"] == attention
+    for ref, fused in zip(docs["reference"]["results"], docs["fused"]["results"], strict=True):
+        assert fused["generated_ids"] == ref["generated_ids"]
+        assert fused["outcome"] == ref["outcome"]
+
+
+def test_attention_auto_is_reference_on_cpu_and_fused_is_refused_there(monkeypatch):
+    assert resolve_attention("auto", torch.device("cpu")) == "reference"
+    assert resolve_attention("fused", torch.device("cpu")) == "fused"  # interpreter
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(UsageError, match="--attention fused cannot run") as err:
+        resolve_attention("fused", torch.device("cpu"))
+    assert "--attention reference" in err.value.hint
+    result = CliRunner().invoke(
+        app, ["smoke-generate", "--base", str(WORLD / "base"), "--attention", "fused"]
+    )
+    assert result.exit_code == 2
+    assert "--attention fused cannot run" in result.stderr
+
+
+def test_gpu_benchmark_script_runs_dry_on_the_cpu(tmp_path):
+    """benchmarks/attention_gpu.py at toy shapes in the interpreter: it works before GPU time
+    is spent on it, and its correctness rows pass."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_gpu.py"
+    cmd = [sys.executable, str(script), "--dry-run", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert {"correctness", "prefill", "decode", "end_to_end", "targets"} <= result.keys()
+    assert result["correctness"] and all(row["pass"] for row in result["correctness"])
+    assert result["end_to_end"]["fused tok/s"] > 0

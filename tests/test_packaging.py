@@ -1,0 +1,52 @@
+"""The wheel ships the kernels (as ckpt_doctor.kernels), and the package imports without Triton."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_contains_the_kernels(tmp_path):
+    src = tmp_path / "src"  # a copy, so the build leaves no build/ or egg-info in the checkout
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for pkg in ("ckpt_doctor", "kernels"):
+        shutil.copytree(ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
+    done = subprocess.run([*cmd, "-w", str(tmp_path / "dist"), str(src)], capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("ckpt_doctor-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for module in ("__init__", "launch", "reference", "triton_attention", "aot"):
+        assert f"ckpt_doctor/kernels/{module}.py" in names
+    assert not any(n.startswith("kernels/") for n in names)  # no top-level "kernels" package
+
+
+def test_package_imports_without_triton():
+    """A finder that refuses triton: the CLI, the model and the kernels package still import,
+    and the fused path says why it cannot run."""
+    code = """
+import sys
+class NoTriton:
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ModuleNotFoundError("No module named 'triton'")
+sys.meta_path.insert(0, NoTriton())
+import importlib.util
+importlib.util.find_spec = (lambda f: lambda name, *a: None if name == "triton" else f(name, *a))(
+    importlib.util.find_spec)
+import torch
+import ckpt_doctor.cli, ckpt_doctor.model
+from ckpt_doctor.kernels import fused_unavailable_reason
+print(fused_unavailable_reason(torch.device("cuda")))
+assert "triton" not in sys.modules
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "Triton is not installed" in done.stdout
