@@ -236,6 +236,14 @@ Decoded = tuple[list[float], torch.Tensor]  # seconds of each decode step, the g
 
 
 def decode_ckpt_doctor(model: Any, prompt: torch.Tensor, steps: int) -> Decoded:
+    from ckpt_doctor.generate import cpu_tuned
+
+    b = prompt.shape[0]
+    with cpu_tuned(model, b):  # what generate() does: weight layout for the batch size
+        return _decode_ckpt_doctor(model, prompt, steps)
+
+
+def _decode_ckpt_doctor(model: Any, prompt: torch.Tensor, steps: int) -> Decoded:
     b, t = prompt.shape
     cache = model.new_cache(b, t + steps)
     tok = model(prompt, 0, cache).argmax(-1)

@@ -74,11 +74,16 @@ def _sample(logits: torch.Tensor, config: GenerationConfig, gen: torch.Generator
 
 
 @contextmanager
-def cpu_threads_for(model: Transformer) -> Iterator[None]:
-    """One intra-op thread for small models on the CPU: their matmuls take microseconds, and
-    waking a second thread costs more (milliseconds when another process holds that core)."""
-    small = model.args.dim <= SMALL_MODEL_DIM
-    if model.tok_embeddings.weight.device.type != "cpu" or not small:
+def cpu_tuned(model: Transformer, rows: int) -> Iterator[None]:
+    """CPU settings for decoding ``rows`` sequences. Small models (dim <= 512) get one intra-op
+    thread: their matmuls take microseconds, and waking a second thread costs more
+    (milliseconds when another process holds that core). Larger ones get their weights laid out
+    for the batch size (Transformer.lay_out_weights)."""
+    if model.tok_embeddings.weight.device.type != "cpu":
+        yield
+        return
+    if model.args.dim > SMALL_MODEL_DIM:
+        model.lay_out_weights(rows=rows)
         yield
         return
     before = torch.get_num_threads()
@@ -98,7 +103,7 @@ def generate(
     config: GenerationConfig | None = None,
 ) -> list[Result]:
     """Generate for every instruction in one batch; an outcome per prompt."""
-    with cpu_threads_for(model):
+    with cpu_tuned(model, len(instructions)):
         return _generate(model, tokenizer, instructions, config or GenerationConfig())
 
 

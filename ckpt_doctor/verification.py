@@ -138,13 +138,14 @@ def _loads(adapter: Checkpoint, base: Checkpoint, report: VerifyReport) -> tuple
 def _same_logits(model: Any, base: Checkpoint, full: Checkpoint, report: VerifyReport) -> Check:
     import torch
 
-    from ckpt_doctor.generate import cpu_threads_for
+    from ckpt_doctor.generate import cpu_tuned
     from ckpt_doctor.loading import load_model
 
     f, _ = load_model(base, full=full, load_as="strict", dtype=_file_dtype(base), max_seq_len=64)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, model.args.vocab_size, (3, 24), generator=g)  # no tokenizer needed
-    with torch.inference_mode(), cpu_threads_for(model):
+    # Same thread count and weight layout on both sides: bit-for-bit means the same GEMMs.
+    with torch.inference_mode(), cpu_tuned(model, 3), cpu_tuned(f, 3):
         la = model(prompts, 0, model.new_cache(3, 24), all_logits=True)
         lf = f(prompts, 0, f.new_cache(3, 24), all_logits=True)
     diff = float((la - lf).abs().max())
