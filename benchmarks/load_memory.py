@@ -11,7 +11,9 @@ Sides:
 
 - ckpt-doctor: ``load_model(open_checkpoint(dir), dtype=D)``. Parameters are assigned tensors
   made from the reader's memory map, so fp16 weights stay file-backed (page cache, not RssAnon)
-  and fp32 weights are converted one tensor at a time.
+  and fp32 weights are converted one tensor at a time. Then, as generate() does for one
+  prompt, the weights are laid out column-major for batch-1 decoding: one layer's group at a
+  time, into anonymous memory (so fp16 ends near 1x the weight bytes too).
 - naive: ``torch.load(consolidated.00.pth)`` without mmap, then ckpt-doctor's ``Transformer``
   built on the CPU in dtype D (default dtype switched for construction, so no fp32 detour for
   fp16) and ``load_state_dict(sd, strict=False)`` copying the weights in, as upstream
@@ -132,6 +134,7 @@ def status_kib(field: str) -> int:
 def child(side: str, dtype_name: str, meta: Path) -> None:
     import torch
 
+    from ckpt_doctor.generate import cpu_tuned
     from ckpt_doctor.loading import load_model
     from ckpt_doctor.model import ModelArgs, Transformer, ffn_hidden_size
     from ckpt_doctor.reader import open_checkpoint
@@ -165,7 +168,9 @@ def child(side: str, dtype_name: str, meta: Path) -> None:
     assert all(p.dtype == dtype for p in model.parameters())
     prompt = torch.randint(0, model.args.vocab_size, (1, PREFILL), generator=torch.Generator())
     t1 = time.perf_counter()
-    with torch.inference_mode():
+    # As generate() does for one prompt: weights laid out column-major for batch-1 decoding
+    # (a copy, one layer's group at a time, of weights that may have been file-mapped).
+    with torch.inference_mode(), cpu_tuned(model, 1):
         cache = model.new_cache(1, PREFILL + STEPS)
         tok = model(prompt, 0, cache).argmax(-1)
         tokens = [int(tok)]

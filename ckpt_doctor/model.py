@@ -16,15 +16,26 @@ kernels/reference.py (PyTorch) or, with set_attention("fused"), the Triton kerne
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ckpt_doctor.kernels import gated_attention, gated_attention_reference, per_head_gate
+from ckpt_doctor.kernels import (
+    check_sizes,
+    gated_attention,
+    gated_attention_reference,
+    per_head_gate,
+)
 
-ATTENTION = {"reference": gated_attention_reference, "fused": gated_attention}
+# The model's tensors fit the kernels by construction (checked once by smoke.resolve_attention
+# and the loader), so the fused path skips the per-call input checks.
+ATTENTION = {
+    "reference": gated_attention_reference,
+    "fused": functools.partial(gated_attention, check=False),
+}
 
 
 @dataclass(frozen=True)
@@ -250,6 +261,8 @@ class Transformer(nn.Module):
         caller has checked with kernels.fused_unavailable_reason that they can run here)."""
         if impl not in ATTENTION:
             raise ValueError(f"unknown attention {impl!r}; expected one of {sorted(ATTENTION)}")
+        if impl == "fused":
+            check_sizes(head_dim=self.args.head_dim, adapter_len=self.args.adapter_len)
         for layer in self.layers:
             layer.attention.attend = ATTENTION[impl]
 

@@ -7,6 +7,7 @@ tested against and the model's own reference path.
 
 from ckpt_doctor.kernels.launch import (
     KernelInputError,
+    check_sizes,
     fused_unavailable_reason,
     gated_attention,
     interpreting,
@@ -16,6 +17,7 @@ from ckpt_doctor.kernels.reference import gated_attention_reference
 
 __all__ = [
     "KernelInputError",
+    "check_sizes",
     "fused_unavailable_reason",
     "gated_attention",
     "gated_attention_reference",

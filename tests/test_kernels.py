@@ -214,3 +214,15 @@ def test_gpu_benchmark_script_runs_dry_on_the_cpu(tmp_path):
     assert {"correctness", "prefill", "decode", "end_to_end", "targets"} <= result.keys()
     assert result["correctness"] and all(row["pass"] for row in result["correctness"])
     assert result["end_to_end"]["fused tok/s"] > 0
+
+
+def test_model_refuses_fused_beyond_the_kernel_limits():
+    """The model launches with check=False, so its sizes are checked once, up front."""
+    from ckpt_doctor.model import ModelArgs, Transformer
+
+    with torch.device("meta"):
+        wide = Transformer(ModelArgs(dim=1024, n_layers=1, n_heads=2, vocab_size=8, ffn_hidden=8))
+    with pytest.raises(KernelInputError, match="head_dim 512") as err:
+        wide.set_attention("fused")
+    assert "--attention reference" in err.value.hint
+    wide.set_attention("reference")
