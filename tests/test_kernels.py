@@ -151,9 +151,11 @@ def test_fused_refused_on_cpu_outside_the_interpreter(monkeypatch):
         run(gated_attention, x, torch.float32, None, 0)
 
 
-def test_ahead_of_time_compile_for_sm80_and_sm90a():
-    """The whole GPU pipeline down to a cubin, for every kernel and prefill config (no GPU)."""
+def test_ahead_of_time_compile_for_sm80_and_sm90a(tmp_path):
+    """The whole GPU pipeline down to a cubin, for every kernel and prefill config (no GPU);
+    an empty Triton cache, so that every kernel is really compiled."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
     cmd = [sys.executable, "-m", "ckpt_doctor.kernels.aot", "--arch", "80", "90"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]  # 1: shared memory too big
