@@ -130,13 +130,16 @@ def _pow2(n: int, *, at_least: int = 16) -> int:
     return max(at_least, 1 << (n - 1).bit_length())
 
 
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few splits, so that the merge is exercised
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _splits(rows: int, keys: int, device: torch.device) -> int:
     """Enough splits for heads x splits to cover the GPU twice, each split >= one block."""
-    sms = (
-        4
-        if device.type != "cuda"
-        else torch.cuda.get_device_properties(device).multi_processor_count
-    )
+    sms = _multiprocessors(device)
     return max(1, min(MAX_SPLITS, math.ceil(2 * sms / rows), math.ceil(keys / DECODE_BLOCK_N)))
 
 
