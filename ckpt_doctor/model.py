@@ -173,7 +173,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         *,
-        start: int,
+        start: int | torch.Tensor,
         rope: torch.Tensor,
         cache_k: torch.Tensor,
         cache_v: torch.Tensor,
@@ -187,8 +187,12 @@ class Attention(nn.Module):
         q = apply_rope(q.view(b, t, self.n_heads, self.head_dim), rope)
         k = apply_rope(k.view(b, t, self.n_heads, self.head_dim), rope)
         v = v.view(b, t, self.n_heads, self.head_dim)
-        cache_k[:b, :, start : start + t] = k.transpose(1, 2)
-        cache_v[:b, :, start : start + t] = v.transpose(1, 2)
+        if isinstance(start, torch.Tensor):  # decode at a run-time position (CUDA graphs)
+            cache_k[:b].index_copy_(2, start.reshape(1), k.transpose(1, 2))
+            cache_v[:b].index_copy_(2, start.reshape(1), v.transpose(1, 2))
+        else:
+            cache_k[:b, :, start : start + t] = k.transpose(1, 2)
+            cache_v[:b, :, start : start + t] = v.transpose(1, 2)
         extra = {}
         if adapter is not None:
             extra = {"adapter_k": adapter.k, "adapter_v": adapter.v, "gate": adapter.gate}
@@ -307,7 +311,7 @@ class Transformer(nn.Module):
     def forward(
         self,
         tokens: torch.Tensor,
-        start: int,
+        start: int | torch.Tensor,
         cache: KVCache,
         *,
         all_logits: bool = False,
@@ -315,13 +319,18 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Logits in fp32: of the last position ([B, V]) or, with all_logits, [B, T, V].
 
-        ``adapter_kv`` overrides the K/V cached by prepare() (training passes live ones)."""
+        ``adapter_kv`` overrides the K/V cached by prepare() (training passes live ones).
+        ``start`` may be a one-element tensor for a one-token step: nothing then depends on a
+        host-side position, so the step can be captured once as a CUDA graph and replayed."""
         adapter_kv = self.adapter_kv if adapter_kv is None else adapter_kv
         if self.rope is None:
             raise RuntimeError("call prepare() after loading weights")
         _, t = tokens.shape
         h = self.tok_embeddings(tokens)
-        rope = self.rope[start : start + t]
+        if isinstance(start, torch.Tensor):  # one token at a position held on the device
+            rope = self.rope[start.reshape(1)]
+        else:
+            rope = self.rope[start : start + t]
         for i, layer in enumerate(self.layers):
             h = h + layer.attention(
                 layer.attention_norm(h),

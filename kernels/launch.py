@@ -87,13 +87,22 @@ def _validate(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    start: int,
+    start: int | torch.Tensor,
     adapter: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
 ) -> None:
     _check(q.dim() == 4, f"q must be [B, H, T, hd], got {list(q.shape)}", "split the heads first")
     b, h, t, hd = q.shape
     _check(q.dtype in DTYPES, f"unsupported dtype {q.dtype}", "use float16, bfloat16 or float32")
     check_sizes(head_dim=hd, adapter_len=adapter[0].shape[1] if adapter else 0)
+    if isinstance(start, torch.Tensor):  # read on the device at run time (CUDA graphs)
+        _check(
+            t == 1 and start.numel() == 1 and not start.is_floating_point(),
+            f"a position tensor needs one query (T={t}) and one integer, got {start.dtype} "
+            f"{list(start.shape)}",
+            "pass the position as an int, or decode one token at a time",
+        )
+        _check(start.device == q.device, "the position tensor is not on q's device", SAME)
+        start = 0  # the cache-length check below is up to the caller then
     _check(start >= 0 and t >= 1, f"start {start}, T {t}", "start >= 0 and at least one query")
     for name, x in (("k", k), ("v", v)):
         _check(
@@ -148,13 +157,17 @@ def gated_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    start: int,
+    start: int | torch.Tensor,
     adapter_k: torch.Tensor | None = None,
     adapter_v: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
     check: bool = True,
 ) -> torch.Tensor:
     """Fused equivalent of kernels.reference.gated_attention_reference (same arguments).
+
+    For one-token decode ``start`` may be a one-element integer tensor on q's device: the
+    kernels read it at run time over a grid sized for the whole cache, so a captured CUDA graph
+    replays for every position (the caller keeps it below the cache length).
 
     ``check=False`` skips the input checks (~40 us a call, which a 32-layer decode step pays
     32 times): only for callers whose tensors fit by construction, as the model's do."""
@@ -186,6 +199,8 @@ def gated_attention(
     # fp32 inputs: exact fp32 products (tf32 would lose 13 mantissa bits); ignored for 16-bit.
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     if t > 1:
+        if isinstance(start, torch.Tensor):
+            raise KernelInputError("prefill needs an int start", hint="pass start as an int")
         grid = lambda meta: (math.ceil(t / meta["BLOCK_M"]), b * h)  # noqa: E731
         ta.gated_prefill_kernel[grid](
             q, k, v, ak, av, g, out,
@@ -195,7 +210,8 @@ def gated_attention(
             **common,
         )  # fmt: skip
         return out
-    keys = start + 1
+    in_memory = isinstance(start, torch.Tensor)
+    keys = k.shape[2] if in_memory else start + 1  # the grid covers every key there may be
     splits = _splits(b * h, keys, q.device)
     chunk = math.ceil(math.ceil(keys / splits) / DECODE_BLOCK_N) * DECODE_BLOCK_N
     splits = math.ceil(keys / chunk)  # every split non-empty
@@ -206,7 +222,8 @@ def gated_attention(
         q, k, v, part, lse, *qs,
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
-        h, keys, chunk, splits, scale_log2, BLOCK_N=DECODE_BLOCK_N, **common,
+        h, 0 if in_memory else start, start if in_memory else q, chunk, splits, scale_log2,
+        BLOCK_N=DECODE_BLOCK_N, POS_IN_MEMORY=in_memory, **common,
     )  # fmt: skip
     ta.decode_combine_kernel[(b * h,)](
         part, lse, q, ak, av, g, out, *qs, *ak.stride(), *av.stride(),

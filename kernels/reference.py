@@ -21,17 +21,26 @@ def gated_attention_reference(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    start: int,
+    start: int | torch.Tensor,
     adapter_k: torch.Tensor | None = None,
     adapter_v: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B, H, T, hd]; k, v [B, H, >= start+T, hd] (the cache); adapter_k/v [H, La, hd];
-    gate [H] fp32, already through the gate function. Returns [B, H, T, hd] in q's dtype."""
+    gate [H] fp32, already through the gate function. Returns [B, H, T, hd] in q's dtype.
+    ``start`` may be a one-element tensor when T = 1 (as the fused kernels take it)."""
     t = q.shape[2]
-    keys, values = k[:, :, : start + t], v[:, :, : start + t]
     scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q, keys.transpose(2, 3)) * scale
+    if isinstance(start, torch.Tensor):  # one query at a run-time position: mask the cache
+        if t != 1:
+            raise ValueError(f"a position tensor needs one query, got T={t}")
+        scores = torch.matmul(q, k.transpose(2, 3)) * scale
+        future = torch.arange(k.shape[2], device=q.device) > start.reshape(1)
+        scores = scores.masked_fill(future, float("-inf"))
+        values = v
+    else:
+        keys, values = k[:, :, : start + t], v[:, :, : start + t]
+        scores = torch.matmul(q, keys.transpose(2, 3)) * scale
     if t > 1:  # query i (position start+i) sees keys 0 .. start+i
         mask = torch.full((t, start + t), float("-inf"), device=q.device)
         scores = scores + torch.triu(mask, diagonal=start + 1).type_as(scores)

@@ -8,6 +8,8 @@ few dozen prompt rows, so it is added in the epilogue from one tile.
 Decode (one query per row): the cache is split into chunks so that heads x splits fill the GPU;
 each program reduces its chunk to a normalised partial output and its log-sum-exp, and a
 combine program per (batch, head) merges the partials by log-sum-exp and adds the adapter term.
+The position may be read from device memory, with the grid sized for the whole cache, so that
+one captured CUDA graph serves every decode step.
 
 Nothing here runs at import: this module needs Triton, and kernels/launch.py imports it lazily.
 """
@@ -213,13 +215,15 @@ def decode_partial_kernel(
     s_vt,
     s_vd,
     H,
-    L,  # keys in the cache (start + 1)
-    CHUNK,  # keys per split, a multiple of BLOCK_N; every split gets at least one key
+    START,  # the query's position: keys 0 .. START are read
+    Pos,  # with POS_IN_MEMORY, START is read from here instead (CUDA-graph replays)
+    CHUNK,  # keys per split, a multiple of BLOCK_N
     SPLITS,
     scale_log2,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    POS_IN_MEMORY: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -230,8 +234,10 @@ def decode_partial_kernel(
     q = tl.load(Q + b * s_qb + h * s_qh + offs_d * s_qd, mask=d_mask, other=0.0).to(tl.float32)
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
+    if POS_IN_MEMORY:
+        START = tl.load(Pos).to(tl.int32)
     lo = split * CHUNK
-    hi = tl.minimum(lo + CHUNK, L)
+    hi = tl.minimum(lo + CHUNK, START + 1)  # a split past the last key does no work
 
     m_i = tl.full([1], float("-inf"), tl.float32)
     l_i = tl.zeros([1], tl.float32)
@@ -258,8 +264,10 @@ def decode_partial_kernel(
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         m_i = m_new
     row = pid_bh * SPLITS + split
-    tl.store(Part + row * BLOCK_D + offs_d, acc / l_i)
-    tl.store(Lse + row + tl.arange(0, 1), m_i + tl.log2(l_i))
+    # An empty split (only with a grid sized for the whole cache) stores 0 with weight 0.
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    tl.store(Part + row * BLOCK_D + offs_d, acc / l_safe)
+    tl.store(Lse + row + tl.arange(0, 1), m_i + tl.log2(l_safe))  # -inf when empty
 
 
 @triton.jit

@@ -228,3 +228,41 @@ def test_model_refuses_fused_beyond_the_kernel_limits():
         wide.set_attention("fused")
     assert "--attention reference" in err.value.hint
     wide.set_attention("reference")
+
+
+@pytest.mark.parametrize("attention", ["reference", "fused"])
+def test_decode_at_a_position_held_in_a_tensor(attention: str):
+    """What a CUDA graph replays: the same one-token step with the position in device memory
+    (grid sized for the whole cache, empty splits merged with weight 0) gives the same logits
+    as the int position, for both attention paths; the kernel directly, too."""
+    from ckpt_doctor.loading import load_model
+    from ckpt_doctor.reader import open_checkpoint
+
+    world = Path(__file__).resolve().parents[1] / "fixtures" / "world"
+    model, _ = load_model(
+        open_checkpoint(world / "base"), full=open_checkpoint(world / "checkpoint-4.pth")
+    )
+    model.set_attention(attention)
+    prompt = torch.randint(3, model.args.vocab_size, (2, 7), generator=torch.Generator())
+    with torch.inference_mode():
+        caches = [model.new_cache(2, 300), model.new_cache(2, 300)]
+        tok = [model(prompt, 0, c).argmax(-1) for c in caches]
+        for pos in range(7, 12):
+            by_int = model(tok[0][:, None], pos, caches[0])
+            by_tensor = model(tok[1][:, None], torch.tensor([pos]), caches[1])
+            torch.testing.assert_close(by_tensor, by_int, rtol=1.3e-6, atol=1e-5)  # fp32
+            tok = [by_int.argmax(-1), by_tensor.argmax(-1)]
+            assert torch.equal(tok[0], tok[1])
+    x = case(1, 1, 150, torch.float32, seed=4)
+    g = per_head_gate(torch.tensor([0.4]), H, gate_fn="raw")
+    # A 400-position cache: the grid (3 splits of 192 keys) has two splits past position 150.
+    # Beyond it the kernel reads nothing and the reference masks: finite filler either way.
+    pad = torch.zeros(1, H, 250, HD, dtype=torch.float64)
+    x["k"], x["v"] = (torch.cat([torch.nan_to_num(x[n]), pad], dim=2) for n in ("k", "v"))
+    args = {"adapter_k": x["ak"].float(), "adapter_v": x["av"].float(), "gate": g}
+    q, k, v = x["q"].float(), x["k"].float(), x["v"].float()
+    want = gated_attention_reference(q, k, v, start=150, **args)
+    got = gated_attention(q, k, v, start=torch.tensor([150]), **args)
+    torch.testing.assert_close(got, want, rtol=1.3e-6, atol=1e-5)
+    with pytest.raises(KernelInputError, match="one query"):
+        gated_attention(q.expand(1, H, 2, HD), k, v, start=torch.tensor([3]))
