@@ -38,13 +38,13 @@ class Compiled:
 
 
 def _signature(fn: Any, types: dict[str, str], constexprs: dict[str, Any]) -> dict[str, str]:
-    """Every argument of ``fn``: pointers and floats from ``types``, the rest i32 or constexpr."""
+    """Every argument of ``fn``: pointers and floats from ``types``, the rest i32 or constexpr;
+    a constexpr left without a value is an error here rather than a wrong compile."""
     out = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            out[name] = "constexpr"
-        else:
-            out[name] = types.get(name, "i32")
+    for name, param in zip(fn.arg_names, fn.params, strict=True):
+        if param.is_constexpr and name not in constexprs:
+            raise ValueError(f"{fn.__name__}: no value for constexpr {name}")
+        out[name] = "constexpr" if name in constexprs else types.get(name, "i32")
     return out
 
 
@@ -70,8 +70,14 @@ def _jobs(head_dim: int) -> list[Job]:
             label = f"M{cfg.kwargs['BLOCK_M']} N{cfg.kwargs['BLOCK_N']} w{cfg.num_warps}"
             opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
             jobs.append((ta.gated_prefill_kernel.fn, {**tensor, **f32}, const, label, opts, dtype))
-        const = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_N": DECODE_BLOCK_N}
-        jobs.append((ta.decode_partial_kernel, {**tensor, **f32}, const, "split-KV", {}, dtype))
+        for in_memory in (False, True):  # the position as an int, or read from memory
+            const = {
+                "HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_N": DECODE_BLOCK_N,
+                "POS_IN_MEMORY": in_memory,
+            }  # fmt: skip
+            types = {**tensor, **f32, "Pos": "*i64" if in_memory else ptr}
+            label = "split-KV, pos " + ("in memory" if in_memory else "int")
+            jobs.append((ta.decode_partial_kernel, types, const, label, {}, dtype))
         const = {
             "HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_S": 32, "BLOCK_A": 16,
             "HAS_ADAPTER": True,

@@ -160,6 +160,7 @@ def test_ahead_of_time_compile_for_sm80_and_sm90a(tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]  # 1: shared memory too big
     lines = done.stdout.splitlines()
+    assert sum("pos in memory" in ln for ln in lines) == 6  # the CUDA-graph decode, 3 dtypes x 2
     for arch in ("sm_80 ", "sm_90a"):
         for kernel in ("gated_prefill_kernel", "decode_partial_kernel", "decode_combine_kernel"):
             for dtype in ("fp16", "bf16", "fp32"):
