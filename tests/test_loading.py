@@ -8,6 +8,9 @@ Variants (all built in a temporary directory from fixtures/make_fixtures.py, fp1
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import re
 from pathlib import Path
 
@@ -277,6 +280,11 @@ def file_ranges(path: Path) -> list[tuple[int, int]]:
 
 
 def rss_anon() -> int:
+    """RssAnon now, after handing freed heap back to the OS: otherwise a new allocation may
+    reuse pages an earlier test freed and the growth we look for would not show."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     m = re.search(r"^RssAnon:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
     assert m
     return int(m.group(1)) * 1024
