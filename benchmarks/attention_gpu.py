@@ -39,7 +39,16 @@ import torch
 import torch.nn.functional as F
 
 # HBM peak by card name (vendor datasheets, bytes/s); unknown cards fall back to a measured copy.
-HBM_PEAK = {"H200": 4.8e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "A100": 2.0e12, "L40S": 0.864e12}
+# First match wins, so the PCIe/NVL variants come before plain "H100" (the SXM part).
+HBM_PEAK = {
+    "H200": 4.8e12,
+    "H100 NVL": 3.9e12,
+    "H100 PCIe": 2.0e12,
+    "H100": 3.35e12,
+    "A100-SXM4-80GB": 2.039e12,
+    "A100": 1.555e12,
+    "L40S": 0.864e12,
+}
 
 
 def hbm_peak(device: torch.device) -> tuple[float, str]:
@@ -198,8 +207,9 @@ def end_to_end(cfg: dict, dtype, device, peak: float, steps: int) -> dict:
             model = Transformer(args)
     finally:
         torch.set_default_dtype(default)
-    for p in model.parameters():  # random but tame: N(0, 0.02), gates 0.3
-        p.data.normal_(0, 0.02)
+    for name, p in model.named_parameters():  # random but tame: N(0, 0.02), norms 1, gates 0.3
+        if not name.endswith("norm.weight"):
+            p.data.normal_(0, 0.02)
     for i in args.adapted_layers:
         model.layers[i].attention.gate.data.fill_(0.3)
     model.eval()
