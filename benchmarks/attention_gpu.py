@@ -37,6 +37,7 @@ if "--dry-run" in sys.argv:  # before Triton is imported anywhere
 
 import torch
 import torch.nn.functional as F
+from common import markdown_table
 
 # HBM peak by card name (vendor datasheets, bytes/s); unknown cards fall back to a measured copy.
 # First match wins, so the PCIe/NVL variants come before plain "H100" (the SXM part).
@@ -302,13 +303,12 @@ def _sync(device: torch.device) -> None:
 
 
 def table(rows: list[dict]) -> str:
+    """common.markdown_table over dict rows, floats to 3 significant digits (errors are ~1e-3)."""
     if not rows:
         return ""
     keys = list(rows[0])
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else v  # noqa: E731
+    return markdown_table([[fmt(r[k]) for k in keys] for r in rows], keys)
 
 
 SHAPES_7B = {
