@@ -15,7 +15,9 @@ One prepared script for a lent GPU (writes results.json and results.md under --o
      (>= 2x) and vs two SDPA calls (>= 1.2x) at B=8, L=2048.
 3. End to end: ckpt-doctor's Transformer with random 7B-shaped fp16 weights (32 layers, dim
    4096, ffn 11008, vocab 32000, 30 adapted layers), fused attention, static KV cache, greedy
-   batch-1 decode; tokens/s against the weight-streaming roofline (weight bytes / HBM peak).
+   batch-1 decode; tokens/s against the weight-streaming roofline (weight bytes / HBM peak),
+   eager and with generate.decode_step's CUDA graph, and generate() itself (smoke-generate's
+   loop, prefill and graph capture included).
 
 ``--dry-run`` runs every step at toy shapes on the CPU under TRITON_INTERPRET=1 (a test does),
 so the script is known to work before GPU time is spent on it.
@@ -38,6 +40,8 @@ if "--dry-run" in sys.argv:  # before Triton is imported anywhere
 import torch
 import torch.nn.functional as F
 from common import markdown_table
+
+from ckpt_doctor.tokenizer import Tokenizer
 
 # HBM peak by card name (vendor datasheets, bytes/s); unknown cards fall back to a measured copy.
 # First match wins, so the PCIe/NVL variants come before plain "H100" (the SXM part).
@@ -228,6 +232,12 @@ def end_to_end(cfg: dict, dtype, device, peak: float, steps: int) -> dict:
             out[f"{label} error"] = f"{type(err).__name__}: {err}"[:300]
             continue
         out[f"{label} tok/s"] = steps / seconds
+    try:  # the product's own loop: what `smoke-generate` on this model would do
+        model.set_attention("fused")
+        seconds, made = smoke_path(model, cfg["prompt"], steps)
+        out["generate() tok/s"] = made / seconds
+    except Exception as err:
+        out["generate() error"] = f"{type(err).__name__}: {err}"[:300]
     for label in ids:
         same = (ids[label] == ids["fused"]).float().mean().item() if "fused" in ids else None
         out[f"{label} same tokens as fused"] = same
@@ -237,6 +247,7 @@ def end_to_end(cfg: dict, dtype, device, peak: float, steps: int) -> dict:
     out["roofline tok/s"] = peak / weight_bytes
     best = max(out.get("fused tok/s", 0.0), out.get("fused + CUDA graph tok/s", 0.0))
     out["fused of roofline"] = best / out["roofline tok/s"]
+    out["generate() of roofline"] = out.get("generate() tok/s", 0.0) / out["roofline tok/s"]
     return out
 
 
@@ -246,55 +257,52 @@ def greedy(
 ) -> tuple[float, torch.Tensor]:
     """Prefill, then ``steps`` greedy one-token steps; seconds for the steps and the ids.
 
-    With ``graph``, the step takes its position from a device tensor and is captured once as a
-    CUDA graph (on the CPU dry run it runs eagerly that way, which checks the same code)."""
+    The step is generate.decode_step, the one smoke-generate uses: with ``graph`` captured once
+    as a CUDA graph (on the CPU dry run, its static form runs eagerly)."""
+    from ckpt_doctor.generate import decode_step
+
     device = prompt.device
     cache = model.new_cache(1, model.args.max_seq_len)
-    step = graphed_step(model, cache) if graph else None  # before the prefill: warm-up writes
+    step = decode_step(model, cache, graph=graph)  # before the prefill: warm-up writes
     tok = model(prompt, 0, cache).argmax(-1)
     start = prompt.shape[1]
     out = []
     _sync(device)
     t0 = time.perf_counter()
     for s in range(steps):
-        logits = step(tok, start + s) if step else model(tok[:, None], start + s, cache)
-        tok = logits.argmax(-1)
+        tok = step(tok, start + s).argmax(-1)
         out.append(tok)
     _sync(device)
     return time.perf_counter() - t0, torch.stack(out, 1)
 
 
-def graphed_step(model: Any, cache: Any) -> Any:
-    """One decode step over static input tensors (token ids, position), captured as a CUDA graph
-    on CUDA; each call copies the inputs in and replays it."""
-    device = cache.k[0].device
-    tokens = torch.zeros(cache.k[0].shape[0], 1, dtype=torch.long, device=device)
-    pos = torch.zeros(1, dtype=torch.long, device=device)
-    if device.type != "cuda":
+class DigitTokenizer(Tokenizer):
+    """Just enough tokenizer to run generate() on a random model: one id per digit."""
 
-        def eager(tok: torch.Tensor, position: int) -> torch.Tensor:
-            tokens.copy_(tok[:, None])
-            pos.fill_(position)
-            return model(tokens, pos, cache)
+    def __init__(self, vocab_size: int) -> None:
+        self.path, self.vocab_size = Path("digits"), vocab_size
+        self.bos_id, self.eos_id = 1, 2
 
-        return eager
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):  # warm-up off the capture: kernel compiles, allocator pools
-        for _ in range(3):
-            model(tokens, pos, cache)
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        logits = model(tokens, pos, cache)
+    def encode(self, text: str) -> list[int]:
+        return [3 + int(c) for c in text]
 
-    def replay(tok: torch.Tensor, position: int) -> torch.Tensor:
-        tokens.copy_(tok[:, None])
-        pos.fill_(position)
-        graph.replay()
-        return logits
+    def decode(self, ids: Any) -> str:
+        return " ".join(map(str, ids))
 
-    return replay
+
+def smoke_path(model: Any, prompt_len: int, steps: int) -> tuple[float, int]:
+    """generate() as smoke-generate runs it (loop detector, P(eos), graph capture included):
+    seconds and tokens generated for one prompt."""
+    from ckpt_doctor.generate import GenerationConfig, generate
+
+    config = GenerationConfig(max_new_tokens=steps, template="none", stop_on_loop=False)
+    device = model.tok_embeddings.weight.device
+    _sync(device)
+    t0 = time.perf_counter()
+    prompt = "".join(str(i % 10) for i in range(prompt_len - 1))  # + bos
+    (r,) = generate(model, DigitTokenizer(model.args.vocab_size), [prompt], config=config)
+    _sync(device)
+    return time.perf_counter() - t0, len(r.generated_ids)
 
 
 def _sync(device: torch.device) -> None:

@@ -330,6 +330,12 @@ def smoke_generate(
     dtype: Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     attention: Annotated[str, typer.Option(help="auto, reference or fused.")] = "auto",
+    cuda_graph: Annotated[
+        bool,
+        typer.Option(
+            "--cuda-graph/--no-cuda-graph", help="On CUDA, replay each decode step as a graph."
+        ),
+    ] = True,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
@@ -349,6 +355,7 @@ def smoke_generate(
             top_p=top_p,
             seed=seed,
             template=template,
+            cuda_graph=cuda_graph,
         )
         with ExitStack() as stack:
             opened = _open(stack, base, adapter, full, trust_pickle=trust_pickle)

@@ -7,7 +7,7 @@ until they run out. Every row stops on its own at eos, at a detected loop, or at
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +16,7 @@ import torch
 
 from ckpt_doctor.errors import UsageError
 from ckpt_doctor.loops import Loop, LoopDetector
-from ckpt_doctor.model import Transformer
+from ckpt_doctor.model import KVCache, Transformer
 from ckpt_doctor.tokenizer import Tokenizer, format_prompt
 
 SMALL_MODEL_DIM = 512
@@ -30,6 +30,7 @@ class GenerationConfig:
     seed: int = 0
     template: str = "alpaca"
     stop_on_loop: bool = True
+    cuda_graph: bool = True  # on CUDA, replay the one-token step as a captured CUDA graph
 
 
 @dataclass
@@ -94,6 +95,53 @@ def cpu_tuned(model: Transformer, rows: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+# step(ids [B], position) -> fp32 logits [B, V]: one token per row at one position.
+Step = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def decode_step(model: Transformer, cache: KVCache, *, graph: bool) -> Step:
+    """The one-token step of generation over ``cache``.
+
+    With ``graph`` the step reads its ids and its position from static device tensors, so on
+    CUDA it is captured once as a CUDA graph and each call only copies the inputs in and replays
+    it: a 7B step is about a thousand small kernels, more than eager PyTorch launches in the
+    time the weights take to stream. Off CUDA that static form runs eagerly (what CPU tests
+    check). Make the step before the prefill: the warm-up runs write cache position 0."""
+    if not graph:
+        return lambda ids, position: model(ids[:, None], position, cache)
+    device = cache.k[0].device
+    ids_in = torch.zeros(cache.k[0].shape[0], 1, dtype=torch.long, device=device)
+    pos_in = torch.zeros(1, dtype=torch.long, device=device)
+
+    def load(ids: torch.Tensor, position: int) -> None:
+        ids_in.copy_(ids[:, None])
+        pos_in.fill_(position)
+
+    if device.type != "cuda":
+
+        def eager(ids: torch.Tensor, position: int) -> torch.Tensor:
+            load(ids, position)
+            return model(ids_in, pos_in, cache)
+
+        return eager
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm up off the capture: kernel compiles, allocator pools
+        for _ in range(3):
+            model(ids_in, pos_in, cache)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph_ = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph_):
+        logits = model(ids_in, pos_in, cache)
+
+    def replay(ids: torch.Tensor, position: int) -> torch.Tensor:
+        load(ids, position)
+        graph_.replay()
+        return logits  # overwritten by the next replay: use it before calling again
+
+    return replay
+
+
 @torch.inference_mode()
 def generate(
     model: Transformer,
@@ -129,20 +177,25 @@ def _generate(
     done = [False] * len(results)
     gen = torch.Generator(device=device).manual_seed(config.seed)
     cache = model.new_cache(len(results), total)
+    step = decode_step(model, cache, graph=config.cuda_graph and device.type == "cuda")
     prev = 0
     for pos in range(min(lengths), total):
-        logits = model(tokens[:, prev:pos], prev, cache)
-        probs = torch.softmax(logits, dim=-1)
-        chosen = _sample(logits, config, gen)
+        if pos - prev == 1:
+            logits = step(tokens[:, prev], prev)
+        else:  # the prefill: every position all prompts share
+            logits = model(tokens[:, prev:pos], prev, cache)
+        eos_probs = torch.softmax(logits, dim=-1)[:, tokenizer.eos_id].tolist()
+        column = _sample(logits, config, gen).tolist()  # one device sync a step, not per row
         prev = pos
         for i, r in enumerate(results):
             if pos < lengths[i]:  # still inside this row's prompt: force it
+                column[i] = r.prompt_ids[pos]
                 continue
             if done[i]:
-                chosen[i] = tokenizer.eos_id  # keep finished rows cheap and deterministic
+                column[i] = tokenizer.eos_id  # keep finished rows cheap and deterministic
                 continue
-            token = int(chosen[i])
-            r.eos_probs.append(float(probs[i, tokenizer.eos_id]))
+            token = column[i]
+            r.eos_probs.append(eos_probs[i])
             if token == tokenizer.eos_id:
                 r.outcome, done[i] = "eos", True
                 continue
@@ -154,9 +207,7 @@ def _generate(
                 r.outcome, done[i] = "loop", True
             elif len(r.generated_ids) >= config.max_new_tokens:
                 done[i] = True
-        tokens[:, pos] = torch.where(
-            torch.tensor([pos < n for n in lengths], device=device), tokens[:, pos], chosen
-        )
+        tokens[:, pos] = torch.tensor(column, device=device)
         if all(done):
             break
     for r in results:

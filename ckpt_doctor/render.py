@@ -239,6 +239,7 @@ def render_smoke(report: SmokeReport) -> None:
     out.print(
         f"[bold]smoke-generate[/]: {_escape(load.source)}, load as {load.mode} ({matched}), "
         f"{load.dtype} on {report.device}, gate {load.gate_fn}, attention {report.attention}"
+        + (", CUDA graph" if report.cuda_graph else "")
     )
     table = Table(show_lines=True, expand=True)
     table.add_column("prompt", ratio=2)

@@ -34,6 +34,7 @@ class SmokeReport:
     tokenizer: Path
     device: str
     attention: str
+    cuda_graph: bool  # decode steps replayed as a captured CUDA graph
     findings: list[Finding] = field(default_factory=list)
 
     @property
@@ -46,6 +47,7 @@ class SmokeReport:
             "tokenizer": str(self.tokenizer),
             "device": self.device,
             "attention": self.attention,
+            "cuda_graph": self.cuda_graph,
             "results": [r.to_json() for r in self.results],
             "findings": [f.to_json() for f in self.findings],
         }
@@ -143,4 +145,5 @@ def smoke_generate(
     model.set_attention(attn)
     results = generate(model, tokenizer, list(prompts or DEFAULT_PROMPTS), config=config)
     findings = [*load.findings, *outcome_findings(results)]
-    return SmokeReport(load, results, tok_path, str(dev), attn, findings)
+    graph = config.cuda_graph and dev.type == "cuda"
+    return SmokeReport(load, results, tok_path, str(dev), attn, graph, findings)

@@ -119,3 +119,29 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy(tiny_model):
         generate(tiny_model, tok, ["hello"], config=nucleus)[0].generated_ids
         == generate(tiny_model, tok, ["hello"], config=greedy)[0].generated_ids
     )
+
+
+def test_static_step_generates_what_the_eager_step_does(tiny_model, monkeypatch):
+    """The step a CUDA graph captures (ids and position in static device tensors), run eagerly:
+    same tokens and P(eos) as the plain step, prompts of different lengths in one batch.
+    (tests/test_kernels.py checks the fused kernels' side of a position held in a tensor.)"""
+    from ckpt_doctor import generate as gen
+
+    tok = CharTokenizer()
+    prompts = ["hi", "a longer prompt here", "mid size"]
+    config = GenerationConfig(template="none", max_new_tokens=12, stop_on_loop=False)
+    eager = generate(tiny_model, tok, prompts, config=config)
+    positions = []
+    original = gen.decode_step
+
+    def static_step(model, cache, *, graph):
+        step = original(model, cache, graph=True)
+        return lambda ids, position: positions.append(position) or step(ids, position)
+
+    monkeypatch.setattr(gen, "decode_step", static_step)
+    got = generate(tiny_model, tok, prompts, config=config)
+    shortest = min(len(tok.prompt_ids(p)) for p in prompts)
+    assert positions == list(range(shortest, len(tok.prompt_ids(prompts[1])) + 11))
+    for e, g in zip(eager, got, strict=True):
+        assert g.generated_ids == e.generated_ids and len(g.generated_ids) == 12
+        assert g.eos_probs == pytest.approx(e.eos_probs, abs=1e-6)
