@@ -22,6 +22,11 @@ MAX_ADAPTER_LEN = 256
 MAX_HEAD_DIM = 256
 DECODE_BLOCK_N = 64
 MAX_SPLITS = 128
+# Decode programs to aim for per multiprocessor. K/V reach the registers by plain loads (no
+# async copies outside tl.dot), so the loads in flight, and so the bandwidth, grow with the
+# programs resident: a 4-warp decode program takes ~96 registers, 5 fit on an H100/H200 SM.
+# benchmarks/attention_gpu.py times 2, 4 and 8.
+PROGRAMS_PER_SM = 4
 SAME = "cast and move it to q's dtype and device"
 
 
@@ -142,14 +147,15 @@ def _pow2(n: int, *, at_least: int = 16) -> int:
 @functools.cache
 def _multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
-        return 4  # the interpreter: a few splits, so that the merge is exercised
+        return 2  # the interpreter: a few splits, so that the merge is exercised
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _splits(rows: int, keys: int, device: torch.device) -> int:
-    """Enough splits for heads x splits to cover the GPU twice, each split >= one block."""
-    sms = _multiprocessors(device)
-    return max(1, min(MAX_SPLITS, math.ceil(2 * sms / rows), math.ceil(keys / DECODE_BLOCK_N)))
+    """Enough splits for heads x splits to give each SM PROGRAMS_PER_SM programs, each split
+    at least one block of keys."""
+    programs = PROGRAMS_PER_SM * _multiprocessors(device)
+    return max(1, min(MAX_SPLITS, math.ceil(programs / rows), math.ceil(keys / DECODE_BLOCK_N)))
 
 
 def gated_attention(
@@ -229,7 +235,7 @@ def gated_attention(
         part, lse, q, ak, av, g, out, *qs, *ak.stride(), *av.stride(),
         out.stride(0), out.stride(1), out.stride(3),
         h, splits, la, scale_log2,
-        BLOCK_S=_pow2(splits, at_least=2), BLOCK_A=block_a, HAS_ADAPTER=adapter is not None,
+        BLOCK_S=_pow2(splits), BLOCK_A=block_a, HAS_ADAPTER=adapter is not None,
         **common,
     )  # fmt: skip
     return out

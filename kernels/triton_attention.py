@@ -11,6 +11,10 @@ combine program per (batch, head) merges the partials by log-sum-exp and adds th
 The position may be read from device memory, with the grid sized for the whole cache, so that
 one captured CUDA graph serves every decode step.
 
+Sizes and positions that change from call to call (T, START, SPLITS, ...) are marked
+do_not_specialize: Triton would otherwise compile a new variant whenever one of them changes
+divisibility by 16 or equals 1, stalling a generation midway. Strides keep their specialisation.
+
 Nothing here runs at import: this module needs Triton, and kernels/launch.py imports it lazily.
 """
 
@@ -79,6 +83,53 @@ def _adapter_tile(
     return tl.load(G + h) * pv
 
 
+@triton.jit
+def _key_block(
+    q,  # [BLOCK_M, BLOCK_D] queries, input dtype
+    k_base,
+    v_base,
+    n0,
+    hi,
+    q_pos,
+    s_kt,
+    s_kd,
+    s_vt,
+    s_vd,
+    offs_d,
+    d_mask,
+    m_i,
+    l_i,
+    acc,
+    scale_log2,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One online-softmax step over keys n0 .. n0+BLOCK_N-1; returns the new (m, l, acc).
+    Off the band (not CAUSAL) every key is below ``hi`` and visible to every query."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < hi
+    k = tl.load(
+        k_base + offs_n[None, :] * s_kt + offs_d[:, None] * s_kd,
+        mask=n_mask[None, :] & d_mask[:, None],
+        other=0.0,
+    )
+    s = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+    if CAUSAL:  # query at q_pos sees keys 0 .. q_pos (this also hides keys >= hi)
+        s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(
+        v_base + offs_n[:, None] * s_vt + offs_d[None, :] * s_vd,
+        mask=n_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
 def prune_configs(configs: list, named_args: dict, **kwargs: object) -> list:
     """fp32 tiles (PRECISION "ieee") take twice the shared memory of fp16 ones: keep the small
     ones, which fit an A100's 163 KiB (64x64 and up do not: python -m ckpt_doctor.kernels.aot)."""
@@ -93,7 +144,7 @@ def prune_configs(configs: list, named_args: dict, **kwargs: object) -> list:
     key=["HEAD_DIM", "T_BUCKET", "PRECISION"],
     prune_configs_by={"early_config_prune": prune_configs},
 )
-@triton.jit
+@triton.jit(do_not_specialize=["T", "START", "LA", "T_BUCKET"])
 def gated_prefill_kernel(
     Q,
     K,
@@ -140,7 +191,7 @@ def gated_prefill_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # b * batch stride passes 2**31 for big caches
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows among the T new tokens
     offs_d = tl.arange(0, BLOCK_D)
@@ -158,30 +209,20 @@ def gated_prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # Keys below the block's first query position need no mask: the off-band part.
+    # Keys below the block's first query position need no causal mask: the off-band part runs
+    # in a loop of its own, since a masked branch inside one loop serialises Hopper's wgmma.
     band_lo = ((START + pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
     hi = tl.minimum(START + (pid_m + 1) * BLOCK_M, START + T)
-    for n0 in range(0, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = tl.load(
-            k_base + offs_n[None, :] * s_kt + offs_d[:, None] * s_kd,
-            mask=(offs_n[None, :] < hi) & d_mask[:, None],
-            other=0.0,
-        )
-        s = tl.dot(q, k, input_precision=PRECISION) * scale_log2
-        if n0 >= band_lo:  # the diagonal band: causal mask (also hides keys >= hi)
-            s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_base + offs_n[:, None] * s_vt + offs_d[None, :] * s_vd,
-            mask=(offs_n[:, None] < hi) & d_mask[None, :],
-            other=0.0,
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    for n0 in range(0, band_lo, BLOCK_N):
+        m_i, l_i, acc = _key_block(
+            q, k_base, v_base, n0, hi, q_pos, s_kt, s_kd, s_vt, s_vd, offs_d, d_mask,
+            m_i, l_i, acc, scale_log2, BLOCK_N, False, PRECISION,
+        )  # fmt: skip
+    for n0 in range(band_lo, hi, BLOCK_N):  # the diagonal band
+        m_i, l_i, acc = _key_block(
+            q, k_base, v_base, n0, hi, q_pos, s_kt, s_kd, s_vt, s_vd, offs_d, d_mask,
+            m_i, l_i, acc, scale_log2, BLOCK_N, True, PRECISION,
+        )  # fmt: skip
 
     out = acc / l_i[:, None]
     if HAS_ADAPTER:
@@ -196,7 +237,7 @@ def gated_prefill_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["START", "CHUNK", "SPLITS"])
 def decode_partial_kernel(
     Q,
     K,
@@ -227,7 +268,7 @@ def decode_partial_kernel(
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # b * batch stride passes 2**31 for big caches
     h = pid_bh % H
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
@@ -270,7 +311,7 @@ def decode_partial_kernel(
     tl.store(Lse + row + tl.arange(0, 1), m_i + tl.log2(l_safe))  # -inf when empty
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS", "LA"])
 def decode_combine_kernel(
     Part,
     Lse,
@@ -302,7 +343,7 @@ def decode_combine_kernel(
     HAS_ADAPTER: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # b * batch stride passes 2**31 for big caches
     h = pid_bh % H
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
