@@ -26,6 +26,7 @@ so the script is known to work before GPU time is spent on it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -103,7 +104,7 @@ def inputs(b: int, h: int, t: int, length: int, hd: int, la: int, dtype, device,
     return x
 
 
-def call(fn: Any, x: dict, start: int) -> torch.Tensor:
+def call(fn: Any, x: dict, start: int | torch.Tensor) -> torch.Tensor:
     return fn(
         x["q"], x["k"], x["v"], start=start, adapter_k=x["ak"], adapter_v=x["av"], gate=x["gate"]
     )
@@ -128,16 +129,25 @@ def two_sdpa(x: dict, start: int) -> torch.Tensor:
 
 
 def correctness(shape: dict, dtypes: list, device) -> list[dict]:
+    """Max |error| against the fp32 reference, fused and same-precision reference. The last
+    case is the CUDA-graph decode: the position read from device memory, over a cache twice as
+    long whose positions past it hold NaN (a kernel that reads them poisons its output)."""
     from ckpt_doctor.kernels import gated_attention, gated_attention_reference
 
     rows = []
-    cases = [("prefill", 1, shape["t"], 0), ("decode", 8, 1, shape["l"] - 1)]
+    length = shape["l"]
+    cases = [("prefill", 1, shape["t"], 0, 0), ("decode", 8, 1, length - 1, 0),
+             ("decode, position in memory", 8, 1, length - 1, length)]  # fmt: skip
     for dtype in dtypes:
-        for kind, b, t, start in cases:
-            x = inputs(b, shape["h"], t, start + t, shape["hd"], shape["la"], dtype, device)
-            oracle = call(gated_attention_reference, {**x, **_f32(x)}, start)
-            ref_err = (call(gated_attention_reference, x, start).float() - oracle).abs().max()
-            fused_err = (call(gated_attention, x, start).float() - oracle).abs().max()
+        for kind, b, t, start, extra in cases:
+            x = inputs(b, shape["h"], t, start + t + extra, shape["hd"], shape["la"], dtype, device)
+            x["k"][:, :, start + t :] = float("nan")
+            x["v"][:, :, start + t :] = float("nan")
+            visible = {**x, "k": x["k"][:, :, : start + t], "v": x["v"][:, :, : start + t]}
+            oracle = call(gated_attention_reference, {**visible, **_f32(visible)}, start)
+            ref_err = (call(gated_attention_reference, visible, start).float() - oracle).abs().max()
+            at = torch.tensor([start], device=device) if extra else start
+            fused_err = (call(gated_attention, x, at).float() - oracle).abs().max()
             ok = bool(fused_err <= 2 * ref_err)
             rows.append(
                 {"dtype": str(dtype).removeprefix("torch."), "case": f"{kind} B={b} T={t} "
@@ -152,8 +162,9 @@ def _f32(x: dict) -> dict:
 
 
 def speed(shape: dict, dtype, device, peak: float) -> tuple[list[dict], list[dict]]:
-    from ckpt_doctor.kernels import gated_attention, gated_attention_reference
+    from ckpt_doctor.kernels import gated_attention_reference
 
+    gated_attention = fused_unchecked()
     h, hd, la = shape["h"], shape["hd"], shape["la"]
     prefill = []
     for t in shape["prefill_t"]:
@@ -194,6 +205,36 @@ def speed(shape: dict, dtype, device, peak: float) -> tuple[list[dict], list[dic
                  "vs two SDPA": times["two SDPA"] / times["fused"]}
             )  # fmt: skip
     return prefill, decode
+
+
+def fused_unchecked() -> Any:
+    """The fused kernels as the model calls them: inputs checked once, not on every call
+    (correctness() has run them checked)."""
+    from ckpt_doctor.kernels import gated_attention
+
+    return functools.partial(gated_attention, check=False)
+
+
+def splits_sweep(shape: dict, dtype, device, peak: float) -> list[dict]:
+    """Decode KV-read bandwidth for launch.PROGRAMS_PER_SM = 2, 4, 8 (how many split-KV
+    programs per SM the split count aims for): the data to choose it from."""
+    from ckpt_doctor.kernels import launch
+
+    fused, default = fused_unchecked(), launch.PROGRAMS_PER_SM
+    rows = []
+    for b, length in [(1, max(shape["decode_l"])), (8, shape["l"])]:
+        x = inputs(b, shape["h"], 1, length, shape["hd"], shape["la"], dtype, device)
+        kv_bytes = 2 * b * shape["h"] * length * shape["hd"] * x["k"].element_size()
+        row: dict[str, Any] = {"B": b, "L": length}
+        try:
+            for per_sm in (2, 4, 8):
+                launch.PROGRAMS_PER_SM = per_sm
+                seconds = bench(lambda x=x, s=length - 1: call(fused, x, s), device)
+                row[f"{per_sm}/SM of HBM peak"] = kv_bytes / seconds / peak
+        finally:
+            launch.PROGRAMS_PER_SM = default
+        rows.append(row)
+    return rows
 
 
 def end_to_end(cfg: dict, dtype, device, peak: float, steps: int) -> dict:
@@ -258,21 +299,23 @@ def greedy(
     """Prefill, then ``steps`` greedy one-token steps; seconds for the steps and the ids.
 
     The step is generate.decode_step, the one smoke-generate uses: with ``graph`` captured once
-    as a CUDA graph (on the CPU dry run, its static form runs eagerly)."""
+    as a CUDA graph (on the CPU dry run, its static form runs eagerly). An untimed pass comes
+    first, so that no kernel is compiled or tuned inside the timed one."""
     from ckpt_doctor.generate import decode_step
 
     device = prompt.device
     cache = model.new_cache(1, model.args.max_seq_len)
     step = decode_step(model, cache, graph=graph)  # before the prefill: warm-up writes
-    tok = model(prompt, 0, cache).argmax(-1)
-    start = prompt.shape[1]
-    out = []
-    _sync(device)
-    t0 = time.perf_counter()
-    for s in range(steps):
-        tok = step(tok, start + s).argmax(-1)
-        out.append(tok)
-    _sync(device)
+    for _timed in (False, True):
+        tok = model(prompt, 0, cache).argmax(-1)
+        start = prompt.shape[1]
+        out = []
+        _sync(device)
+        t0 = time.perf_counter()
+        for s in range(steps):
+            tok = step(tok, start + s).argmax(-1)
+            out.append(tok)
+        _sync(device)
     return time.perf_counter() - t0, torch.stack(out, 1)
 
 
@@ -355,17 +398,21 @@ def main(argv: list[str] | None = None) -> int:
     result["prefill"], result["decode"] = speed(shape, torch.float16, device, peak)
     log(table(result["prefill"]))
     log(table(result["decode"]))
+    result["decode_splits"] = splits_sweep(shape, torch.float16, device, peak)
+    log(table(result["decode_splits"]))
     e2e_dtype = torch.float32 if dry else torch.float16
     steps = 4 if dry else args.steps
     result["end_to_end"] = end_to_end(shape, e2e_dtype, device, peak, steps)
     log(json.dumps(result["end_to_end"], indent=1))
     result["targets"] = targets(result, dry=dry)
+    result["versions"] = versions()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     md = "\n\n".join(
         [f"Device: {result['device']}; HBM peak {peak / 1e9:.0f} GB/s ({peak_source})",
          table(result["correctness"]), table(result["prefill"]), table(result["decode"]),
-         table([result["end_to_end"]]), table(result["targets"])]
+         table(result["decode_splits"]), table([result["end_to_end"]]),
+         table(result["targets"]), json.dumps(result["versions"])]
     )  # fmt: skip
     (args.out / "results.md").write_text(md + "\n")
     print(md)
@@ -396,6 +443,16 @@ def targets(r: dict, *, dry: bool) -> list[dict]:
          "value": e2e, "pass": e2e >= 0.5},
     ]  # fmt: skip
     return out
+
+
+def versions() -> dict[str, Any]:
+    """torch and Triton versions, and the prefill config the autotuner picked for each key."""
+    import triton
+    from ckpt_doctor.kernels import triton_attention as ta
+
+    picked = getattr(ta.gated_prefill_kernel, "cache", {})
+    return {"torch": torch.__version__, "triton": triton.__version__,
+            "prefill autotune": {str(k): str(v) for k, v in picked.items()}}  # fmt: skip
 
 
 def _device_name(device: torch.device) -> str:

@@ -2,7 +2,10 @@
 
 The CPU interpreter checks the math but not what only a GPU compiler rejects (layouts, shared
 memory, dot shapes, register pressure); ``triton.compile`` with an explicit target runs the whole
-pipeline down to a cubin. Run without TRITON_INTERPRET:
+pipeline down to a cubin. The launches come from launch.plan on meta tensors and are specialised
+as the JIT specialises real ones, so the shared memory and the code checked here are what runs
+(a plain all-i32 signature compiles a slower variant with other limits). Run without
+TRITON_INTERPRET:
 
     python -m ckpt_doctor.kernels.aot            # sm_80 and sm_90a, fp16/bf16/fp32, head_dim 128
     python -m ckpt_doctor.kernels.aot --arch 90 --head-dim 64
@@ -18,7 +21,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+import torch
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Largest dynamic shared memory one block may use (A100: 163 KiB; H100/H200: 227 KiB).
 SHARED_LIMIT = {80: 166912, 90: 232448}
 
@@ -37,52 +42,71 @@ class Compiled:
         return self.shared_bytes <= SHARED_LIMIT.get(self.arch, 0)
 
 
-def _signature(fn: Any, types: dict[str, str], constexprs: dict[str, Any]) -> dict[str, str]:
-    """Every argument of ``fn``: pointers and floats from ``types``, the rest i32 or constexpr;
-    a constexpr left without a value is an error here rather than a wrong compile."""
-    out = {}
-    for name, param in zip(fn.arg_names, fn.params, strict=True):
-        if param.is_constexpr and name not in constexprs:
-            raise ValueError(f"{fn.__name__}: no value for constexpr {name}")
-        out[name] = "constexpr" if name in constexprs else types.get(name, "i32")
-    return out
+POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
+           torch.int64: "*i64"}  # fmt: skip
 
 
-Job = tuple[Any, dict[str, str], dict[str, Any], str, dict[str, int], str]
+def specialise(fn: Any, args: tuple, constexprs: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attributes) as Triton's JIT specialises a launch with these
+    values: pointers 16-byte aligned (torch allocations are), an int equal to 1 a constant and
+    one divisible by 16 marked so, except the parameters marked do_not_specialize. A constexpr
+    left without a value is an error here rather than a wrong compile."""
+    signature, const, attrs = {}, dict(constexprs), {}
+    values = iter(args)
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params, strict=True)):
+        if param.is_constexpr:
+            if name not in const:
+                raise ValueError(f"{fn.__name__}: no value for constexpr {name}")
+            signature[name] = "constexpr"
+            continue
+        value = next(values)
+        if isinstance(value, torch.Tensor):
+            signature[name] = POINTER[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1 and not param.do_not_specialize:
+            signature[name], const[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0 and not param.do_not_specialize:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, const, attrs
+
+
+# (kernel, argument values, constexprs, config label, compile options, dtype)
+Job = tuple[Any, tuple, dict[str, Any], str, dict[str, int], str]
 
 
 def _jobs(head_dim: int) -> list[Job]:
-    """(kernel, pointer/float types, constexprs, config label, compile options, dtype)."""
+    """Every launch of kernels/launch.py's plan at 7B shapes (32 heads, adapter_len 10; prefill
+    T=2048, decode over a 4096-position cache with the position as an int and in memory), on
+    meta tensors, for each dtype and each prefill config the autotuner may pick."""
     from ckpt_doctor.kernels import triton_attention as ta
-    from ckpt_doctor.kernels.launch import DECODE_BLOCK_N, _pow2
+    from ckpt_doctor.kernels.launch import plan
 
-    block_d = _pow2(head_dim)
     jobs = []
-    for dtype, ptr in DTYPES.items():
-        precision = "ieee" if dtype == "fp32" else "tf32"  # tf32: ignored for 16-bit inputs
-        tensor = {n: ptr for n in ("Q", "K", "V", "KA", "VA", "Out")}
-        f32 = {"G": "*fp32", "Part": "*fp32", "Lse": "*fp32", "scale_log2": "fp32"}
-        for cfg in ta.prune_configs(ta.PREFILL_CONFIGS, {}, PRECISION=precision):
-            const = {
-                "HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_A": 16, "HAS_ADAPTER": True,
-                "PRECISION": precision, **cfg.kwargs,
-            }  # fmt: skip
+    for dtype, torch_dtype in DTYPES.items():
+        with torch.device("meta"):
+            q = torch.empty(1, 32, 2048, head_dim, dtype=torch_dtype)
+            cache = torch.empty(1, 32, 4096, head_dim, dtype=torch_dtype)
+            adapter = (torch.empty(32, 10, head_dim, dtype=torch_dtype),) * 2
+            adapter += (torch.empty(32),)
+            one = torch.empty(1, 32, 1, head_dim, dtype=torch_dtype)
+            position = torch.empty(1, dtype=torch.int64)
+        (prefill,) = plan(q, q, q, q, start=0, adapter=adapter)
+        autotuner = prefill.kernel
+        precision = prefill.constexprs["PRECISION"]
+        for cfg in ta.prune_configs(autotuner.configs, {}, PRECISION=precision):
             label = f"M{cfg.kwargs['BLOCK_M']} N{cfg.kwargs['BLOCK_N']} w{cfg.num_warps}"
             opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-            jobs.append((ta.gated_prefill_kernel.fn, {**tensor, **f32}, const, label, opts, dtype))
-        for in_memory in (False, True):  # the position as an int, or read from memory
-            const = {
-                "HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_N": DECODE_BLOCK_N,
-                "POS_IN_MEMORY": in_memory,
-            }  # fmt: skip
-            types = {**tensor, **f32, "Pos": "*i64" if in_memory else ptr}
-            label = "split-KV, pos " + ("in memory" if in_memory else "int")
-            jobs.append((ta.decode_partial_kernel, types, const, label, {}, dtype))
-        const = {
-            "HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_S": 32, "BLOCK_A": 16,
-            "HAS_ADAPTER": True,
-        }  # fmt: skip
-        jobs.append((ta.decode_combine_kernel, {**tensor, **f32}, const, "combine", {}, dtype))
+            const = {**prefill.constexprs, **cfg.kwargs}
+            jobs.append((autotuner.fn, prefill.args, const, label, opts, dtype))
+        for start, where in ((4000, "int"), (position, "in memory")):
+            partial, combine = plan(one, cache, cache, one, start=start, adapter=adapter)
+            label = f"split-KV, pos {where}"
+            jobs.append((partial.kernel, partial.args, partial.constexprs, label, {}, dtype))
+        jobs.append((combine.kernel, combine.args, combine.constexprs, "combine", {}, dtype))
     return jobs
 
 
@@ -92,8 +116,9 @@ def compile_one(arch: int, index: int, head_dim: int) -> Compiled:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn, types, const, label, opts, dtype = _jobs(head_dim)[index]
-    src = ASTSource(fn=fn, signature=_signature(fn, types, const), constexprs=const)
+    fn, args, const, label, opts, dtype = _jobs(head_dim)[index]
+    signature, constexprs, attrs = specialise(fn, args, const)
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     t0 = time.perf_counter()
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
     seconds = time.perf_counter() - t0

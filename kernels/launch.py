@@ -11,6 +11,8 @@ import functools
 import importlib.util
 import math
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -190,10 +192,37 @@ def gated_attention(
         reason = fused_unavailable_reason(q.device)
         _check(reason is None, f"fused attention cannot run: {reason}", "use --attention reference")
 
+    out = torch.empty_like(q)
+    for launch in plan(q, k, v, out, start=start, adapter=adapter):
+        launch.kernel[launch.grid](*launch.args, **launch.constexprs)
+    return out
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: what runs, on which grid, with which arguments."""
+
+    kernel: Any  # a Triton kernel (JITFunction or Autotuner)
+    grid: Any  # a tuple, or a function of the chosen config's meta-parameters
+    args: tuple
+    constexprs: dict[str, Any]
+
+
+def plan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    start: int | torch.Tensor,
+    adapter: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> list[Launch]:
+    """The launches that compute gated attention into ``out``: one for prefill, split-KV plus
+    combine for decode. kernels/aot.py compiles from the same plan (on meta tensors), so the
+    ahead-of-time signatures are the ones these launches specialise to."""
     from ckpt_doctor.kernels import triton_attention as ta  # Triton loads here, not at import
 
     b, h, t, hd = q.shape
-    out = torch.empty_like(q)
     # Without an adapter the kernels never read these; any [H, *, hd] tensor fills the slots.
     ak, av, g = (
         adapter if adapter is not None else (q[0], q[0], q.new_zeros(h, dtype=torch.float32))
@@ -207,15 +236,14 @@ def gated_attention(
     if t > 1:
         if isinstance(start, torch.Tensor):
             raise KernelInputError("prefill needs an int start", hint="pass start as an int")
-        grid = lambda meta: (math.ceil(t / meta["BLOCK_M"]), b * h)  # noqa: E731
-        ta.gated_prefill_kernel[grid](
+        args = (
             q, k, v, ak, av, g, out,
             *q.stride(), *k.stride(), *v.stride(), *ak.stride(), *av.stride(), *out.stride(),
             h, t, start, la, scale_log2, max(t, 1).bit_length(),
-            BLOCK_A=block_a, HAS_ADAPTER=adapter is not None, PRECISION=precision,
-            **common,
         )  # fmt: skip
-        return out
+        const = {"BLOCK_A": block_a, "HAS_ADAPTER": adapter is not None, "PRECISION": precision}
+        grid = lambda meta: (math.ceil(t / meta["BLOCK_M"]), b * h)  # noqa: E731
+        return [Launch(ta.gated_prefill_kernel, grid, args, {**const, **common})]
     in_memory = isinstance(start, torch.Tensor)
     keys = k.shape[2] if in_memory else start + 1  # the grid covers every key there may be
     splits = _splits(b * h, keys, q.device)
@@ -224,18 +252,24 @@ def gated_attention(
     part = torch.empty(b * h, splits, common["BLOCK_D"], device=q.device, dtype=torch.float32)
     lse = torch.empty(b * h, splits, device=q.device, dtype=torch.float32)
     qs = (q.stride(0), q.stride(1), q.stride(3))
-    ta.decode_partial_kernel[(b * h, splits)](
+    partial = (
         q, k, v, part, lse, *qs,
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
         h, 0 if in_memory else start, start if in_memory else q, chunk, splits, scale_log2,
-        BLOCK_N=DECODE_BLOCK_N, POS_IN_MEMORY=in_memory, **common,
     )  # fmt: skip
-    ta.decode_combine_kernel[(b * h,)](
+    combine = (
         part, lse, q, ak, av, g, out, *qs, *ak.stride(), *av.stride(),
-        out.stride(0), out.stride(1), out.stride(3),
-        h, splits, la, scale_log2,
-        BLOCK_S=_pow2(splits), BLOCK_A=block_a, HAS_ADAPTER=adapter is not None,
-        **common,
+        out.stride(0), out.stride(1), out.stride(3), h, splits, la, scale_log2,
     )  # fmt: skip
-    return out
+    return [
+        Launch(
+            ta.decode_partial_kernel, (b * h, splits), partial,
+            {"BLOCK_N": DECODE_BLOCK_N, "POS_IN_MEMORY": in_memory, **common},
+        ),
+        Launch(
+            ta.decode_combine_kernel, (b * h,), combine,
+            {"BLOCK_S": _pow2(splits), "BLOCK_A": block_a, "HAS_ADAPTER": adapter is not None,
+             **common},
+        ),
+    ]  # fmt: skip

@@ -269,3 +269,25 @@ def test_decode_at_a_position_held_in_a_tensor(attention: str):
     torch.testing.assert_close(got, want, rtol=1.3e-6, atol=1e-5)
     with pytest.raises(KernelInputError, match="one query"):
         gated_attention(q.expand(1, H, 2, HD), k, v, start=torch.tensor([3]))
+
+
+def test_ahead_of_time_signatures_specialise_as_the_jit_does():
+    """The AOT compile sees what a real launch does: aligned pointers, unit strides constant,
+    strides divisible by 16 marked, run-time sizes (START, SPLITS, ...) left unspecialised."""
+    code = """if True:
+        import json
+        from ckpt_doctor.kernels.aot import _jobs, specialise
+        fn, args, const, label, _, _ = next(j for j in _jobs(128) if "pos int" in j[3])
+        sig, constexprs, attrs = specialise(fn, args, const)
+        marked = [fn.arg_names[i] for (i,) in attrs]
+        print(json.dumps({"sig": sig, "const": {k: constexprs[k] for k in ("s_kd", "s_qd")},
+                          "marked": marked}))
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout)
+    assert got["const"] == {"s_kd": 1, "s_qd": 1}
+    assert got["sig"]["K"] == "*fp16" and got["sig"]["START"] == "i32"
+    assert {"Q", "K", "V", "Part", "Lse", "s_kt", "s_kh", "H"} <= set(got["marked"])
+    assert not {"START", "CHUNK", "SPLITS"} & set(got["marked"])
