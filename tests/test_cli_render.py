@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ckpt_doctor import render
+from ckpt_doctor import cli, render
 from ckpt_doctor.cli import app
 from ckpt_doctor.diagnosis import Diagnosis
 from fixtures.make_fixtures import TinyConfig, adapter_tensors, base_state_dict, save_zip
@@ -76,6 +76,29 @@ def test_bracketed_prompt_and_generated_text_print_as_they_are():
     assert prompt in wide.stdout
 
 
+def test_internal_error_text_is_not_markup_and_gives_json(monkeypatch, tmp_path):
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("boom [/y] [bold]not bold")
+
+    monkeypatch.setattr(cli, "inspect_checkpoint", broken)
+    path = adapter_file(tmp_path / "a.pth")
+    result = run("inspect", path)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert "[INTERNAL] RuntimeError: boom [/y] [bold]not bold" in result.stderr
+    assert "--debug" in result.stderr
+
+    result = run("inspect", path, "--json")
+    assert result.exit_code == 2
+    doc = strict_json(result.stdout)
+    assert doc["error"]["id"] == "INTERNAL" and "boom [/y]" in doc["error"]["message"]
+    assert doc["findings"] == [{"id": "INTERNAL", "severity": "error", **_no_id(doc["error"])}]
+
+    result = run("--debug", "inspect", path)
+    assert result.exit_code == 2  # an error stays 2 under --debug; 1 means findings
+    assert "Traceback" in result.stderr and "RuntimeError: boom" in result.stderr
+
+
 def _no_id(error: dict) -> dict:
     return {k: v for k, v in error.items() if k != "id"}
 
@@ -118,6 +141,16 @@ def test_json_safe_is_recursive_and_leaves_finite_values():
         "b": {"c": 0.0, "d": "nan"},
         "e": 3,
     }
+
+
+def test_usage_error_from_click_gives_json():
+    result = run("diff", BUNDLE / "checkpoint-4.pth", "--json")  # --base is missing
+    assert result.exit_code == 2
+    doc = strict_json(result.stdout)
+    assert doc["error"]["id"] == "USAGE" and "--base" in doc["error"]["message"]
+    assert "--base" in result.stderr
+    plain = run("diff", BUNDLE / "checkpoint-4.pth")
+    assert plain.exit_code == 2 and plain.stdout == ""
 
 
 # --------------------------------------------------------------------------- layout
