@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from ckpt_doctor import cli, render
+from ckpt_doctor.atomic import check_destination, write_atomically
 from ckpt_doctor.cli import app
 from ckpt_doctor.diagnosis import Diagnosis
+from ckpt_doctor.errors import UsageError
 from fixtures.make_fixtures import TinyConfig, adapter_tensors, base_state_dict, save_zip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,6 +192,49 @@ def test_diff_table_shows_whole_tensor_names(tmp_path):
 
 
 # --------------------------------------------------------------------------- destinations
+
+
+def test_extract_refuses_a_directory_even_with_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    ckpt = BUNDLE / "checkpoint-4.pth"
+    result = run("extract", ckpt, "-o", out, "--force")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert "[USAGE]" in result.stderr and "is a directory" in result.stderr
+    assert "hint:" in result.stderr and "INTERNAL" not in result.stderr
+    doc = strict_json(run("extract", ckpt, "-o", out, "--force", "--json").stdout)
+    assert doc["error"]["id"] == "USAGE"
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_get_the_umask_mode(tmp_path, umask, mode):
+    before = os.umask(umask)
+    try:
+        out = tmp_path / "f.bin"
+        check_destination(out, force=False, sources=[])
+        write_atomically(out, lambda tmp: tmp.write_bytes(b"x"))
+        assert os.umask(umask) == umask  # still what the caller set
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE(out.stat().st_mode) == mode
+
+
+def test_extract_output_is_readable_like_any_new_file(tmp_path):
+    before = os.umask(0o022)
+    try:
+        out = tmp_path / "adapter.safetensors"
+        result = run("extract", BUNDLE / "checkpoint-4.pth", "-o", out)
+    finally:
+        os.umask(before)
+    assert result.exit_code in (0, 1), result.output
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+
+
+def test_check_destination_refuses_a_directory(tmp_path):
+    with pytest.raises(UsageError, match="is a directory") as info:
+        check_destination(tmp_path, force=True, sources=[])
+    assert info.value.hint
 
 
 # --------------------------------------------------------------------------- messages
