@@ -240,6 +240,13 @@ def test_check_destination_refuses_a_directory(tmp_path):
 # --------------------------------------------------------------------------- messages
 
 
+def test_demo_without_prompts_is_a_usage_error():
+    result = run("demo", "--world", BUNDLE)
+    assert result.exit_code == 2
+    assert "[USAGE]" in result.stderr and "prompts.json" in result.stderr
+    assert "hint:" in result.stderr and "INTERNAL" not in result.stderr
+
+
 def test_extract_says_larger_when_the_output_is_larger(tmp_path):
     # A flat adapter re-saved gains the zip's per-file overhead: the output is the larger.
     src = adapter_file(tmp_path / "adapter.pth")
