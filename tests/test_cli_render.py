@@ -257,3 +257,27 @@ def test_extract_says_larger_when_the_output_is_larger(tmp_path):
     text = " ".join(result.stdout.split())
     word = "larger" if grew > 0 else "smaller"
     assert re.search(rf"; \d[\d.]* K?i?B {word} than the input\)", text), text
+
+
+def test_empty_safetensors_hint_names_the_safetensors_saver(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "empty.safetensors"
+    save_file({}, str(path))
+    doc = strict_json(run("inspect", path, "--json").stdout)
+    (empty,) = [f for f in doc["findings"] if f["id"] == "EMPTY"]
+    assert "save_file" in empty["hint"] and "torch.save" not in empty["hint"]
+
+
+def test_nonfinite_names_each_tensor_once(tmp_path):
+    path = adapter_file(tmp_path / "nan.pth", query=math.nan)
+    doc = strict_json(run("inspect", path, "--json").stdout)
+    (f,) = [f for f in doc["findings"] if f["id"] == "NONFINITE"]
+    assert f["message"].count("adapter_query.weight") == 1
+
+
+def test_infinite_gate_ratio_is_said_in_words(tmp_path):
+    path = adapter_file(tmp_path / "inf.pth", gate3=math.inf)
+    doc = strict_json(run("inspect", path, "--json").stdout)
+    (f,) = [f for f in doc["findings"] if f["id"] == "GATE_TANH_MISMATCH"]
+    assert "infx" not in f["message"] and "an infinite multiple of" in f["message"]
