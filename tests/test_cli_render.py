@@ -8,6 +8,7 @@ import math
 import os
 import re
 import stat
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,15 @@ def test_diff_table_shows_whole_tensor_names(tmp_path):
         name = f"layers.{i}.feed_forward.w1.weight"
         assert f"│ {name} " in result.stdout  # on one line, in its cell
     assert "…" not in result.stdout
+
+
+def test_argument_help_is_shown():
+    result = run("inspect", "--help", env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    # Fails on click 8.5+, which drops typer 0.20's argument help: pyproject pins click<8.5.
+    assert "Checkpoint file or directory (Meta, HF)." in result.stdout, (
+        f"no argument help with click {version('click')} and typer {version('typer')}"
+    )
 
 
 # --------------------------------------------------------------------------- destinations
