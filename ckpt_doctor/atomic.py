@@ -20,10 +20,21 @@ def check_destination(path: Path, *, force: bool, sources: list[Path]) -> None:
     resolved = path.resolve()
     if any(resolved == s.resolve() for s in sources if s.exists()):
         raise UsageError(f"{path} is one of the inputs", hint="write the output to another path")
+    if path.is_dir():  # even --force must not replace a directory (os.replace cannot anyway)
+        raise UsageError(
+            f"{path} is a directory", hint="give a file name, e.g. -o DIR/adapter.safetensors"
+        )
     if path.exists() and not force:
         raise UsageError(f"{path} already exists", hint="pass --force to replace it")
     if not path.parent.exists():
         raise UsageError(f"{path.parent} does not exist", hint="create the directory first")
+
+
+def _umask() -> int:
+    # The only way to read the umask is to set it; put it straight back.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
@@ -35,6 +46,8 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with tmp.open("rb") as f:
             os.fsync(f.fileno())
+        # mkstemp creates 0600 and the rename keeps it: give the file the mode open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

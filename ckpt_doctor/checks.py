@@ -36,14 +36,19 @@ def model_key_names(facts: ModelFacts, adapter: AdapterConfig | None) -> set[str
     return names
 
 
+# What wrote each format, for the EMPTY hint.
+_SAVER = {"safetensors": "safetensors' save_file", "hf-sharded": "save_pretrained"}
+
+
 def check_empty(ckpt: Checkpoint) -> list[Finding]:
     if not ckpt.tensors:
         held = _names(ckpt.top_level_keys) or "nothing"
+        saver = _SAVER.get(ckpt.format, "torch.save")
         return [
             finding(
                 "EMPTY",
                 f"no tensors found (top-level entries: {held})",
-                "the save wrote no weights: check what was passed to torch.save",
+                f"the save wrote no weights: check what was passed to {saver}",
             )
         ]
     zero = [n for n, h in ckpt.tensors.items() if h.numel == 0]
@@ -134,7 +139,7 @@ def check_values(scans: Mapping[str, ValueScan]) -> list[Finding]:
             finding(
                 "NONFINITE",
                 f"{total} non-finite values ({nans} NaN, {total - nans} Inf) in {len(bad)} "
-                f"tensor(s), first {bad[0]}: {_names(bad)}",
+                f"tensor(s): {_names(bad)}",
                 "training diverged before this save: use an earlier checkpoint, or lower the "
                 "learning rate / enable loss scaling and retrain",
                 tensors=bad,
@@ -320,11 +325,12 @@ def check_gates(
                 worst_ratio, worst_at = r, (i, h, v)
     if worst_at is not None and worst_ratio > TANH_MISMATCH_RATIO:
         layer, head, value = worst_at
+        times = f"{worst_ratio:.2f}x" if np.isfinite(worst_ratio) else "an infinite multiple of"
         out.append(
             finding(
                 "GATE_TANH_MISMATCH",
                 f"gate layer {layer} head {head} = {value:.3f}: raw-gate inference weights the "
-                f"adapter {worst_ratio:.2f}x what tanh-gate training did (upstream issue #39; "
+                f"adapter {times} what tanh-gate training did (upstream issue #39; "
                 f"threshold {TANH_MISMATCH_RATIO}x)",
                 "run inference with --gate tanh (as training did), or bake tanh into the gates",
                 layer=layer,

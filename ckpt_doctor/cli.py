@@ -4,19 +4,40 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
+import click
 import typer
+from typer.core import TyperCommand
 
 from ckpt_doctor import __version__
 from ckpt_doctor.diffing import Progress, diff_tensors
-from ckpt_doctor.errors import CkptDoctorError
+from ckpt_doctor.errors import CkptDoctorError, InternalError, UsageError
 from ckpt_doctor.findings import exit_code_for
 from ckpt_doctor.inspection import inspect_checkpoint
 from ckpt_doctor.reader import Checkpoint, open_checkpoint
+
+
+class _Command(TyperCommand):
+    """A command whose click usage errors (a missing --base, a bad value) still print one JSON
+    document on stdout under --json; click prints its usage message on stderr as always."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        as_json = "--json" in args and any(p.name == "as_json" for p in self.params)
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            if as_json:
+                from ckpt_doctor import render
+
+                error = UsageError(exc.format_message(), hint=f"see {ctx.command_path} --help")
+                render.print_json(render.error_json(error))
+            raise
+
 
 app = typer.Typer(
     name="ckpt-doctor",
@@ -75,30 +96,36 @@ def _main(
 
 
 def _run(as_json: bool, body: Callable[[], int]) -> None:
-    """The one error table: library errors become one stderr line (or JSON) and exit 2."""
+    """The one error table: every error becomes one stderr line (and, with --json, one JSON
+    document on stdout) and its exit code; --debug adds the traceback but keeps the code."""
     from ckpt_doctor import render
 
     try:
         code = body()
     except CkptDoctorError as exc:
-        if _state["debug"]:
-            raise
-        if as_json:
-            render.print_json(render.error_json(exc))
-        render.error_line(exc)
-        raise typer.Exit(exc.exit_code) from None
+        _fail(as_json, exc, exc)
     except KeyboardInterrupt:
-        render.err.print("interrupted")
+        render.status_line("interrupted")
         raise typer.Exit(130) from None
     except Exception as exc:
-        if _state["debug"]:
-            raise
-        render.err.print(
-            f"[bold red]internal error[/] {type(exc).__name__}: {exc} "
-            "[dim](re-run with --debug for the traceback and report it)[/]"
+        internal = InternalError(
+            f"{type(exc).__name__}: {exc}",
+            hint="a bug in ckpt-doctor: re-run with --debug for the traceback and report it",
         )
-        raise typer.Exit(2) from None
+        _fail(as_json, internal, exc)
     raise typer.Exit(code)
+
+
+def _fail(as_json: bool, error: CkptDoctorError, raised: BaseException) -> NoReturn:
+    from ckpt_doctor import render
+
+    if _state["debug"]:
+        traceback.print_exception(raised, file=sys.stderr)
+    if as_json:
+        render.print_json(render.error_json(error))
+    render.error_line(error)
+    # Not re-raised under --debug: exit 1 means "findings", an error must stay 2.
+    raise typer.Exit(error.exit_code) from None
 
 
 def _open(stack: ExitStack, *paths: Path | None, trust_pickle: bool) -> list[Checkpoint | None]:
@@ -125,7 +152,7 @@ def _progress(label: str) -> AbstractContextManager[Progress | None]:
     return render.progress_bar(label) if sys.stderr.isatty() else nullcontext(None)
 
 
-@app.command()
+@app.command(cls=_Command)
 def inspect(
     path: PathArg,
     base: BaseOpt = None,
@@ -150,7 +177,7 @@ def inspect(
     _run(as_json, body)
 
 
-@app.command()
+@app.command(cls=_Command)
 def diff(
     path: PathArg,
     base: Annotated[Path, typer.Option("--base", help="Base weights to diff against.")],
@@ -177,7 +204,7 @@ def diff(
     _run(as_json, body)
 
 
-@app.command()
+@app.command(cls=_Command)
 def extract(
     path: PathArg,
     out: OutOpt,
@@ -214,7 +241,7 @@ def extract(
     _run(as_json, body)
 
 
-@app.command()
+@app.command(cls=_Command)
 def verify(
     adapter: Annotated[Path, typer.Argument(help="The extracted adapter file.")],
     base: Annotated[Path, typer.Option("--base", help="Base weights the adapter goes on.")],
@@ -240,7 +267,7 @@ def verify(
     _run(as_json, body)
 
 
-@app.command()
+@app.command(cls=_Command)
 def repair(
     path: PathArg,
     out: OutOpt,
@@ -281,7 +308,7 @@ def repair(
     _run(as_json, body)
 
 
-@app.command()
+@app.command(cls=_Command)
 def diagnose(
     path: PathArg,
     base: Annotated[Path, typer.Option("--base", help="Base weights the fine-tune started from.")],
@@ -305,7 +332,7 @@ def diagnose(
     _run(as_json, body)
 
 
-@app.command("smoke-generate")
+@app.command("smoke-generate", cls=_Command)
 def smoke_generate(
     base: Annotated[Path, typer.Option("--base", help="Base weights (Meta / HF directory).")],
     adapter: Annotated[
@@ -378,7 +405,7 @@ def smoke_generate(
     _run(as_json, body)
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
     world: Annotated[
         Path | None, typer.Option("--world", help="Fixture world dir (default: fixtures/world).")

@@ -52,7 +52,7 @@ def run_demo(workdir: Path, *, world: Path = WORLD, max_new_tokens: int = 64) ->
             hint="run the demo from a source checkout, or pass --world DIR "
             "(built by python fixtures/make_fixtures.py --world)",
         )
-    prompts = json.loads((world / "prompts.json").read_text())["held_out"][:N_PROMPTS]
+    prompts = _held_out(world / "prompts.json")
     config = GenerationConfig(max_new_tokens=max_new_tokens)
     adapter_path = workdir / "adapter.safetensors"
     with open_checkpoint(base_path) as base:
@@ -67,3 +67,20 @@ def run_demo(workdir: Path, *, world: Path = WORLD, max_new_tokens: int = 64) ->
             verification = verify(adapter, base=base, full=ckpt)
             after = smoke_generate(base, adapter=adapter, prompts=prompts, config=config)
     return DemoResult(world, before, diagnosis, extraction, verification, after)
+
+
+def _held_out(path: Path) -> list[str]:
+    """The demo's prompts: the world's held-out set (fixtures/tiny has none, say so)."""
+    hint = (
+        "pass --world a fixture world with prompts.json "
+        "(built by python fixtures/make_fixtures.py --world), e.g. fixtures/world"
+    )
+    if not path.is_file():
+        raise UsageError(f"no prompts.json in {path.parent}", hint=hint)
+    try:
+        prompts = json.loads(path.read_text())["held_out"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{path}: no held_out prompt list ({exc})", hint=hint) from None
+    if not isinstance(prompts, list) or not prompts:
+        raise UsageError(f"{path}: held_out is not a non-empty list of prompts", hint=hint)
+    return [str(p) for p in prompts[:N_PROMPTS]]

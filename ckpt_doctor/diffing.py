@@ -39,8 +39,9 @@ class TensorDiff:
         return {
             "name": self.name,
             "status": self.status,
-            "max_abs": _finite_or_none(self.max_abs),
-            "rel_l2": _finite_or_none(self.rel_l2),
+            # NaN / Inf stay floats here; render.print_json writes them as null.
+            "max_abs": self.max_abs,
+            "rel_l2": self.rel_l2,
             "n_diff": self.n_diff,
             "shape": list(self.shape) if self.shape is not None else None,
             "base_shape": list(self.base_shape) if self.base_shape is not None else None,
@@ -48,13 +49,6 @@ class TensorDiff:
             "base_dtype": self.base_dtype,
             "is_adapter": self.is_adapter,
         }
-
-
-def _finite_or_none(x: float | None) -> float | str | None:
-    # JSON has no NaN/Inf; say it in words rather than emit invalid JSON.
-    if x is None or (x == x and abs(x) != float("inf")):
-        return x
-    return "nan" if x != x else "inf"
 
 
 @dataclass(frozen=True)

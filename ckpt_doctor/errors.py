@@ -55,3 +55,9 @@ class ModelLoadError(CkptDoctorError):
 
 class RefusedError(CkptDoctorError):
     """A command would produce something wrong (an empty adapter, say), so it did nothing."""
+
+
+class InternalError(CkptDoctorError):
+    """An unexpected exception: a bug in ckpt-doctor, reported in the same shape as the rest."""
+
+    code = "INTERNAL"

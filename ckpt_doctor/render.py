@@ -1,14 +1,22 @@
-"""The only module that imports rich: tables for people on stdout, progress on stderr."""
+"""The only module that imports rich: tables for people on stdout, progress on stderr.
+
+Everything that comes from the user or the data (paths, prompts, generated text, tensor and
+key names, messages, hints, exception text) goes in as rich ``Text`` or through ``escape``:
+rich markup would otherwise eat or choke on its square brackets.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -28,8 +36,9 @@ if TYPE_CHECKING:  # these import torch, which inspect and diff must never pay f
     from ckpt_doctor.smoke import SmokeReport
     from ckpt_doctor.verification import VerifyReport
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# No highlighting and no :emoji: codes: paths and names are printed as they are.
+out = Console(highlight=False, emoji=False)
+err = Console(stderr=True, highlight=False, emoji=False)
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 STATUS_STYLE = {
@@ -42,15 +51,33 @@ STATUS_STYLE = {
 }
 
 
+def json_safe(value: Any) -> Any:
+    """The one JSON encoding rule: JSON has no NaN or Inf, so a non-finite float is null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def print_json(doc: dict[str, Any]) -> None:
     """Exactly one JSON document on stdout, nothing else there."""
-    sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    sys.stdout.write(json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def error_line(exc: CkptDoctorError) -> None:
-    hint = f" [dim]hint: {exc.hint}[/dim]" if exc.hint else ""
-    err.print(f"[bold red]error[/] [{exc.code}] {_escape(exc.message)}{hint}")
+    """One stderr line: never hard-wrapped (soft_wrap), never read as markup (Text)."""
+    line = Text.assemble(("error", "bold red"), f" [{exc.code}] {_one_line(exc.message)}")
+    if exc.hint:
+        line.append(f" hint: {_one_line(exc.hint)}", style="dim")
+    err.print(line, soft_wrap=True)
 
 
 def error_json(exc: CkptDoctorError) -> dict[str, Any]:
@@ -62,8 +89,9 @@ def error_json(exc: CkptDoctorError) -> dict[str, Any]:
     }
 
 
-def _escape(text: str) -> str:
-    return text.replace("[", r"\[")
+def status_line(message: str) -> None:
+    """A plain one-line note on stderr ("interrupted")."""
+    err.print(Text(message), soft_wrap=True)
 
 
 @contextmanager
@@ -77,12 +105,25 @@ def progress_bar(description: str) -> Iterator[Any]:
         console=err,
         transient=True,
     ) as bar:
-        task = bar.add_task(description, total=None)
+        task = bar.add_task(escape(description), total=None)
 
         def update(done: int, total: int, name: str) -> None:
-            bar.update(task, completed=done, total=total, description=f"{description} {name}")
+            # The description column is read as markup: the tensor name must not be.
+            label = escape(f"{description} {name}")
+            bar.update(task, completed=done, total=total, description=label)
 
         yield update
+
+
+def _print_names_table(table: Table) -> None:
+    """Print a table of tensor names at the width it needs. Narrower, rich shrinks the widest
+    column first, and that is the name: cut with an ellipsis or folded mid-word. A line wider
+    than the terminal wraps there but loses nothing, and a pipe gets one row per line."""
+    needed = Measurement.get(out, out.options.update_width(100_000), table).maximum
+    if needed <= out.width:
+        out.print(table)
+        return
+    Console(highlight=False, emoji=False, width=needed).print(table)
 
 
 def render_findings(findings: list[Finding]) -> None:
@@ -90,7 +131,7 @@ def render_findings(findings: list[Finding]) -> None:
     grid = Table.grid(padding=(0, 1, 1, 1))
     grid.add_column(no_wrap=True)
     grid.add_column(no_wrap=True)
-    grid.add_column()
+    grid.add_column(overflow="fold")  # long names in a message are folded, not cut
     for f in findings:
         style = SEVERITY_STYLE[f.severity]
         body = Text(f.message)
@@ -101,23 +142,25 @@ def render_findings(findings: list[Finding]) -> None:
 
 
 def render_inspect(report: InspectReport) -> None:
-    title = f"[bold]{report.path}[/]  ({report.format})"
-    out.print(title)
+    out.print(Text.assemble((str(report.path), "bold"), f"  ({report.format})"))
     summary = Table.grid(padding=(0, 2))
-    summary.add_column(style="dim")
-    summary.add_column()
+    summary.add_column(style="dim", overflow="fold")
+    summary.add_column(overflow="fold")
+
+    def row(label: str, value: str) -> None:
+        summary.add_row(Text(label), Text(value))
+
     where = "".join(f"[{k!r}]" for k in report.container_path) or "top level"
-    summary.add_row("state dict", _escape(where))
-    summary.add_row(
+    row("state dict", where)
+    row(
         "tensors",
         f"{report.tensors} tensors, {human_count(report.parameters)} parameters, "
         f"{human_bytes(report.total_bytes)}",
     )
-    for row in report.dtypes:
-        summary.add_row(
-            f"  {row.dtype}",
-            f"{row.tensors} tensors, {human_count(row.parameters)} params, "
-            f"{human_bytes(row.bytes)}",
+    for d in report.dtypes:
+        row(
+            f"  {d.dtype}",
+            f"{d.tensors} tensors, {human_count(d.parameters)} params, {human_bytes(d.bytes)}",
         )
     f = report.facts
     model = ", ".join(
@@ -131,33 +174,33 @@ def render_inspect(report: InspectReport) -> None:
         )
         if v is not None
     )
-    summary.add_row("model", model or "unknown")
+    row("model", model or "unknown")
     if report.adapter is None:
-        summary.add_row("adapter", "none found")
+        row("adapter", "none found")
     else:
         a = report.adapter
-        summary.add_row(
+        row(
             "adapter",
             f"{a.family.name}: adapter_len {a.adapter_len}, adapter_layer {a.adapter_layer} "
             f"(from {a.source}), {len(a.keys)} tensors, {human_bytes(report.adapter_bytes)}",
         )
     if report.prefix:
-        summary.add_row("key prefix", report.prefix)
+        row("key prefix", report.prefix)
     for key, entry in report.entries.items():
-        summary.add_row(f"entry {key}", _escape(entry.summary))
+        row(f"entry {key}", entry.summary)
     if report.args:
         shown = {k: report.args[k] for k in list(report.args)[:12]}
-        summary.add_row("args", _escape(", ".join(f"{k}={v!r}" for k, v in shown.items())))
-    summary.add_row(
+        row("args", ", ".join(f"{k}={v!r}" for k, v in shown.items()))
+    row(
         "values scanned",
         f"{report.scanned_tensors} tensors, {human_bytes(report.scanned_bytes)}"
         + ("" if report.scanned_tensors == report.tensors else " (adapter only; --deep: all)"),
     )
     if report.diff is not None:
         counts = ", ".join(f"{v} {k}" for k, v in report.diff.counts.items() if v)
-        summary.add_row("vs base", f"{report.base_path}: {counts}")
+        row("vs base", f"{report.base_path}: {counts}")
     for note in report.notes:
-        summary.add_row("note", _escape(note))
+        row("note", note)
     out.print(summary)
     if report.gates:
         out.print(gates_table(report))
@@ -189,12 +232,11 @@ def gates_table(report: InspectReport) -> Table:
 def render_diff(report: DiffReport, *, show_all: bool = False) -> None:
     counts = ", ".join(f"{v} {k}" for k, v in report.counts.items() if v)
     out.print(f"[bold]diff[/]: {len(report.tensors)} tensors: {counts}")
+    shown = [t for t in report.tensors if show_all or t.status != "identical"]
     table = Table(title="Tensors" + ("" if show_all else " (not identical)"), title_justify="left")
     for col in ("name", "status", "shape", "dtype", "max |Δ|", "rel L2", "adapter"):
         table.add_column(col, justify="right" if col in ("max |Δ|", "rel L2") else "left")
-    for t in report.tensors:
-        if t.status == "identical" and not show_all:
-            continue
+    for t in shown:
         shape = list(t.shape or t.base_shape or ())
         if t.status == "shape_changed":
             shape_text = f"{list(t.base_shape or ())} -> {list(t.shape or ())}"
@@ -204,30 +246,30 @@ def render_diff(report: DiffReport, *, show_all: bool = False) -> None:
         if t.status == "dtype_changed":
             dtype = f"{t.base_dtype} -> {t.dtype}"
         table.add_row(
-            t.name,
+            Text(t.name),
             Text(t.status, STATUS_STYLE[t.status]),
-            shape_text,
-            dtype,
+            Text(shape_text),
+            Text(dtype),
             "" if t.max_abs is None else f"{t.max_abs:.4g}",
             "" if t.rel_l2 is None else f"{t.rel_l2:.3e}",
             "adapter" if t.is_adapter else "",
         )
-    out.print(table)
+    _print_names_table(table)
     layers = Table(title="Per layer", title_justify="left")
     layers.add_column("layer", justify="right")
     statuses = [s for s, v in report.counts.items() if v]
     for s in statuses:
         layers.add_column(s, justify="right")
-    for row in report.per_layer():
+    for r in report.per_layer():
         layers.add_row(
-            "global" if row.layer is None else str(row.layer),
-            *(str(row.counts.get(s, "")) for s in statuses),
+            "global" if r.layer is None else str(r.layer),
+            *(str(r.counts.get(s, "")) for s in statuses),
         )
     out.print(layers)
     adapter = report.adapter
     if adapter:
         names = ", ".join(t.name for t in adapter[:8]) + (" ..." if len(adapter) > 8 else "")
-        out.print(f"[green]adapter tensors[/] ({len(adapter)}): {names}")
+        out.print(Text.assemble(("adapter tensors", "green"), f" ({len(adapter)}): {names}"))
 
 
 OUTCOME_STYLE = {"eos": "green", "loop": "bold red", "max_tokens": "yellow"}
@@ -237,19 +279,22 @@ def render_smoke(report: SmokeReport) -> None:
     load = report.load
     matched = f"{len(load.from_file)} of {load.model_keys} model keys from the file"
     out.print(
-        f"[bold]smoke-generate[/]: {_escape(load.source)}, load as {load.mode} ({matched}), "
-        f"{load.dtype} on {report.device}, gate {load.gate_fn}, attention {report.attention}"
-        + (", CUDA graph" if report.cuda_graph else "")
+        Text.assemble(
+            ("smoke-generate", "bold"),
+            f": {load.source}, load as {load.mode} ({matched}), {load.dtype} on "
+            f"{report.device}, gate {load.gate_fn}, attention {report.attention}"
+            + (", CUDA graph" if report.cuda_graph else ""),
+        )
     )
     table = Table(show_lines=True, expand=True)
-    table.add_column("prompt", ratio=2)
+    table.add_column("prompt", ratio=2, overflow="fold")
     for col in ("outcome", "tokens", "loop at, period", "max P(eos)"):
         table.add_column(col, no_wrap=True)
-    table.add_column("text (repeating part underlined)", ratio=3)
+    table.add_column("text (repeating part underlined)", ratio=3, overflow="fold")
     for r in report.results:
         loop = f"{r.loop.start}, {r.loop.period}" if r.loop else ""
         table.add_row(
-            r.prompt,
+            Text(r.prompt),
             Text(r.outcome, OUTCOME_STYLE[r.outcome]),
             str(len(r.generated_ids)),
             loop,
@@ -274,29 +319,36 @@ def _marked_text(r: Result) -> Text:
 def render_extraction(result: Extraction) -> None:
     a = result.adapter
     saved = result.input_bytes - result.output_bytes
+    # An adapter of a tiny model can outweigh a zip full of small tensors: say so, not "-141 B".
+    size = f"{human_bytes(abs(saved))} {'smaller' if saved >= 0 else 'larger'} than the input"
     out.print(
-        f"[bold]extracted[/] {len(result.taken)} tensors from {_escape(str(result.source))} "
-        f"-> [green]{_escape(str(result.output))}[/] ({result.format}, "
-        f"{human_bytes(result.output_bytes)}; {human_bytes(saved)} smaller than the input)"
+        Text.assemble(
+            ("extracted", "bold"),
+            f" {len(result.taken)} tensors from {result.source} -> ",
+            (str(result.output), "green"),
+            f" ({result.format}, {human_bytes(result.output_bytes)}; {size})",
+        )
     )
     out.print(
-        f"adapter: {a.family.name}, adapter_len {a.adapter_len}, adapter_layer "
-        f"{a.adapter_layer} (from {a.source}); left behind: {len(result.left)} tensors"
+        Text(
+            f"adapter: {a.family.name}, adapter_len {a.adapter_len}, adapter_layer "
+            f"{a.adapter_layer} (from {a.source}); left behind: {len(result.left)} tensors"
+        )
     )
     reasons: dict[str, list[str]] = {}
     for name, why in result.taken.items():
         reasons.setdefault(why, []).append(name)
     for why, names in reasons.items():
         shown = ", ".join(names[:6]) + (f" (+{len(names) - 6} more)" if len(names) > 6 else "")
-        out.print(f"  taken ({why}): {shown}")
+        out.print(Text(f"  taken ({why}): {shown}"))
     if result.findings:
         render_findings(result.findings)
 
 
 def render_verify(report: VerifyReport) -> None:
     for c in report.checks:
-        mark = "[green]pass[/]" if c.passed else "[bold red]FAIL[/]"
-        out.print(f"{mark}  {c.name:<12} {_escape(c.detail)}")
+        mark = Text("pass", "green") if c.passed else Text("FAIL", "bold red")
+        out.print(Text.assemble(mark, f"  {c.name:<12} {c.detail}"))
     out.print("[green]verified[/]" if report.passed else "[bold red]verification failed[/]")
     if report.findings:
         render_findings(report.findings)
@@ -304,12 +356,14 @@ def render_verify(report: VerifyReport) -> None:
 
 def render_repair(report: RepairReport) -> None:
     if report.output is None:
-        out.print(f"nothing to repair in {_escape(str(report.source))}; nothing written")
+        out.print(Text(f"nothing to repair in {report.source}; nothing written"))
         return
-    out.print(f"[bold]repaired[/] {_escape(str(report.source))} -> [green]{report.output}[/]")
+    out.print(
+        Text.assemble(("repaired", "bold"), f" {report.source} -> ", (str(report.output), "green"))
+    )
     for c in report.changes:
         names = f": {', '.join(c.tensors[:4])}" + (" ..." if len(c.tensors) > 4 else "")
-        out.print(f"  {c.kind:<16} {_escape(c.detail)}{names if c.tensors else ''}")
+        out.print(Text(f"  {c.kind:<16} {c.detail}{names if c.tensors else ''}"))
 
 
 def render_diagnosis(d: Diagnosis) -> None:
@@ -318,24 +372,25 @@ def render_diagnosis(d: Diagnosis) -> None:
     if d.arms:
         table = Table(title="A/B smoke run", title_justify="left")
         for col in ("arm", "keys loaded", "eos", "loop", "max_tokens", "note"):
-            table.add_column(col)
+            table.add_column(col, overflow="fold")
         for arm in d.arms:
             table.add_row(
-                arm.name,
+                Text(arm.name),
                 "" if arm.matched is None else str(arm.matched),
                 *(str(arm.outcomes.get(o, 0)) for o in ("eos", "loop", "max_tokens")),
-                _escape(arm.error or ""),
+                Text(arm.error or ""),
             )
         out.print(table)
     style = "bold red" if d.root_cause else "green"
-    out.print(f"[{style}]root cause: {d.root_cause or 'none'}[/]  {_escape(d.verdict)}")
+    out.print(Text.assemble((f"root cause: {d.root_cause or 'none'}", style), f"  {d.verdict}"))
     if d.fix:
-        out.print(f"[bold]fix:[/] {_escape(d.fix)}")
+        # A command to copy: one line however narrow the terminal, never hard-wrapped.
+        out.print(Text.assemble(("fix:", "bold"), f" {d.fix}"), soft_wrap=True)
 
 
 def render_demo(result: DemoResult) -> None:
     def step(title: str) -> None:
-        out.rule(f"[bold]{title}[/]", align="left")
+        out.rule(Text(title, "bold"), align="left")
 
     w = result.world
     step(f"1. The symptom: {w.name}/checkpoint-4.pth loaded as upstream example.py does")

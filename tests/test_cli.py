@@ -129,7 +129,10 @@ def test_debug_shows_traceback(tmp_path):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"\x00" * 64)
     result = run("--debug", "inspect", bad)
-    assert result.exit_code != 0 and result.exception is not None
+    # The traceback on stderr, and still the error's exit code: 1 would mean "findings".
+    assert result.exit_code == 2
+    assert "Traceback" in result.stderr and "UnreadableError" in result.stderr
+    assert "error [UNREADABLE]" in result.stderr and result.stdout == ""
 
 
 def test_version_and_help():

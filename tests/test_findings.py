@@ -266,7 +266,8 @@ def test_nonfinite(tmp_path, value, words):
     sd["adapter_query.weight"][3, 5] = value
     f = only(inspect(tmp_path, sd), "NONFINITE", "error")
     assert f"1 non-finite values ({words})" in f.message
-    assert "first adapter_query.weight" in f.message
+    assert "in 1 tensor(s): adapter_query.weight" in f.message  # named once
+    assert f.message.count("adapter_query.weight") == 1
     assert f.evidence["count"] == 1
 
 
