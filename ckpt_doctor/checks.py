@@ -87,17 +87,20 @@ def check_load_overlap(
     matched = [k for k in seen if k in model_names]
     if matched:
         return []
+    # Say what each number counts: the file's top-level keys here, the model's keys in
+    # loading's report of an actual load (44 vs 5 must not read as a contradiction).
     return [
         finding(
             "LOAD_NOTHING",
-            f"load_state_dict(strict=False) as upstream does would match 0 of {len(seen)} keys "
-            f"(keys seen: {_names(seen)}); every adapter gate keeps its zero init and the model "
-            "runs as the plain base",
+            f"load_state_dict(strict=False) as upstream does would match 0 of the file's "
+            f"{len(seen)} top-level keys ({_names(seen)}) to the model's {len(model_names)} "
+            "keys; every adapter gate keeps its zero init and the model runs as the plain base",
             "load the resolved state dict (unwrap the container, strip prefixes) or extract the "
             "adapter tensors into a flat file with upstream names",
             severity=severity,  # type: ignore[arg-type]
             keys_seen=len(seen),
             matched=0,
+            model_keys=len(model_names),
         )
     ]
 
@@ -274,11 +277,13 @@ def check_gates(
     wrong = [
         i for i, g in used.items() if g.size != 1 and heads and tuple(g.shape) != (1, heads, 1, 1)
     ]
+    # Which gates are counted: the adapted layers' (or every gate when those are unknown).
+    scope = "adapted layers'" if set(used) <= set(adapted) else "file's"
     if scalar:
         out.append(
             finding(
                 "GATE_SHAPE",
-                f"{len(scalar)} gate(s) are legacy scalars of shape [1] "
+                f"{len(scalar)} of the {len(used)} {scope} gates are legacy scalars of shape [1] "
                 f"(layers {_names([str(i) for i in scalar])}); "
                 f"the model has per-head gates [1, {heads or 'n_heads'}, 1, 1] and "
                 "load_state_dict raises on the size mismatch",
@@ -305,7 +310,7 @@ def check_gates(
             finding(
                 "ADAPTER_INERT",
                 f"all {values.size} gate values of the {len(used)} "
-                + ("adapted layers" if set(used) <= set(adapted) else "layers with a gate")
+                + ("adapted layers" if scope == "adapted layers'" else "layers with a gate")
                 + " are exactly 0: the adapter adds nothing and the output equals the base model",
                 "these are the zero-init gates: the checkpoint was saved before training "
                 "updated them, or the adapter was not loaded; use a trained checkpoint",
