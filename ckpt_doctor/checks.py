@@ -13,10 +13,16 @@ import numpy as np
 from ckpt_doctor import keys
 from ckpt_doctor.diffing import DiffReport, TensorDiff
 from ckpt_doctor.facts import AdapterConfig, ModelFacts
-from ckpt_doctor.families import TANH_MISMATCH_RATIO, V1_QUERY_KEY, raw_over_tanh, v1_gate_key
+from ckpt_doctor.families import (
+    TANH_MISMATCH_RATIO,
+    V1_QUERY_KEY,
+    is_adapter_key,
+    raw_over_tanh,
+    v1_gate_key,
+)
 from ckpt_doctor.findings import Finding, finding
 from ckpt_doctor.handles import TensorHandle
-from ckpt_doctor.numerics import FP16_MAX, ValueScan
+from ckpt_doctor.numerics import FP16_MAX, ValueScan, scan_values
 from ckpt_doctor.reader import Checkpoint
 
 
@@ -102,6 +108,16 @@ def check_load_overlap(
             matched=0,
             model_keys=len(model_names),
         )
+    ]
+
+
+def upstream_load_findings(ckpt: Checkpoint, model_names: set[str]) -> list[Finding]:
+    """CONTAINER_NESTED / LOAD_NOTHING / KEY_PREFIX: how upstream example.py's
+    ``load_state_dict(torch.load(path), strict=False)`` sees the file as saved."""
+    return [
+        *check_container(ckpt),
+        *check_load_overlap(ckpt, model_names),
+        *check_prefix(ckpt, model_names),
     ]
 
 
@@ -265,9 +281,16 @@ def check_adapter(
 
 
 def check_gates(
-    gate_values: Mapping[int, np.ndarray], facts: ModelFacts, adapted: Sequence[int]
+    gate_values: Mapping[int, np.ndarray],
+    facts: ModelFacts,
+    adapted: Sequence[int],
+    *,
+    tanh_baked: bool = False,
 ) -> list[Finding]:
-    """GATE_SHAPE / ADAPTER_INERT / GATE_TANH_MISMATCH over the adapted layers' gates."""
+    """GATE_SHAPE / ADAPTER_INERT / GATE_TANH_MISMATCH over the adapted layers' gates.
+
+    ``tanh_baked``: the gates already hold tanh(g) (repair --bake-tanh), so raw inference is
+    what training did and the raw-vs-tanh comparison does not apply."""
     out: list[Finding] = []
     used = {i: g for i, g in gate_values.items() if i in adapted} or dict(gate_values)
     if not used:
@@ -323,7 +346,7 @@ def check_gates(
             r = raw_over_tanh(v)
             if r > worst_ratio:
                 worst_ratio, worst_at = r, (i, h, v)
-    if worst_at is not None and worst_ratio > TANH_MISMATCH_RATIO:
+    if worst_at is not None and worst_ratio > TANH_MISMATCH_RATIO and not tanh_baked:
         layer, head, value = worst_at
         out.append(
             finding(
@@ -338,6 +361,28 @@ def check_gates(
             )
         )
     return out
+
+
+def content_findings(
+    tensors: Mapping[str, TensorHandle],
+    facts: ModelFacts,
+    adapter: AdapterConfig | None,
+    *,
+    scan_all: bool = True,
+    tanh_baked: bool = False,
+) -> list[Finding]:
+    """NONFINITE / FP16_OVERFLOW over the values and the gate checks over the adapted layers'
+    gates: what inspect checks, run on the tensors extract takes, verify verifies or repair
+    writes. ``scan_all=False`` scans only the adapter's values (multi-GB full checkpoints)."""
+    scans = {
+        n: scan_values(h)
+        for n, h in tensors.items()
+        if h.is_float and (scan_all or is_adapter_key(n))
+    }
+    layers = adapter.gate_layers.items() if adapter is not None else ()
+    gates = {i: tensors[k].values() for i, k in layers if k in tensors}
+    adapted = adapter.adapted_layers(facts.n_layers) if adapter is not None else []
+    return [*check_values(scans), *check_gates(gates, facts, adapted, tanh_baked=tanh_baked)]
 
 
 def _rows_only(t: TensorDiff) -> bool:

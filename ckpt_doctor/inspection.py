@@ -154,9 +154,7 @@ def inspect_checkpoint(
 
     findings: list[Finding] = []
     findings += checks.check_empty(ckpt)
-    findings += checks.check_container(ckpt)
-    findings += checks.check_load_overlap(ckpt, model_names)
-    findings += checks.check_prefix(ckpt, model_names)
+    findings += checks.upstream_load_findings(ckpt, model_names)
     findings += checks.check_values(scans)
     findings += checks.check_adapter(
         tensors, adapter, facts, expected=checks.adapter_expected(ckpt)

@@ -230,3 +230,70 @@ def test_verify_explains_a_drifted_base(tmp_path):
     assert not checks["same logits"]["passed"]
     assert "BASE_MODIFIED" in checks["same logits"]["detail"]
     assert doc["code"] == 1 and doc["max_logit_diff"] > 0
+
+
+def world_with(tmp_path: Path, **adapter_options) -> tuple[Path, Path, dict]:
+    """The tiny world with an adapter the caller edits; returns (base dir, ckpt, adapter)."""
+    base = base_state_dict(CFG)
+    write_meta_dir(base, tmp_path / "base", CFG)
+    return tmp_path / "base", tmp_path / "checkpoint-4.pth", adapter_tensors(CFG, **adapter_options)
+
+
+def save_world(ckpt_path: Path, adapter: dict) -> Path:
+    return save_zip(training_checkpoint(CFG, base_state_dict(CFG), adapter), ckpt_path)
+
+
+def cli_extract(ckpt: Path, base_dir: Path, out: Path, *extra: str):
+    args = ["extract", str(ckpt), "--base", str(base_dir), "-o", str(out), *extra, "--json"]
+    return runner.invoke(app, args)
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [("nan", "NONFINITE"), ("zero_gates", "ADAPTER_INERT"), ("scalar_gates", "GATE_SHAPE")],
+)
+def test_extract_checks_the_content_it_takes(tmp_path, case, expected):
+    """A NaN, inert or legacy-gated adapter is extracted as asked, but reported (exit 1)."""
+    base_dir, ckpt_path, adapter = world_with(tmp_path, scalar_gates=case == "scalar_gates")
+    if case == "nan":
+        adapter["adapter_query.weight"][0, 0] = float("nan")
+    if case == "zero_gates":
+        adapter = {k: v.zero_() if k.endswith(".gate") else v for k, v in adapter.items()}
+    save_world(ckpt_path, adapter)
+    out = tmp_path / "adapter.pth"
+    result = cli_extract(ckpt_path, base_dir, out)
+    assert result.exit_code == 1, result.output
+    found = {f["id"]: f["severity"] for f in json.loads(result.stdout)["findings"]}
+    assert found == {expected: "error"}
+    assert out.is_file()
+
+
+def test_extract_dtype_accepts_floats_only(tmp_path):
+    _, ckpt_path = world(tmp_path)
+    out = tmp_path / "a.pth"
+    result = runner.invoke(app, ["extract", str(ckpt_path), "-o", str(out), "--dtype", "int8"])
+    assert result.exit_code == 2 and "USAGE" in result.stderr and "float16" in result.stderr
+    assert not out.exists()
+    with open_checkpoint(ckpt_path) as ckpt, pytest.raises(UsageError):
+        extract(ckpt, out, dtype="float8_e4m3fn")
+    assert not out.exists()
+
+
+def test_extract_refuses_a_cast_that_overflows(tmp_path):
+    base_dir, ckpt_path, adapter = world_with(tmp_path)
+    adapter["adapter_query.weight"][1, 2] = 70000.0  # finite in fp32, Inf in fp16
+    save_world(ckpt_path, adapter)
+    out = tmp_path / "a.pth"
+    with open_checkpoint(ckpt_path) as ckpt, pytest.raises(RefusedError) as info:
+        extract(ckpt, out, dtype="float16")
+    assert info.value.code == "FP16_OVERFLOW" and info.value.exit_code == 2
+    assert "70000" in info.value.message and "--dtype" in info.value.hint
+    assert not out.exists()
+    result = cli_extract(ckpt_path, base_dir, out, "--dtype", "float16")
+    assert result.exit_code == 2 and not out.exists()
+    # bfloat16 has the range: written, and the overflow is reported for fp16 inference
+    result = cli_extract(ckpt_path, base_dir, out, "--dtype", "bfloat16")
+    assert result.exit_code == 1, result.output
+    assert [f["id"] for f in json.loads(result.stdout)["findings"]] == ["FP16_OVERFLOW"]
+    written = torch.load(out, weights_only=True)["adapter_query.weight"]
+    assert written.dtype == torch.bfloat16 and torch.isfinite(written).all()
