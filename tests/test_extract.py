@@ -22,6 +22,7 @@ from fixtures.make_fixtures import (
     TinyConfig,
     adapter_tensors,
     base_state_dict,
+    save_safetensors,
     save_zip,
     training_checkpoint,
     write_meta_dir,
@@ -196,9 +197,9 @@ def test_verify_passes_on_a_fresh_extraction(tmp_path, suffix):
     doc = run_verify(out, base_dir, ckpt_path)
     assert doc["code"] == 0 and doc["passed"] and doc["max_logit_diff"] == 0.0
     checks = {c["name"]: c["passed"] for c in doc["checks"]}
-    assert checks == dict.fromkeys(
-        ["reload", "bit-exact", "complete", "strict load", "same logits"], True
-    )
+    names = ["reload", "upstream load", "values", "bit-exact", "complete", "strict load"]
+    assert checks == dict.fromkeys([*names, "same logits"], True)
+    assert doc["findings"] == []
 
 
 def test_verify_catches_a_tampered_and_an_incomplete_adapter(tmp_path):
@@ -212,11 +213,94 @@ def test_verify_catches_a_tampered_and_an_incomplete_adapter(tmp_path):
     del adapter["adapter_query.weight"]
     torch.save(adapter, tmp_path / "incomplete.pth")
     tampered = run_verify(tmp_path / "tampered.pth", base_dir, ckpt_path)
-    checks = {c["name"]: c["passed"] for c in tampered["checks"]}
-    assert tampered["code"] == 1 and not checks["bit-exact"] and not checks["same logits"]
+    checks = {c["name"]: c for c in tampered["checks"]}
+    assert tampered["code"] == 1 and not checks["bit-exact"]["passed"]
+    assert not checks["same logits"]["passed"]
+    # every failed check comes with its finding; details name only what is there
+    assert {"NOT_BIT_EXACT", "LOGITS_DIFFER"} <= finding_ids(tampered)
+    assert checks["bit-exact"]["detail"] == "differ: layers.3.attention.gate"
     incomplete = run_verify(tmp_path / "incomplete.pth", base_dir, ckpt_path)
     checks = {c["name"]: c["passed"] for c in incomplete["checks"]}
     assert incomplete["code"] == 1 and not checks["complete"]
+    assert "ADAPTER_MISSING" in finding_ids(incomplete)
+    for doc in (tampered, incomplete):
+        assert all(f["severity"] == "error" for f in doc["findings"])
+
+
+def finding_ids(doc: dict) -> set[str]:
+    return {f["id"] for f in doc["findings"]}
+
+
+def test_verify_fails_a_file_upstream_would_load_nothing_from(tmp_path):
+    """The training checkpoint (weights under 'model') and a nested, prefixed adapter resolve
+    fine for ckpt-doctor, but upstream's load_state_dict(strict=False) takes nothing."""
+    base_dir, ckpt_path = world(tmp_path)
+    doc = run_verify(ckpt_path, base_dir, None)
+    checks = {c["name"]: c["passed"] for c in doc["checks"]}
+    assert doc["code"] == 1 and not doc["passed"] and not checks["upstream load"]
+    assert {"CONTAINER_NESTED", "LOAD_NOTHING"} <= finding_ids(doc)
+    with open_checkpoint(ckpt_path) as ckpt:
+        adapter = {k: h.to_torch().clone() for k, h in ckpt.canonical().items() if "gate" in k}
+        adapter["adapter_query.weight"] = ckpt.canonical()["adapter_query.weight"].to_torch()
+    nested = tmp_path / "nested.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in adapter.items()}}, nested)
+    doc = run_verify(nested, base_dir, ckpt_path)
+    checks = {c["name"]: c["passed"] for c in doc["checks"]}
+    assert doc["code"] == 1 and not checks["upstream load"]
+    assert checks["bit-exact"] and checks["strict load"]  # only upstream's view is wrong
+    assert {"LOAD_NOTHING", "KEY_PREFIX"} <= finding_ids(doc)
+    flat = tmp_path / "flat.pth"
+    torch.save(adapter, flat)
+    doc = run_verify(flat, base_dir, ckpt_path)
+    assert doc["code"] == 0 and doc["passed"] and doc["findings"] == []
+
+
+def test_verify_reports_a_sha256_mismatch(tmp_path):
+    base_dir, ckpt_path = world(tmp_path)
+    out = tmp_path / "adapter.safetensors"
+    with open_checkpoint(ckpt_path) as ckpt:
+        result = extract(ckpt, out)
+    with safe_open(str(out), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    tensors["layers.3.attention.gate"] += 1e-3
+    tampered = save_safetensors(
+        tensors, tmp_path / "tampered.safetensors", metadata=result.metadata
+    )
+    doc = run_verify(tampered, base_dir, None)
+    checks = {c["name"]: c["passed"] for c in doc["checks"]}
+    assert doc["code"] == 1 and not checks["reload"]
+    assert finding_ids(doc) == {"SHA256_MISMATCH"}
+
+
+def test_verify_checks_the_values(tmp_path):
+    base_dir, ckpt_path = world(tmp_path)
+    out = tmp_path / "adapter.pth"
+    with open_checkpoint(ckpt_path) as ckpt:
+        extract(ckpt, out)
+    adapter = torch.load(out, weights_only=True)
+    adapter["adapter_query.weight"][0, 0] = float("nan")
+    torch.save(adapter, tmp_path / "nan.pth")
+    doc = run_verify(tmp_path / "nan.pth", base_dir, None)
+    checks = {c["name"]: c["passed"] for c in doc["checks"]}
+    assert doc["code"] == 1 and not doc["passed"] and not checks["values"]
+    assert finding_ids(doc) == {"NONFINITE"}
+    human = runner.invoke(app, ["verify", str(tmp_path / "nan.pth"), "--base", str(base_dir)])
+    assert human.exit_code == 1 and "verification failed" in human.stdout
+
+
+def test_verify_counts_scalar_gates_as_inspect_does(tmp_path):
+    """One GATE_SHAPE finding, with inspect's count (the adapted layers' gates)."""
+    base_dir, _, adapter = world_with(tmp_path, scalar_gates=True)
+    path = tmp_path / "scalar.pth"
+    torch.save(adapter, path)
+    doc = run_verify(path, base_dir, None)
+    (shape,) = [f for f in doc["findings"] if f["id"] == "GATE_SHAPE"]
+    inspected = runner.invoke(app, ["inspect", str(path), "--base", str(base_dir), "--json"])
+    (expected,) = [f for f in json.loads(inspected.stdout)["findings"] if f["id"] == "GATE_SHAPE"]
+    assert shape["message"] == expected["message"]
+    assert "2 of the 2 adapted layers' gates" in shape["message"]
+    checks = {c["name"]: c["passed"] for c in doc["checks"]}
+    assert doc["code"] == 1 and not checks["upstream load"] and not checks["values"]
 
 
 def test_verify_explains_a_drifted_base(tmp_path):
