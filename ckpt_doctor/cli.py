@@ -276,7 +276,7 @@ def repair(
                     progress=progress,
                 )
         _emit(as_json, report, render.render_repair)
-        return 0
+        return report.exit_code
 
     _run(as_json, body)
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from ckpt_doctor import checks, keys
 from ckpt_doctor.diffing import DiffReport, Progress, diff_tensors
+from ckpt_doctor.extraction import tanh_baked
 from ckpt_doctor.facts import AdapterConfig, ModelFacts, adapter_config, model_facts
 from ckpt_doctor.families import is_adapter_key
 from ckpt_doctor.findings import Finding, exit_code_for
@@ -159,7 +160,10 @@ def inspect_checkpoint(
     findings += checks.check_adapter(
         tensors, adapter, facts, expected=checks.adapter_expected(ckpt)
     )
-    findings += checks.check_gates(gate_values, facts, adapted)
+    # Baked gates (repair --bake-tanh) hold tanh(g): raw inference is what training did.
+    findings += checks.check_gates(
+        gate_values, facts, adapted, tanh_baked=tanh_baked(ckpt.metadata)
+    )
     findings += checks.check_optimizer(ckpt)
     diff = None
     if base is not None and base_tensors is not None:
