@@ -7,6 +7,7 @@ until they run out. Every row stops on its own at eos, at a detected loop, or at
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import torch
 from ckpt_doctor.errors import UsageError
 from ckpt_doctor.loops import Loop, LoopDetector
 from ckpt_doctor.model import KVCache, Transformer
-from ckpt_doctor.tokenizer import Tokenizer, format_prompt
+from ckpt_doctor.tokenizer import TEMPLATES, Tokenizer, format_prompt
 
 SMALL_MODEL_DIM = 512
 
@@ -31,6 +32,33 @@ class GenerationConfig:
     template: str = "alpaca"
     stop_on_loop: bool = True
     cuda_graph: bool = True  # on CUDA, replay the one-token step as a captured CUDA graph
+
+    def __post_init__(self) -> None:
+        # Checked here, before any model loads: nonsense would otherwise surface as an
+        # internal torch error (NaN temperature), silent greedy decoding (negative), or a
+        # nonsense context size (max_new_tokens <= 0).
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise UsageError(
+                f"--max-new-tokens {n!r}: generation needs at least 1 new token",
+                hint="pass --max-new-tokens 1 or more (answers usually need 64-512)",
+            )
+        t = self.temperature
+        if not math.isfinite(t) or t < 0:
+            raise UsageError(
+                f"--temperature {t!r}: must be a finite number >= 0",
+                hint="0 is greedy decoding; 0.7-1.0 samples",
+            )
+        if not 0 < self.top_p <= 1:  # NaN fails this too
+            raise UsageError(
+                f"--top-p {self.top_p!r}: must be in (0, 1]",
+                hint="1 keeps the whole distribution; 0.9 keeps the top 90% of the mass",
+            )
+        if self.template not in TEMPLATES:
+            raise UsageError(
+                f"unknown prompt template {self.template!r}",
+                hint=f"use one of: {', '.join(sorted(TEMPLATES))}",
+            )
 
 
 @dataclass
@@ -142,6 +170,21 @@ def decode_step(model: Transformer, cache: KVCache, *, graph: bool) -> Step:
     return replay
 
 
+def prompt_ids(
+    tokenizer: Tokenizer, instructions: list[str], config: GenerationConfig
+) -> list[list[int]]:
+    """Each instruction under the config's template, tokenized: [bos] + ids, no eos."""
+    return [
+        tokenizer.prompt_ids(format_prompt(text, template=config.template)) for text in instructions
+    ]
+
+
+def context_length(tokenizer: Tokenizer, instructions: list[str], config: GenerationConfig) -> int:
+    """Positions a generation needs (the longest prompt plus max_new_tokens): what the KV
+    cache and the model's RoPE table must cover."""
+    return max(map(len, prompt_ids(tokenizer, instructions, config))) + config.max_new_tokens
+
+
 @torch.inference_mode()
 def generate(
     model: Transformer,
@@ -159,16 +202,18 @@ def _generate(
     model: Transformer, tokenizer: Tokenizer, instructions: list[str], config: GenerationConfig
 ) -> list[Result]:
     device = model.tok_embeddings.weight.device
-    results = [
-        Result(text, tokenizer.prompt_ids(format_prompt(text, template=config.template)))
-        for text in instructions
-    ]
+    ids = prompt_ids(tokenizer, instructions, config)
+    results = [Result(text, p) for text, p in zip(instructions, ids, strict=True)]
     lengths = [len(r.prompt_ids) for r in results]
-    total = min(max(lengths) + config.max_new_tokens, model.args.max_seq_len)
-    if max(lengths) >= total:
+    # The whole budget or an error, never a silent cut: the cache holds exactly this much.
+    total = max(lengths) + config.max_new_tokens
+    if total > model.args.max_seq_len:
         raise UsageError(
-            f"a prompt has {max(lengths)} tokens; the model context is {model.args.max_seq_len}",
-            hint="shorten the prompt or lower --max-new-tokens",
+            f"the longest prompt has {max(lengths)} tokens and max_new_tokens is "
+            f"{config.max_new_tokens}: {total} positions, but the model was built for "
+            f"{model.args.max_seq_len}",
+            hint="load the model with max_seq_len >= "
+            f"{total} (generate.context_length computes it), or shorten the prompt",
         )
     tokens = torch.zeros((len(results), total), dtype=torch.long, device=device)
     for i, r in enumerate(results):

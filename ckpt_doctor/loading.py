@@ -21,7 +21,7 @@ import torch
 from ckpt_doctor import keys
 from ckpt_doctor.errors import ModelLoadError, UsageError
 from ckpt_doctor.facts import AdapterConfig, adapter_config, model_facts
-from ckpt_doctor.families import V1_QUERY_KEY, is_adapter_key, v1_gate_key
+from ckpt_doctor.families import V1_QUERY_KEY, check_gate_fn, is_adapter_key, v1_gate_key
 from ckpt_doctor.findings import Finding, finding
 from ckpt_doctor.handles import TensorHandle
 from ckpt_doctor.model import ModelArgs, Transformer, ffn_hidden_size
@@ -109,6 +109,7 @@ def load_model(
         raise UsageError(f"unknown --load-as {load_as!r}", hint="use strict or upstream")
     if adapter is not None and full is not None:
         raise UsageError("give --adapter or --full, not both", hint="pick the file to test")
+    check_gate_fn(gate_fn)
     device = torch.device(device)
     extra = adapter or full
     config = None

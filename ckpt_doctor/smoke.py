@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from ckpt_doctor.errors import UsageError
+from ckpt_doctor.families import check_gate_fn
 from ckpt_doctor.findings import Finding, exit_code_for, finding
-from ckpt_doctor.generate import GenerationConfig, Result, generate
+from ckpt_doctor.generate import GenerationConfig, Result, context_length, generate
 from ckpt_doctor.kernels import fused_unavailable_reason
 from ckpt_doctor.loading import LoadReport, load_model
 from ckpt_doctor.reader import Checkpoint, find_tokenizer
@@ -122,6 +123,7 @@ def smoke_generate(
     attention: str = "auto",
 ) -> SmokeReport:
     config = config or GenerationConfig()
+    check_gate_fn(gate_fn)  # before the tokenizer and the weights load
     dev = resolve_device(device)
     attn = resolve_attention(attention, dev)
     tok_path = tokenizer_path or base.tokenizer_path or find_tokenizer(base.path)
@@ -131,7 +133,9 @@ def smoke_generate(
             hint="pass --tokenizer PATH",
         )
     tokenizer = load_tokenizer(tok_path)
-    max_len = max(64, min(2048, config.max_new_tokens + 256))
+    instructions = list(prompts or DEFAULT_PROMPTS)
+    # The model's context (RoPE table) covers exactly what these prompts need: no hidden cap.
+    max_len = context_length(tokenizer, instructions, config)
     model, load = load_model(
         base,
         adapter=adapter,
@@ -143,7 +147,7 @@ def smoke_generate(
         max_seq_len=max_len,
     )
     model.set_attention(attn)
-    results = generate(model, tokenizer, list(prompts or DEFAULT_PROMPTS), config=config)
+    results = generate(model, tokenizer, instructions, config=config)
     findings = [*load.findings, *outcome_findings(results)]
     graph = config.cuda_graph and dev.type == "cuda"
     return SmokeReport(load, results, tok_path, str(dev), attn, graph, findings)

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ckpt_doctor.generate import GenerationConfig, generate
+from ckpt_doctor.errors import UsageError
+from ckpt_doctor.generate import GenerationConfig, context_length, generate
 from ckpt_doctor.loading import load_model
 from ckpt_doctor.reader import open_checkpoint
 from ckpt_doctor.tokenizer import Tokenizer
@@ -145,3 +146,42 @@ def test_static_step_generates_what_the_eager_step_does(tiny_model, monkeypatch)
     for e, g in zip(eager, got, strict=True):
         assert g.generated_ids == e.generated_ids and len(g.generated_ids) == 12
         assert g.eos_probs == pytest.approx(e.eos_probs, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("max_new_tokens", 0),
+        ("max_new_tokens", -3),
+        ("temperature", float("nan")),
+        ("temperature", float("inf")),
+        ("temperature", -1.0),
+        ("top_p", 0.0),
+        ("top_p", 2.0),
+        ("top_p", float("nan")),
+        ("template", "bogus"),
+    ],
+)
+def test_config_refuses_nonsense_with_a_usage_error(option, value):
+    with pytest.raises(UsageError) as info:
+        GenerationConfig(**{option: value})
+    assert info.value.hint and info.value.exit_code == 2
+
+
+def test_the_whole_budget_or_an_error_never_a_silent_cut(tiny_model):
+    """The model's context must cover longest prompt + max_new_tokens; generate() says so
+    instead of quietly generating fewer tokens."""
+    tok = CharTokenizer()
+    prompt = "x" * 40
+    config = GenerationConfig(template="none", max_new_tokens=30, stop_on_loop=False)
+    need = len(tok.prompt_ids(prompt)) + 30
+    assert context_length(tok, [prompt, "short"], config) == need
+    small = ScriptedModel([[4]])
+    small.args.max_seq_len = need - 1
+    small.lengths = [len(tok.prompt_ids(prompt))]
+    with pytest.raises(UsageError, match=f"{need} positions") as info:
+        generate(small, tok, [prompt], config=config)  # type: ignore[arg-type]
+    assert "max_seq_len" in info.value.hint
+    small.args.max_seq_len = need
+    (r,) = generate(small, tok, [prompt], config=config)  # type: ignore[arg-type]
+    assert r.outcome == "max_tokens" and len(r.generated_ids) == 30

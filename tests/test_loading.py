@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt_doctor.errors import ModelLoadError
+from ckpt_doctor.errors import ModelLoadError, UsageError
 from ckpt_doctor.loading import load_model
 from ckpt_doctor.reader import open_checkpoint
 from fixtures.make_fixtures import (
@@ -335,3 +335,9 @@ def test_fp16_load_shares_the_file_map(tmp_path):
     for name, p in model32.named_parameters():
         start = p.untyped_storage().data_ptr()
         assert not any(lo <= start < hi for lo, hi in ranges), name
+
+
+def test_unknown_gate_function_is_a_usage_error(v):
+    with pytest.raises(UsageError) as info:
+        load(v, "a", gate_fn="bogus")
+    assert "raw or tanh" in info.value.hint

@@ -89,3 +89,38 @@ def test_strict_load_of_training_checkpoint_behaves_like_base_plus_adapter(held_
         r["generated_ids"] for r in adapter["results"]
     ]
     assert share(strict, "eos") >= 0.9
+
+
+def test_a_long_prompt_gets_its_whole_budget():
+    """No hidden context cap: a prompt of ~300 tokens still gets max_new_tokens tokens."""
+    from ckpt_doctor.generate import GenerationConfig
+    from ckpt_doctor.smoke import smoke_generate
+
+    prompt = " ".join(["word"] * 280)
+    with open_checkpoint(BASE) as base:
+        report = smoke_generate(
+            base, prompts=[prompt], config=GenerationConfig(max_new_tokens=12), device="cpu"
+        )
+    (r,) = report.results
+    assert len(r.prompt_ids) > 280
+    assert report.load.args.max_seq_len == len(r.prompt_ids) + 12  # sized from the prompt
+    assert r.outcome != "max_tokens" or len(r.generated_ids) == 12
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--gate", "bogus"],
+        ["--max-new-tokens", "0"],
+        ["--temperature", "nan"],
+        ["--temperature", "-1"],
+        ["--top-p", "0"],
+        ["--top-p", "2"],
+    ],
+)
+def test_bad_generation_options_are_usage_errors(args):
+    result = runner.invoke(app, ["smoke-generate", "--base", str(BASE), *args, "--json"])
+    assert result.exit_code == 2, result.output
+    doc = json.loads(result.stdout)
+    assert doc["error"]["id"] == "USAGE" and doc["error"]["hint"]
+    assert "internal error" not in result.stderr
