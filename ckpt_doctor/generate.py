@@ -66,11 +66,12 @@ class Result:
     prompt: str  # the instruction as given
     prompt_ids: list[int]
     generated_ids: list[int] = field(default_factory=list)  # up to and excluding eos
-    outcome: str = "max_tokens"
+    outcome: str = "max_tokens"  # eos | loop | max_tokens | nonfinite (NaN/Inf logits)
     loop: Loop | None = None
     eos_probs: list[float] = field(default_factory=list)  # P(eos) at every generated step
     text: str = ""
     loop_char: int | None = None  # where the repeating part starts in ``text``
+    nonfinite_at: int | None = None  # generated step whose logits held NaN/Inf
 
     @property
     def max_eos_prob(self) -> float:
@@ -84,6 +85,7 @@ class Result:
             "text": self.text,
             "outcome": self.outcome,
             "loop": self.loop.to_json() if self.loop else None,
+            "nonfinite_at": self.nonfinite_at,
             "tokens": len(self.generated_ids),
             "max_eos_prob": self.max_eos_prob,
             "eos_probs": [round(p, 6) for p in self.eos_probs],
@@ -93,6 +95,9 @@ class Result:
 def _sample(logits: torch.Tensor, config: GenerationConfig, gen: torch.Generator) -> torch.Tensor:
     if config.temperature <= 0:
         return logits.argmax(-1)
+    # A row with NaN/Inf logits stops (the caller sees it); make it uniform so multinomial
+    # does not raise on it first.
+    logits = torch.where(logits.isfinite().all(-1, keepdim=True), logits, 0.0)
     probs = torch.softmax(logits / config.temperature, dim=-1)
     if config.top_p < 1.0:  # nucleus: keep the smallest prefix of mass >= top_p
         sorted_p, order = probs.sort(dim=-1, descending=True)
@@ -229,8 +234,13 @@ def _generate(
             logits = step(tokens[:, prev], prev)
         else:  # the prefill: every position all prompts share
             logits = model(tokens[:, prev:pos], prev, cache)
-        eos_probs = torch.softmax(logits, dim=-1)[:, tokenizer.eos_id].tolist()
-        column = _sample(logits, config, gen).tolist()  # one device sync a step, not per row
+        eos_prob = torch.softmax(logits, dim=-1)[:, tokenizer.eos_id]
+        finite = logits.isfinite().all(-1)  # NaN/Inf logits: nothing sensible follows
+        sampled = _sample(logits, config, gen)
+        # One device sync a step, not per row and not per quantity: P(eos), the sampled token
+        # and the finiteness flag travel together (float64 holds every token id exactly).
+        rows = torch.stack([eos_prob.double(), sampled.double(), finite.double()], 1).tolist()
+        column = [int(token) for _, token, _ in rows]
         prev = pos
         for i, r in enumerate(results):
             if pos < lengths[i]:  # still inside this row's prompt: force it
@@ -239,8 +249,12 @@ def _generate(
             if done[i]:
                 column[i] = tokenizer.eos_id  # keep finished rows cheap and deterministic
                 continue
+            if not rows[i][2]:
+                r.outcome, r.nonfinite_at, done[i] = "nonfinite", len(r.generated_ids), True
+                column[i] = tokenizer.eos_id
+                continue
             token = column[i]
-            r.eos_probs.append(eos_probs[i])
+            r.eos_probs.append(rows[i][0])
             if token == tokenizer.eos_id:
                 r.outcome, done[i] = "eos", True
                 continue

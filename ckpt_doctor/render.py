@@ -230,7 +230,7 @@ def render_diff(report: DiffReport, *, show_all: bool = False) -> None:
         out.print(f"[green]adapter tensors[/] ({len(adapter)}): {names}")
 
 
-OUTCOME_STYLE = {"eos": "green", "loop": "bold red", "max_tokens": "yellow"}
+OUTCOME_STYLE = {"eos": "green", "loop": "bold red", "max_tokens": "yellow", "nonfinite": "red"}
 
 
 def render_smoke(report: SmokeReport) -> None:

@@ -79,11 +79,33 @@ def resolve_attention(name: str, device: torch.device) -> str:
     return name
 
 
-def outcome_findings(results: list[Result]) -> list[Finding]:
-    """NO_EOS / LOOP: the behavioural symptoms, with the prompts that showed them."""
+def outcome_findings(results: list[Result], *, dtype: str | None = None) -> list[Finding]:
+    """NONFINITE / NO_EOS / LOOP: the behavioural symptoms, with the prompts that showed them.
+    ``dtype`` is the one the model ran in (its hint differs for an fp16 overflow)."""
     out = []
+    broken = [r for r in results if r.outcome == "nonfinite"]
     loops = [r for r in results if r.outcome == "loop"]
     capped = [r for r in results if r.outcome == "max_tokens"]
+    if broken:
+        first = min(r.nonfinite_at or 0 for r in broken)
+        if dtype == "float16":
+            hint = (
+                "float16 overflowed: run with --dtype float32 (or bfloat16); ckpt-doctor "
+                "inspect shows FP16_OVERFLOW / NONFINITE in the checkpoint"
+            )
+        else:
+            hint = "the weights yield NaN/Inf: run ckpt-doctor inspect on the checkpoint"
+        out.append(
+            finding(
+                "NONFINITE",
+                f"{len(broken)} of {len(results)} prompts produced NaN/Inf logits (first at "
+                f"generated step {first}, running in {dtype or 'the model dtype'}); "
+                "generation stopped there",
+                hint,
+                prompts=[r.prompt for r in broken],
+                dtype=dtype,
+            )
+        )
     if loops:
         periods = sorted({r.loop.period for r in loops if r.loop})
         out.append(
@@ -148,6 +170,6 @@ def smoke_generate(
     )
     model.set_attention(attn)
     results = generate(model, tokenizer, instructions, config=config)
-    findings = [*load.findings, *outcome_findings(results)]
+    findings = [*load.findings, *outcome_findings(results, dtype=load.dtype)]
     graph = config.cuda_graph and dev.type == "cuda"
     return SmokeReport(load, results, tok_path, str(dev), attn, graph, findings)

@@ -185,3 +185,37 @@ def test_the_whole_budget_or_an_error_never_a_silent_cut(tiny_model):
     small.args.max_seq_len = need
     (r,) = generate(small, tok, [prompt], config=config)  # type: ignore[arg-type]
     assert r.outcome == "max_tokens" and len(r.generated_ids) == 30
+
+
+class NanAfter(ScriptedModel):
+    """A scripted model whose row 0 logits turn NaN from its ``k``-th generated token on."""
+
+    def __init__(self, scripts: list[list[int]], k: int) -> None:
+        super().__init__(scripts)
+        self.k, self.calls = k, 0
+
+    def __call__(self, tokens: torch.Tensor, start: int, cache: None) -> torch.Tensor:
+        self.calls += 1
+        logits = super().__call__(tokens, start, cache)
+        if start + tokens.shape[1] - self.lengths[0] >= self.k:
+            logits[0, 3] = float("nan")
+        return logits
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_nonfinite_logits_stop_the_row_with_one_sync_a_step(monkeypatch, temperature):
+    tok = CharTokenizer()
+    prompts = ["ab", "cd"]
+    model = NanAfter([[7, 8, 9, 10, 11, 12], [4, 5, 6, 7, 8, 9]], k=3)
+    model.lengths = [len(tok.prompt_ids(p)) for p in prompts]
+    syncs = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: syncs.append(1) or real(t))
+    config = GenerationConfig(template="none", max_new_tokens=6, temperature=temperature)
+    broken, fine = generate(model, tok, prompts, config=config)  # type: ignore[arg-type]
+    assert broken.outcome == "nonfinite" and broken.nonfinite_at == 3
+    assert len(broken.generated_ids) == 3 and len(broken.eos_probs) == 3
+    assert all(p == p for p in broken.eos_probs)  # no NaN leaks into P(eos) (or the JSON)
+    assert fine.outcome == "max_tokens" and len(fine.generated_ids) == 6
+    assert broken.to_json()["nonfinite_at"] == 3
+    assert len(syncs) == model.calls  # still one host sync per step

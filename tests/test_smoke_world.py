@@ -124,3 +124,25 @@ def test_bad_generation_options_are_usage_errors(args):
     doc = json.loads(result.stdout)
     assert doc["error"]["id"] == "USAGE" and doc["error"]["hint"]
     assert "internal error" not in result.stderr
+
+
+@pytest.mark.parametrize("case", ["nan", "fp16_overflow"])
+def test_nonfinite_logits_are_reported_not_run_to_the_limit(adapter_file, tmp_path, case):
+    adapter = torch.load(adapter_file, weights_only=True)
+    query = adapter["adapter_query.weight"]
+    query[0, 0] = float("nan") if case == "nan" else 70000.0  # fp32: finite; fp16: Inf
+    path = tmp_path / f"{case}.pth"
+    torch.save(adapter, path)
+    dtype = "float16" if case == "fp16_overflow" else "float32"
+    args = ["--adapter", str(path), "--dtype", dtype, "--device", "cpu"]
+    result = runner.invoke(
+        app, ["smoke-generate", "--base", str(BASE), *args, "--prompt", "hi", "--json"]
+    )
+    assert result.exit_code == 1, result.output
+    doc = json.loads(result.stdout)
+    (r,) = doc["results"]
+    assert r["outcome"] == "nonfinite" and r["nonfinite_at"] == 0 and r["generated_ids"] == []
+    (f,) = doc["findings"]
+    assert (f["id"], f["severity"]) == ("NONFINITE", "error")
+    assert ("--dtype float32" in f["hint"]) == (case == "fp16_overflow")
+    assert "inspect" in f["hint"]
