@@ -289,6 +289,7 @@ def diagnose(
     prompt: PromptOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="Per prompt, per smoke arm.")] = 64,
     as_json: JsonOpt = False,
+    trust_pickle: TrustOpt = False,
 ) -> None:
     """Find the root cause of a misbehaving checkpoint and the command that fixes it."""
 
@@ -297,7 +298,12 @@ def diagnose(
         from ckpt_doctor.diagnosis import diagnose as run_diagnose
 
         result = run_diagnose(
-            path, base, tokenizer_path=tokenizer, prompts=prompt, max_new_tokens=max_new_tokens
+            path,
+            base,
+            tokenizer_path=tokenizer,
+            prompts=prompt,
+            max_new_tokens=max_new_tokens,
+            trust_pickle=trust_pickle,
         )
         _emit(as_json, result, render.render_diagnosis)
         return result.exit_code

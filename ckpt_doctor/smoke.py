@@ -79,6 +79,17 @@ def resolve_attention(name: str, device: torch.device) -> str:
     return name
 
 
+def resolve_tokenizer(base: Checkpoint, tokenizer_path: Path | None) -> Path:
+    """--tokenizer, else a tokenizer.model / tokenizer.json beside the base or one level up."""
+    found = tokenizer_path or base.tokenizer_path or find_tokenizer(base.path)
+    if found is None:
+        raise UsageError(
+            f"no tokenizer.model or tokenizer.json beside {base.path} or one level up",
+            hint="pass --tokenizer PATH",
+        )
+    return found
+
+
 def outcome_findings(results: list[Result], *, dtype: str | None = None) -> list[Finding]:
     """NONFINITE / NO_EOS / LOOP: the behavioural symptoms, with the prompts that showed them.
     ``dtype`` is the one the model ran in (its hint differs for an fp16 overflow)."""
@@ -148,12 +159,7 @@ def smoke_generate(
     check_gate_fn(gate_fn)  # before the tokenizer and the weights load
     dev = resolve_device(device)
     attn = resolve_attention(attention, dev)
-    tok_path = tokenizer_path or base.tokenizer_path or find_tokenizer(base.path)
-    if tok_path is None:
-        raise UsageError(
-            f"no tokenizer.model or tokenizer.json beside {base.path} or one level up",
-            hint="pass --tokenizer PATH",
-        )
+    tok_path = resolve_tokenizer(base, tokenizer_path)
     tokenizer = load_tokenizer(tok_path)
     instructions = list(prompts or DEFAULT_PROMPTS)
     # The model's context (RoPE table) covers exactly what these prompts need: no hidden cap.
