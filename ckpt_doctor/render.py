@@ -305,11 +305,15 @@ def render_verify(report: VerifyReport) -> None:
 def render_repair(report: RepairReport) -> None:
     if report.output is None:
         out.print(f"nothing to repair in {_escape(str(report.source))}; nothing written")
+        if report.findings:
+            render_findings(report.findings)
         return
     out.print(f"[bold]repaired[/] {_escape(str(report.source))} -> [green]{report.output}[/]")
     for c in report.changes:
         names = f": {', '.join(c.tensors[:4])}" + (" ..." if len(c.tensors) > 4 else "")
         out.print(f"  {c.kind:<16} {_escape(c.detail)}{names if c.tensors else ''}")
+    if report.findings:
+        render_findings(report.findings)
 
 
 def render_diagnosis(d: Diagnosis) -> None:

@@ -267,6 +267,8 @@ def test_repair_checks_the_values_it_passes(world, tmp_path):
     report = _repair(path, tmp_path / "fixed.pth", needs_base=True)
     assert report.output is None and [f.id for f in report.findings] == ["NONFINITE"]
     assert report.exit_code == 1
+    human = runner.invoke(app, ["repair", str(path), "-o", str(tmp_path / "fixed.pth")])
+    assert human.exit_code == 1 and "NONFINITE" in human.stdout  # not a bare "nothing to do"
     prefixed = tmp_path / "prefixed.pth"
     torch.save({f"module.{k}": v for k, v in nan.items()}, prefixed)
     result = runner.invoke(
