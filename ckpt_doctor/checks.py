@@ -13,10 +13,16 @@ import numpy as np
 from ckpt_doctor import keys
 from ckpt_doctor.diffing import DiffReport, TensorDiff
 from ckpt_doctor.facts import AdapterConfig, ModelFacts
-from ckpt_doctor.families import TANH_MISMATCH_RATIO, V1_QUERY_KEY, raw_over_tanh, v1_gate_key
+from ckpt_doctor.families import (
+    TANH_MISMATCH_RATIO,
+    V1_QUERY_KEY,
+    is_adapter_key,
+    raw_over_tanh,
+    v1_gate_key,
+)
 from ckpt_doctor.findings import Finding, finding
 from ckpt_doctor.handles import TensorHandle
-from ckpt_doctor.numerics import FP16_MAX, ValueScan
+from ckpt_doctor.numerics import FP16_MAX, ValueScan, scan_values
 from ckpt_doctor.reader import Checkpoint
 
 
@@ -92,18 +98,31 @@ def check_load_overlap(
     matched = [k for k in seen if k in model_names]
     if matched:
         return []
+    # Say what each number counts: the file's top-level keys here, the model's keys in
+    # loading's report of an actual load (44 vs 5 must not read as a contradiction).
     return [
         finding(
             "LOAD_NOTHING",
-            f"load_state_dict(strict=False) as upstream does would match 0 of {len(seen)} keys "
-            f"(keys seen: {_names(seen)}); every adapter gate keeps its zero init and the model "
-            "runs as the plain base",
+            f"load_state_dict(strict=False) as upstream does would match 0 of the file's "
+            f"{len(seen)} top-level keys ({_names(seen)}) to the model's {len(model_names)} "
+            "keys; every adapter gate keeps its zero init and the model runs as the plain base",
             "load the resolved state dict (unwrap the container, strip prefixes) or extract the "
             "adapter tensors into a flat file with upstream names",
             severity=severity,  # type: ignore[arg-type]
             keys_seen=len(seen),
             matched=0,
+            model_keys=len(model_names),
         )
+    ]
+
+
+def upstream_load_findings(ckpt: Checkpoint, model_names: set[str]) -> list[Finding]:
+    """CONTAINER_NESTED / LOAD_NOTHING / KEY_PREFIX: how upstream example.py's
+    ``load_state_dict(torch.load(path), strict=False)`` sees the file as saved."""
+    return [
+        *check_container(ckpt),
+        *check_load_overlap(ckpt, model_names),
+        *check_prefix(ckpt, model_names),
     ]
 
 
@@ -267,9 +286,16 @@ def check_adapter(
 
 
 def check_gates(
-    gate_values: Mapping[int, np.ndarray], facts: ModelFacts, adapted: Sequence[int]
+    gate_values: Mapping[int, np.ndarray],
+    facts: ModelFacts,
+    adapted: Sequence[int],
+    *,
+    tanh_baked: bool = False,
 ) -> list[Finding]:
-    """GATE_SHAPE / ADAPTER_INERT / GATE_TANH_MISMATCH over the adapted layers' gates."""
+    """GATE_SHAPE / ADAPTER_INERT / GATE_TANH_MISMATCH over the adapted layers' gates.
+
+    ``tanh_baked``: the gates already hold tanh(g) (repair --bake-tanh), so raw inference is
+    what training did and the raw-vs-tanh comparison does not apply."""
     out: list[Finding] = []
     used = {i: g for i, g in gate_values.items() if i in adapted} or dict(gate_values)
     if not used:
@@ -279,11 +305,13 @@ def check_gates(
     wrong = [
         i for i, g in used.items() if g.size != 1 and heads and tuple(g.shape) != (1, heads, 1, 1)
     ]
+    # Which gates are counted: the adapted layers' (or every gate when those are unknown).
+    scope = "adapted layers'" if set(used) <= set(adapted) else "file's"
     if scalar:
         out.append(
             finding(
                 "GATE_SHAPE",
-                f"{len(scalar)} gate(s) are legacy scalars of shape [1] "
+                f"{len(scalar)} of the {len(used)} {scope} gates are legacy scalars of shape [1] "
                 f"(layers {_names([str(i) for i in scalar])}); "
                 f"the model has per-head gates [1, {heads or 'n_heads'}, 1, 1] and "
                 "load_state_dict raises on the size mismatch",
@@ -310,7 +338,7 @@ def check_gates(
             finding(
                 "ADAPTER_INERT",
                 f"all {values.size} gate values of the {len(used)} "
-                + ("adapted layers" if set(used) <= set(adapted) else "layers with a gate")
+                + ("adapted layers" if scope == "adapted layers'" else "layers with a gate")
                 + " are exactly 0: the adapter adds nothing and the output equals the base model",
                 "these are the zero-init gates: the checkpoint was saved before training "
                 "updated them, or the adapter was not loaded; use a trained checkpoint",
@@ -323,7 +351,7 @@ def check_gates(
             r = raw_over_tanh(v)
             if r > worst_ratio:
                 worst_ratio, worst_at = r, (i, h, v)
-    if worst_at is not None and worst_ratio > TANH_MISMATCH_RATIO:
+    if worst_at is not None and worst_ratio > TANH_MISMATCH_RATIO and not tanh_baked:
         layer, head, value = worst_at
         times = f"{worst_ratio:.2f}x" if np.isfinite(worst_ratio) else "an infinite multiple of"
         out.append(
@@ -339,6 +367,28 @@ def check_gates(
             )
         )
     return out
+
+
+def content_findings(
+    tensors: Mapping[str, TensorHandle],
+    facts: ModelFacts,
+    adapter: AdapterConfig | None,
+    *,
+    scan_all: bool = True,
+    tanh_baked: bool = False,
+) -> list[Finding]:
+    """NONFINITE / FP16_OVERFLOW over the values and the gate checks over the adapted layers'
+    gates: what inspect checks, run on the tensors extract takes, verify verifies or repair
+    writes. ``scan_all=False`` scans only the adapter's values (multi-GB full checkpoints)."""
+    scans = {
+        n: scan_values(h)
+        for n, h in tensors.items()
+        if h.is_float and (scan_all or is_adapter_key(n))
+    }
+    layers = adapter.gate_layers.items() if adapter is not None else ()
+    gates = {i: tensors[k].values() for i, k in layers if k in tensors}
+    adapted = adapter.adapted_layers(facts.n_layers) if adapter is not None else []
+    return [*check_values(scans), *check_gates(gates, facts, adapted, tanh_baked=tanh_baked)]
 
 
 def _rows_only(t: TensorDiff) -> bool:

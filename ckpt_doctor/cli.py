@@ -303,7 +303,7 @@ def repair(
                     progress=progress,
                 )
         _emit(as_json, report, render.render_repair)
-        return 0
+        return report.exit_code
 
     _run(as_json, body)
 
@@ -316,6 +316,7 @@ def diagnose(
     prompt: PromptOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="Per prompt, per smoke arm.")] = 64,
     as_json: JsonOpt = False,
+    trust_pickle: TrustOpt = False,
 ) -> None:
     """Find the root cause of a misbehaving checkpoint and the command that fixes it."""
 
@@ -324,7 +325,12 @@ def diagnose(
         from ckpt_doctor.diagnosis import diagnose as run_diagnose
 
         result = run_diagnose(
-            path, base, tokenizer_path=tokenizer, prompts=prompt, max_new_tokens=max_new_tokens
+            path,
+            base,
+            tokenizer_path=tokenizer,
+            prompts=prompt,
+            max_new_tokens=max_new_tokens,
+            trust_pickle=trust_pickle,
         )
         _emit(as_json, result, render.render_diagnosis)
         return result.exit_code

@@ -2,12 +2,15 @@
 
 Arms of the smoke run: A, the file as upstream example.py loads it (strict=False); B, only its
 adapter tensors on the base (what extraction gives); C, the base alone. Their outcomes and
-whether A's generations equal C's are the behavioural evidence for the verdict.
+whether A's generations equal C's are the behavioural evidence for the verdict. A and B are
+expected to end at eos; when they do not, their NONFINITE / LOOP / NO_EOS findings join the
+diagnosis (C, the base, is not expected to stop). LOAD_NOTHING becomes an error once arm A
+has actually loaded the file that way.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,8 @@ from ckpt_doctor.families import is_adapter_key
 from ckpt_doctor.findings import Finding, finding
 from ckpt_doctor.generate import GenerationConfig
 from ckpt_doctor.inspection import inspect_checkpoint
-from ckpt_doctor.reader import Checkpoint, find_tokenizer, open_checkpoint
+from ckpt_doctor.reader import Checkpoint, open_checkpoint
+from ckpt_doctor.smoke import resolve_tokenizer
 
 # Root-cause precedence, most fundamental first, with the command that fixes each ({path},
 # {base} filled in); None where no command can fix the file itself.
@@ -38,7 +42,15 @@ CAUSES: dict[str, str | None] = {
     "GATE_TANH_MISMATCH": "ckpt-doctor repair {path} --bake-tanh -o fixed.pth",
     "FP16_OVERFLOW": None,
     "ADAPTER_CONFIG": None,
+    # Symptoms of the smoke arms that should work, when no static finding explains them.
+    "LOOP": None,
+    "NO_EOS": None,
 }
+ARM_UPSTREAM, ARM_ADAPTER, ARM_BASE = (
+    "as upstream loads it",
+    "extracted adapter on the base",
+    "base alone",
+)
 
 
 @dataclass
@@ -49,6 +61,10 @@ class Arm:
     matched: int | None = None
     model_keys: int | None = None
     error: str | None = None
+    findings: list[Finding] = field(default_factory=list)  # the arm's smoke findings
+
+    def to_json(self) -> dict[str, Any]:
+        return {**vars(self), "findings": [f.to_json() for f in self.findings]}
 
 
 @dataclass
@@ -67,7 +83,7 @@ class Diagnosis:
             "root_cause": self.root_cause,
             "verdict": self.verdict,
             "fix": self.fix,
-            "arms": [vars(a) for a in self.arms],
+            "arms": [a.to_json() for a in self.arms],
             "findings": [f.to_json() for f in self.findings],
         }
 
@@ -79,24 +95,64 @@ def diagnose(
     tokenizer_path: Path | None = None,
     prompts: list[str] | None = None,
     max_new_tokens: int = 64,
+    trust_pickle: bool = False,
 ) -> Diagnosis:
     try:
-        ckpt = open_checkpoint(path)
+        ckpt = open_checkpoint(path, trust_pickle=trust_pickle)
     except CkptDoctorError as exc:
         found = finding(exc.code, exc.message, exc.hint) if exc.code in CAUSES else None
         return Diagnosis(path, exc.code, exc.message, None, [found] if found else [], [], 2)
-    with ckpt, open_checkpoint(base_path) as base:
+    with ckpt, open_checkpoint(base_path, trust_pickle=trust_pickle) as base:
+        # Same rule as smoke-generate: no tokenizer, no A/B run, so say so up front.
+        tokenizer_path = resolve_tokenizer(base, tokenizer_path)
         report = inspect_checkpoint(ckpt, base=base)
-        arms = _smoke_arms(ckpt, base, tokenizer_path, prompts, max_new_tokens)
-    findings = report.findings
+        findings = list(report.findings)
+        if report.adapter is None and not any(f.id == "ADAPTER_MISSING" for f in findings):
+            findings.append(
+                finding(
+                    "ADAPTER_MISSING",
+                    f"{path} holds no adapter tensors (adapter_query.weight, "
+                    "layers.N.attention.gate): there is no adapter to load",
+                    "diagnose the fine-tuned checkpoint or the extracted adapter, not the base",
+                )
+            )
+        arms = _smoke_arms(
+            ckpt, base, tokenizer_path, prompts, max_new_tokens, adapter=report.adapter is not None
+        )
+    findings = _with_arm_evidence(findings, arms)
     ids = {f.id for f in findings if f.severity != "info"}
-    if arms and arms[0].matched == 0:
-        ids.add("LOAD_NOTHING")
     cause = next((c for c in CAUSES if c in ids), None)
     fix = CAUSES.get(cause) if cause else None
     fix = fix.format(path=path, base=base_path) if fix else None
     verdict = _verdict(cause, findings, arms, ckpt)
     return Diagnosis(path, cause, verdict, fix, findings, arms, 1 if cause else 0)
+
+
+def _with_arm_evidence(findings: list[Finding], arms: list[Arm]) -> list[Finding]:
+    """Static findings plus what the arms showed: LOAD_NOTHING as an error once arm A loaded
+    the file that way (SPEC), and the symptoms of the arms that should have worked."""
+    upstream = arms[0]
+    if upstream.error is None and upstream.matched == 0:
+        loaded = next((f for f in upstream.findings if f.id == "LOAD_NOTHING"), None)
+        static = next((f for f in findings if f.id == "LOAD_NOTHING"), None)
+        if static is not None:
+            smoke_run = (
+                f"; the smoke run loaded it that way: 0 of the model's {upstream.model_keys} "
+                "keys matched"
+            )
+            escalated = replace(static, severity="error", message=static.message + smoke_run)
+            findings = [escalated if f is static else f for f in findings]
+        elif loaded is not None:
+            findings = [*findings, loaded]
+    for arm in arms:
+        if arm.name == ARM_BASE:
+            continue  # the plain base is not expected to stop
+        findings = findings + [
+            replace(f, message=f"{arm.name}: {f.message}", evidence={**f.evidence, "arm": arm.name})
+            for f in arm.findings
+            if f.id in ("NONFINITE", "LOOP", "NO_EOS")
+        ]
+    return findings
 
 
 def _adapter_only(ckpt: Checkpoint) -> Checkpoint:
@@ -107,24 +163,28 @@ def _adapter_only(ckpt: Checkpoint) -> Checkpoint:
 def _smoke_arms(
     ckpt: Checkpoint,
     base: Checkpoint,
-    tokenizer_path: Path | None,
+    tokenizer_path: Path,
     prompts: list[str] | None,
     max_new_tokens: int,
+    *,
+    adapter: bool,
 ) -> list[Arm]:
     from ckpt_doctor.smoke import smoke_generate
 
-    tokenizer_path = tokenizer_path or base.tokenizer_path or find_tokenizer(base.path)
-    if tokenizer_path is None:
-        return []  # no tokenizer: the diagnosis rests on the static findings alone
     config = GenerationConfig(max_new_tokens=max_new_tokens)
-    plans = {
-        "as upstream loads it": {"full": ckpt, "load_as": "upstream"},
-        "extracted adapter on the base": {"adapter": _adapter_only(ckpt)},
-        "base alone": {},
+    plans: dict[str, dict[str, Any] | None] = {
+        ARM_UPSTREAM: {"full": ckpt, "load_as": "upstream"},
+        # Without adapter tensors arm B would be the base again: not run.
+        ARM_ADAPTER: {"adapter": _adapter_only(ckpt)} if adapter else None,
+        ARM_BASE: {},
     }
     arms = []
     for name, kwargs in plans.items():
         arm = Arm(name)
+        arms.append(arm)
+        if kwargs is None:
+            arm.error = "not run: the file holds no adapter tensors"
+            continue
         try:
             smoke = smoke_generate(
                 base, tokenizer_path=tokenizer_path, prompts=prompts, config=config, **kwargs
@@ -137,29 +197,35 @@ def _smoke_arms(
             arm.generated = [r.generated_ids for r in smoke.results]
             arm.matched = len(smoke.load.from_file)
             arm.model_keys = smoke.load.model_keys
-        arms.append(arm)
+            arm.findings = smoke.findings
     return arms
 
 
 def _verdict(cause: str | None, findings: list[Finding], arms: list[Arm], ckpt: Checkpoint) -> str:
+    upstream, _, alone = arms
     if cause is None:
-        return "no problem found: the adapter loads and changes the model"
+        # Only what the arms showed: every A/B prompt ended at eos (else a finding exists).
+        parts = [
+            f"no problem found: the adapter loads as upstream does ({upstream.matched} of the "
+            f"model's {upstream.model_keys} keys) and every prompt ended at eos"
+        ]
+        if upstream.generated == alone.generated:
+            parts.append("but its generations are identical to the base alone")
+        return "; ".join(parts)
     lead = next((f for f in findings if f.id == cause), None)
     parts = [lead.message if lead else cause]
-    if arms:
-        upstream, _, alone = arms
-        if cause == "LOAD_NOTHING" and ckpt.container_path:
-            where = "".join(f"[{k!r}]" for k in ckpt.container_path)
-            parts = [
-                f"loaded 0 of {upstream.model_keys} model keys because the weights are nested "
-                f"under checkpoint{where}"
-            ]
-        if upstream.error:
-            parts.append(f"upstream's load fails: {upstream.error}")
-        elif upstream.generated == alone.generated:
-            parts.append("generations identical to the base alone")
-        n = sum(upstream.outcomes.values())
-        no_eos = n - upstream.outcomes.get("eos", 0)
-        if no_eos and not upstream.error:
-            parts.append(f"no eos within the limit on {no_eos} of {n} prompts")
+    if cause == "LOAD_NOTHING" and ckpt.container_path:
+        where = "".join(f"[{k!r}]" for k in ckpt.container_path)
+        parts = [
+            f"loaded 0 of the model's {upstream.model_keys} keys because the weights are "
+            f"nested under checkpoint{where}"
+        ]
+    if upstream.error:
+        parts.append(f"upstream's load fails: {upstream.error}")
+    elif upstream.generated == alone.generated:
+        parts.append("generations identical to the base alone")
+    n = sum(upstream.outcomes.values())
+    no_eos = n - upstream.outcomes.get("eos", 0)
+    if no_eos and not upstream.error:
+        parts.append(f"no eos within the limit on {no_eos} of {n} prompts")
     return "; ".join(parts)

@@ -17,18 +17,27 @@ from typing import Any
 
 from ckpt_doctor import __version__
 from ckpt_doctor.atomic import check_destination, write_atomically
-from ckpt_doctor.checks import check_against_base
+from ckpt_doctor.checks import check_against_base, content_findings
 from ckpt_doctor.diffing import Progress, diff_tensors
 from ckpt_doctor.errors import RefusedError, UsageError
 from ckpt_doctor.facts import AdapterConfig, ModelFacts, adapter_config, model_facts
 from ckpt_doctor.families import detect_family, is_adapter_key
 from ckpt_doctor.findings import Finding
-from ckpt_doctor.handles import DTYPES, TensorHandle
+from ckpt_doctor.handles import TensorHandle, from_torch
 from ckpt_doctor.reader import Checkpoint
 
 FORMATS = ("pth", "safetensors")
 # The gate function each family's upstream training applies (recorded for inference).
 TRAINING_GATE_FN = {"llama-adapter-v1": "tanh"}
+# What --dtype may cast the adapter to: floats only (an integer cast truncates gates to 0).
+CAST_DTYPES = ("float32", "float16", "bfloat16")
+# Metadata flag: the gates hold tanh(g) already (repair --bake-tanh), so raw inference is right.
+TANH_BAKED_KEY = "gate_tanh_baked"
+
+
+def tanh_baked(metadata: Mapping[str, str] | None) -> bool:
+    """Whether a file's metadata says its gates were baked with tanh already."""
+    return (metadata or {}).get(TANH_BAKED_KEY) == "true"
 
 
 @dataclass
@@ -101,6 +110,36 @@ def tensor_digest(tensors: Mapping[str, Any]) -> str:
     return h.hexdigest()
 
 
+def adapter_metadata(
+    tensors: Mapping[str, Any],
+    *,
+    adapter: AdapterConfig | None,
+    facts: ModelFacts,
+    source: str,
+    baked: bool = False,
+) -> dict[str, str]:
+    """The safetensors metadata of an adapter file (one definition: extract and repair write
+    it). ``tensors`` are the torch tensors written; their digest is what verify checks."""
+    family = adapter.family.name if adapter is not None else ""
+    metadata = {
+        "format": "pt",
+        "family": family,
+        "adapter_len": str(adapter.adapter_len or "") if adapter is not None else "",
+        "adapter_layer": str(adapter.adapter_layer or "") if adapter is not None else "",
+        "n_layers": str(facts.n_layers or ""),
+        "dim": str(facts.dim or ""),
+        "n_heads": str(facts.n_heads or ""),
+        # Baked gates already hold tanh(g): raw inference then reproduces tanh training.
+        "gate_fn": "raw" if baked else TRAINING_GATE_FN.get(family, "raw"),
+        "source": source,
+        "sha256": tensor_digest(tensors),
+        "tool": f"ckpt-doctor {__version__}",
+    }
+    if baked:
+        metadata[TANH_BAKED_KEY] = "true"
+    return metadata
+
+
 def extract(
     ckpt: Checkpoint,
     out: Path,
@@ -114,8 +153,11 @@ def extract(
     fmt = output_format(out, fmt)
     sources = [*ckpt.files, *(base.files if base else [])]
     check_destination(out, force=force, sources=sources)
-    if dtype is not None and dtype not in DTYPES:
-        raise UsageError(f"unknown dtype {dtype!r}", hint="e.g. float16, bfloat16, float32")
+    if dtype is not None and dtype not in CAST_DTYPES:
+        raise UsageError(
+            f"--dtype {dtype!r} cannot hold an adapter",
+            hint=f"use one of {', '.join(CAST_DTYPES)}, or leave --dtype out to keep dtypes",
+        )
     taken, left, findings = select_adapter(ckpt, base=base, progress=progress)
     tensors = ckpt.canonical()
     adapter = adapter_config(tensors, args=ckpt.args, metadata=ckpt.metadata)
@@ -129,19 +171,11 @@ def extract(
     base_facts = model_facts(base.canonical(), params=base.params) if base else None
     facts = model_facts(tensors, params=ckpt.params, fallback=base_facts)
     out_tensors = {name: _materialise(tensors[name], dtype) for name in sorted(taken)}
-    metadata = {
-        "format": "pt",
-        "family": adapter.family.name,
-        "adapter_len": str(adapter.adapter_len or ""),
-        "adapter_layer": str(adapter.adapter_layer or ""),
-        "n_layers": str(facts.n_layers or ""),
-        "dim": str(facts.dim or ""),
-        "n_heads": str(facts.n_heads or ""),
-        "gate_fn": TRAINING_GATE_FN.get(adapter.family.name, "raw"),
-        "source": ckpt.path.name,
-        "sha256": tensor_digest(out_tensors),
-        "tool": f"ckpt-doctor {__version__}",
-    }
+    # The checks inspect runs, on the values as written (after any cast): a NaN or inert
+    # adapter is extracted as asked, but never reported as a clean extraction.
+    written = {name: from_torch(name, t) for name, t in out_tensors.items()}
+    findings += content_findings(written, facts, adapter)
+    metadata = adapter_metadata(out_tensors, adapter=adapter, facts=facts, source=ckpt.path.name)
     write_atomically(out, lambda tmp: _save(out_tensors, tmp, fmt, metadata))
     return Extraction(
         ckpt.path,
@@ -164,7 +198,20 @@ def _materialise(handle: TensorHandle, dtype: str | None) -> Any:
 
     t = handle.to_torch().clone()
     if dtype is not None and t.is_floating_point():
-        t = t.to(getattr(torch, dtype))
+        cast = t.to(getattr(torch, dtype))
+        # A cast past the target's range turns values into Inf: refuse rather than write it.
+        broken = torch.isfinite(t) & ~torch.isfinite(cast)
+        if broken.any():
+            worst = float(t[broken].abs().max())
+            limit = torch.finfo(cast.dtype).max
+            raise RefusedError(
+                f"{handle.name}: casting to {dtype} turns {int(broken.sum())} finite value(s) "
+                f"into Inf (max |x| = {worst:.6g}; {dtype} holds up to {limit:.6g})",
+                code="FP16_OVERFLOW" if dtype == "float16" else "NONFINITE",
+                hint="keep the source dtype (leave --dtype out) or cast to a wider dtype "
+                "(bfloat16, float32); nothing was written",
+            )
+        t = cast
     return t.contiguous()
 
 

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ckpt_doctor.errors import UsageError
+
 if TYPE_CHECKING:
     import torch
 
@@ -19,6 +21,16 @@ GATE_FUNCTIONS = ("raw", "tanh")
 
 # Raw-gate inference over-weights the adapter by g / tanh(g) versus tanh-gate training.
 TANH_MISMATCH_RATIO = 1.2
+
+
+def check_gate_fn(name: str) -> None:
+    """A gate function name from the user: one of GATE_FUNCTIONS, else a UsageError."""
+    if name not in GATE_FUNCTIONS:
+        raise UsageError(
+            f"unknown gate function {name!r}",
+            hint=f"use --gate {' or '.join(GATE_FUNCTIONS)} (raw: upstream inference, "
+            "tanh: upstream training)",
+        )
 
 
 def apply_gate(gate: torch.Tensor, function: str) -> torch.Tensor:

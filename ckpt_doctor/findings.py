@@ -30,6 +30,10 @@ CATALOGUE: dict[str, Severity] = {
     "DTYPE_CHANGED": "info",
     "OPTIMIZER_STATE": "info",
     "UNEXPECTED_KEYS": "warning",
+    # verify's own failures (not in SPEC section 6): the evidence of a failed check.
+    "SHA256_MISMATCH": "error",  # tensors differ from the sha256 in the file's metadata
+    "NOT_BIT_EXACT": "error",  # adapter tensors differ from (or are absent in) --full's
+    "LOGITS_DIFFER": "error",  # base + adapter does not reproduce --full's logits
     "NO_EOS": "error",
     "LOOP": "error",
 }

@@ -7,6 +7,7 @@ until they run out. Every row stops on its own at eos, at a detected loop, or at
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import torch
 from ckpt_doctor.errors import UsageError
 from ckpt_doctor.loops import Loop, LoopDetector
 from ckpt_doctor.model import KVCache, Transformer
-from ckpt_doctor.tokenizer import Tokenizer, format_prompt
+from ckpt_doctor.tokenizer import TEMPLATES, Tokenizer, format_prompt
 
 SMALL_MODEL_DIM = 512
 
@@ -32,17 +33,45 @@ class GenerationConfig:
     stop_on_loop: bool = True
     cuda_graph: bool = True  # on CUDA, replay the one-token step as a captured CUDA graph
 
+    def __post_init__(self) -> None:
+        # Checked here, before any model loads: nonsense would otherwise surface as an
+        # internal torch error (NaN temperature), silent greedy decoding (negative), or a
+        # nonsense context size (max_new_tokens <= 0).
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise UsageError(
+                f"--max-new-tokens {n!r}: generation needs at least 1 new token",
+                hint="pass --max-new-tokens 1 or more (answers usually need 64-512)",
+            )
+        t = self.temperature
+        if not math.isfinite(t) or t < 0:
+            raise UsageError(
+                f"--temperature {t!r}: must be a finite number >= 0",
+                hint="0 is greedy decoding; 0.7-1.0 samples",
+            )
+        if not 0 < self.top_p <= 1:  # NaN fails this too
+            raise UsageError(
+                f"--top-p {self.top_p!r}: must be in (0, 1]",
+                hint="1 keeps the whole distribution; 0.9 keeps the top 90% of the mass",
+            )
+        if self.template not in TEMPLATES:
+            raise UsageError(
+                f"unknown prompt template {self.template!r}",
+                hint=f"use one of: {', '.join(sorted(TEMPLATES))}",
+            )
+
 
 @dataclass
 class Result:
     prompt: str  # the instruction as given
     prompt_ids: list[int]
     generated_ids: list[int] = field(default_factory=list)  # up to and excluding eos
-    outcome: str = "max_tokens"
+    outcome: str = "max_tokens"  # eos | loop | max_tokens | nonfinite (NaN/Inf logits)
     loop: Loop | None = None
     eos_probs: list[float] = field(default_factory=list)  # P(eos) at every generated step
     text: str = ""
     loop_char: int | None = None  # where the repeating part starts in ``text``
+    nonfinite_at: int | None = None  # generated step whose logits held NaN/Inf
 
     @property
     def max_eos_prob(self) -> float:
@@ -56,6 +85,7 @@ class Result:
             "text": self.text,
             "outcome": self.outcome,
             "loop": self.loop.to_json() if self.loop else None,
+            "nonfinite_at": self.nonfinite_at,
             "tokens": len(self.generated_ids),
             "max_eos_prob": self.max_eos_prob,
             "eos_probs": [round(p, 6) for p in self.eos_probs],
@@ -65,6 +95,9 @@ class Result:
 def _sample(logits: torch.Tensor, config: GenerationConfig, gen: torch.Generator) -> torch.Tensor:
     if config.temperature <= 0:
         return logits.argmax(-1)
+    # A row with NaN/Inf logits stops (the caller sees it); make it uniform so multinomial
+    # does not raise on it first.
+    logits = torch.where(logits.isfinite().all(-1, keepdim=True), logits, 0.0)
     probs = torch.softmax(logits / config.temperature, dim=-1)
     if config.top_p < 1.0:  # nucleus: keep the smallest prefix of mass >= top_p
         sorted_p, order = probs.sort(dim=-1, descending=True)
@@ -142,6 +175,21 @@ def decode_step(model: Transformer, cache: KVCache, *, graph: bool) -> Step:
     return replay
 
 
+def prompt_ids(
+    tokenizer: Tokenizer, instructions: list[str], config: GenerationConfig
+) -> list[list[int]]:
+    """Each instruction under the config's template, tokenized: [bos] + ids, no eos."""
+    return [
+        tokenizer.prompt_ids(format_prompt(text, template=config.template)) for text in instructions
+    ]
+
+
+def context_length(tokenizer: Tokenizer, instructions: list[str], config: GenerationConfig) -> int:
+    """Positions a generation needs (the longest prompt plus max_new_tokens): what the KV
+    cache and the model's RoPE table must cover."""
+    return max(map(len, prompt_ids(tokenizer, instructions, config))) + config.max_new_tokens
+
+
 @torch.inference_mode()
 def generate(
     model: Transformer,
@@ -159,16 +207,18 @@ def _generate(
     model: Transformer, tokenizer: Tokenizer, instructions: list[str], config: GenerationConfig
 ) -> list[Result]:
     device = model.tok_embeddings.weight.device
-    results = [
-        Result(text, tokenizer.prompt_ids(format_prompt(text, template=config.template)))
-        for text in instructions
-    ]
+    ids = prompt_ids(tokenizer, instructions, config)
+    results = [Result(text, p) for text, p in zip(instructions, ids, strict=True)]
     lengths = [len(r.prompt_ids) for r in results]
-    total = min(max(lengths) + config.max_new_tokens, model.args.max_seq_len)
-    if max(lengths) >= total:
+    # The whole budget or an error, never a silent cut: the cache holds exactly this much.
+    total = max(lengths) + config.max_new_tokens
+    if total > model.args.max_seq_len:
         raise UsageError(
-            f"a prompt has {max(lengths)} tokens; the model context is {model.args.max_seq_len}",
-            hint="shorten the prompt or lower --max-new-tokens",
+            f"the longest prompt has {max(lengths)} tokens and max_new_tokens is "
+            f"{config.max_new_tokens}: {total} positions, but the model was built for "
+            f"{model.args.max_seq_len}",
+            hint="load the model with max_seq_len >= "
+            f"{total} (generate.context_length computes it), or shorten the prompt",
         )
     tokens = torch.zeros((len(results), total), dtype=torch.long, device=device)
     for i, r in enumerate(results):
@@ -184,8 +234,13 @@ def _generate(
             logits = step(tokens[:, prev], prev)
         else:  # the prefill: every position all prompts share
             logits = model(tokens[:, prev:pos], prev, cache)
-        eos_probs = torch.softmax(logits, dim=-1)[:, tokenizer.eos_id].tolist()
-        column = _sample(logits, config, gen).tolist()  # one device sync a step, not per row
+        eos_prob = torch.softmax(logits, dim=-1)[:, tokenizer.eos_id]
+        finite = logits.isfinite().all(-1)  # NaN/Inf logits: nothing sensible follows
+        sampled = _sample(logits, config, gen)
+        # One device sync a step, not per row and not per quantity: P(eos), the sampled token
+        # and the finiteness flag travel together (float64 holds every token id exactly).
+        rows = torch.stack([eos_prob.double(), sampled.double(), finite.double()], 1).tolist()
+        column = [int(token) for _, token, _ in rows]
         prev = pos
         for i, r in enumerate(results):
             if pos < lengths[i]:  # still inside this row's prompt: force it
@@ -194,8 +249,12 @@ def _generate(
             if done[i]:
                 column[i] = tokenizer.eos_id  # keep finished rows cheap and deterministic
                 continue
+            if not rows[i][2]:
+                r.outcome, r.nonfinite_at, done[i] = "nonfinite", len(r.generated_ids), True
+                column[i] = tokenizer.eos_id
+                continue
             token = column[i]
-            r.eos_probs.append(eos_probs[i])
+            r.eos_probs.append(rows[i][0])
             if token == tokenizer.eos_id:
                 r.outcome, done[i] = "eos", True
                 continue

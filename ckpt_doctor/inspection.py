@@ -11,6 +11,7 @@ import numpy as np
 
 from ckpt_doctor import checks, keys
 from ckpt_doctor.diffing import DiffReport, Progress, diff_tensors
+from ckpt_doctor.extraction import tanh_baked
 from ckpt_doctor.facts import AdapterConfig, ModelFacts, adapter_config, model_facts
 from ckpt_doctor.families import is_adapter_key
 from ckpt_doctor.findings import Finding, exit_code_for
@@ -154,14 +155,15 @@ def inspect_checkpoint(
 
     findings: list[Finding] = []
     findings += checks.check_empty(ckpt)
-    findings += checks.check_container(ckpt)
-    findings += checks.check_load_overlap(ckpt, model_names)
-    findings += checks.check_prefix(ckpt, model_names)
+    findings += checks.upstream_load_findings(ckpt, model_names)
     findings += checks.check_values(scans)
     findings += checks.check_adapter(
         tensors, adapter, facts, expected=checks.adapter_expected(ckpt)
     )
-    findings += checks.check_gates(gate_values, facts, adapted)
+    # Baked gates (repair --bake-tanh) hold tanh(g): raw inference is what training did.
+    findings += checks.check_gates(
+        gate_values, facts, adapted, tanh_baked=tanh_baked(ckpt.metadata)
+    )
     findings += checks.check_optimizer(ckpt)
     diff = None
     if base is not None and base_tensors is not None:

@@ -21,7 +21,7 @@ import torch
 from ckpt_doctor import keys
 from ckpt_doctor.errors import ModelLoadError, UsageError
 from ckpt_doctor.facts import AdapterConfig, adapter_config, model_facts
-from ckpt_doctor.families import V1_QUERY_KEY, is_adapter_key, v1_gate_key
+from ckpt_doctor.families import V1_QUERY_KEY, check_gate_fn, is_adapter_key, v1_gate_key
 from ckpt_doctor.findings import Finding, finding
 from ckpt_doctor.handles import TensorHandle
 from ckpt_doctor.model import ModelArgs, Transformer, ffn_hidden_size
@@ -109,6 +109,7 @@ def load_model(
         raise UsageError(f"unknown --load-as {load_as!r}", hint="use strict or upstream")
     if adapter is not None and full is not None:
         raise UsageError("give --adapter or --full, not both", hint="pick the file to test")
+    check_gate_fn(gate_fn)
     device = torch.device(device)
     extra = adapter or full
     config = None
@@ -187,14 +188,15 @@ def _overlay_upstream(
         report.findings.append(
             finding(
                 "LOAD_NOTHING",
-                f"loaded 0 of {len(expected)} model keys from {extra.path} with "
-                f"load_state_dict(strict=False) (the file's keys: {', '.join(list(raw)[:5])}"
-                f"{', ...' if len(raw) > 5 else ''}): every gate keeps its zero init and the "
-                "model runs as the plain base",
+                f"loaded 0 of the model's {len(expected)} keys from {extra.path} with "
+                f"load_state_dict(strict=False): none of the file's {len(raw)} top-level keys "
+                f"({', '.join(list(raw)[:5])}{', ...' if len(raw) > 5 else ''}) is a model "
+                "key; every gate keeps its zero init and the model runs as the plain base",
                 "load the adapter tensors themselves: extract them into a flat file with "
                 "upstream names, or pass the file with --load-as strict",
                 severity="error",
                 matched=0,
+                keys_seen=len(raw),
                 model_keys=len(expected),
             )
         )
@@ -233,11 +235,14 @@ def _overlay_strict(
     _unresolved_adapter(report, src)
     scalar = [n for n in report.from_file if n.endswith(".gate") and src[n].numel == 1]
     if scalar:
+        # Counted over every gate in the file (inspect counts the adapted layers' only).
+        gates = [n for n in report.from_file if n.endswith(".gate")]
         report.findings.append(
             finding(
                 "GATE_SHAPE",
-                f"{len(scalar)} legacy scalar gate(s) broadcast to [1, {args.n_heads}, 1, 1] "
-                "for this run",
+                f"{len(scalar)} of the file's {len(gates)} gates (every layer's, adapted or "
+                f"not) are legacy scalars [1], broadcast to [1, {args.n_heads}, 1, 1] for this "
+                "run",
                 "repair the file so upstream's per-head model can load it",
                 layers=[keys.layer_index(n) for n in scalar],
             )

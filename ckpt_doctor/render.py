@@ -272,7 +272,7 @@ def render_diff(report: DiffReport, *, show_all: bool = False) -> None:
         out.print(Text.assemble(("adapter tensors", "green"), f" ({len(adapter)}): {names}"))
 
 
-OUTCOME_STYLE = {"eos": "green", "loop": "bold red", "max_tokens": "yellow"}
+OUTCOME_STYLE = {"eos": "green", "loop": "bold red", "max_tokens": "yellow", "nonfinite": "red"}
 
 
 def render_smoke(report: SmokeReport) -> None:
@@ -357,6 +357,8 @@ def render_verify(report: VerifyReport) -> None:
 def render_repair(report: RepairReport) -> None:
     if report.output is None:
         out.print(Text(f"nothing to repair in {report.source}; nothing written"))
+        if report.findings:
+            render_findings(report.findings)
         return
     out.print(
         Text.assemble(("repaired", "bold"), f" {report.source} -> ", (str(report.output), "green"))
@@ -364,6 +366,8 @@ def render_repair(report: RepairReport) -> None:
     for c in report.changes:
         names = f": {', '.join(c.tensors[:4])}" + (" ..." if len(c.tensors) > 4 else "")
         out.print(Text(f"  {c.kind:<16} {c.detail}{names if c.tensors else ''}"))
+    if report.findings:
+        render_findings(report.findings)
 
 
 def render_diagnosis(d: Diagnosis) -> None:

@@ -6,12 +6,14 @@
 - ``bake_tanh``: replace g by tanh(g), so raw-gate inference matches tanh-gate training
   (GATE_TANH_MISMATCH);
 - ``restore_base``: put drifted frozen tensors back from the base (BASE_MODIFIED).
-Nothing else changes. The input is never modified; the output is written atomically.
+Nothing else changes. The input is never modified; the output is written atomically. The
+repaired tensors get the value and gate checks inspect runs (a NaN adapter is not "nothing to
+repair"); a safetensors output carries the input's metadata, updated (extract's definition).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +21,15 @@ import numpy as np
 
 from ckpt_doctor import keys
 from ckpt_doctor.atomic import check_destination, write_atomically
+from ckpt_doctor.checks import content_findings
 from ckpt_doctor.diffing import Progress, diff_tensors
 from ckpt_doctor.errors import RefusedError, UsageError
-from ckpt_doctor.extraction import output_format
-from ckpt_doctor.facts import model_facts
+from ckpt_doctor.extraction import adapter_metadata, output_format, tanh_baked
+from ckpt_doctor.facts import AdapterConfig, ModelFacts, adapter_config, model_facts
 from ckpt_doctor.families import is_adapter_key, v1_gate_layers
+from ckpt_doctor.findings import Finding, exit_code_for
 from ckpt_doctor.handles import DTYPES, TensorHandle, from_array
+from ckpt_doctor.inspection import FULL_SCAN_BYTES
 from ckpt_doctor.reader import Checkpoint
 from ckpt_doctor.units import human_bytes
 
@@ -41,13 +46,28 @@ class RepairReport:
     source: Path
     output: Path | None
     changes: list[Change]
+    findings: list[Finding] = field(default_factory=list)  # about the repaired tensors
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code_for(self.findings)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "source": str(self.source),
             "output": str(self.output) if self.output else None,
             "changes": [vars(c) for c in self.changes],
+            "findings": [f.to_json() for f in self.findings],
         }
+
+
+def _facts(
+    tensors: dict[str, TensorHandle], ckpt: Checkpoint, base: Checkpoint | None
+) -> ModelFacts:
+    facts = model_facts(tensors, params=base.params if base else ckpt.params)
+    if base is not None:
+        facts = model_facts(base.canonical(), params=base.params, fallback=facts)
+    return facts
 
 
 def plan_repair(
@@ -74,9 +94,7 @@ def plan_repair(
             )
         )
     base_tensors = base.canonical() if base is not None else {}
-    facts = model_facts(tensors, params=base.params if base else ckpt.params)
-    if base is not None:
-        facts = model_facts(base_tensors, params=base.params, fallback=facts)
+    facts = _facts(tensors, ckpt, base)
     gates = v1_gate_layers(tensors)
     scalar = [gates[i] for i in gates if tensors[gates[i]].numel == 1]
     if scalar:
@@ -91,6 +109,13 @@ def plan_repair(
             values = np.broadcast_to(tensors[name].array().reshape(1, 1, 1, 1), (1, heads, 1, 1))
             tensors[name] = from_array(name, np.ascontiguousarray(values), tensors[name].dtype)
         changes.append(Change("broadcast-gates", f"scalar [1] -> [1, {heads}, 1, 1]", scalar))
+    if bake_tanh and gates and tanh_baked(ckpt.metadata):
+        # tanh(tanh(g)) would under-weight the adapter: baking is done once.
+        raise RefusedError(
+            f"{ckpt.path}: its metadata says tanh is already baked into the gates",
+            code="GATE_TANH_MISMATCH",
+            hint="use this file with raw-gate inference as it is; leave out --bake-tanh",
+        )
     if bake_tanh and gates:
         for name in gates.values():
             h = tensors[name]
@@ -127,15 +152,41 @@ def repair(
     tensors, changes = plan_repair(
         ckpt, base=base, bake_tanh=bake_tanh, restore_base=restore_base, progress=progress
     )
+    baked = tanh_baked(ckpt.metadata) or any(c.kind == "bake-tanh" for c in changes)
+    facts = _facts(tensors, ckpt, base)
+    adapter = adapter_config(tensors, args=ckpt.args, metadata=ckpt.metadata)
+    small = sum(h.nbytes for h in tensors.values()) <= FULL_SCAN_BYTES
+    findings = content_findings(tensors, facts, adapter, scan_all=small, tanh_baked=baked)
     if not changes:
-        return RepairReport(ckpt.path, None, [])
-    write_atomically(out, lambda tmp: _save(tensors, tmp, fmt, ckpt))
+        return RepairReport(ckpt.path, None, [], findings)
+    if baked and fmt == "pth":
+        # Only safetensors metadata can say the gates are baked; say it here instead.
+        changes = [
+            replace(c, detail=c.detail + " (a .pth cannot record this: do not bake it again)")
+            if c.kind == "bake-tanh"
+            else c
+            for c in changes
+        ]
+
+    def save(tmp: Path) -> None:
+        _save(tensors, tmp, fmt, ckpt, adapter=adapter, facts=facts, baked=baked)
+
+    write_atomically(out, save)
     size = out.stat().st_size
     changes.append(Change("wrote", f"{len(tensors)} tensors, {human_bytes(size)}"))
-    return RepairReport(ckpt.path, out, changes)
+    return RepairReport(ckpt.path, out, changes, findings)
 
 
-def _save(tensors: dict[str, TensorHandle], path: Path, fmt: str, ckpt: Checkpoint) -> None:
+def _save(
+    tensors: dict[str, TensorHandle],
+    path: Path,
+    fmt: str,
+    ckpt: Checkpoint,
+    *,
+    adapter: AdapterConfig | None,
+    facts: ModelFacts,
+    baked: bool,
+) -> None:
     import torch
 
     # Own memory per tensor: torch.save would otherwise write whole shared storages.
@@ -143,7 +194,14 @@ def _save(tensors: dict[str, TensorHandle], path: Path, fmt: str, ckpt: Checkpoi
     if fmt == "safetensors":
         from safetensors.torch import save_file
 
-        meta = {k: str(v) for k, v in (ckpt.args or {}).items() if k.startswith("adapter_")}
-        save_file(state, str(path), metadata={"format": "pt", **meta})
+        # The input's metadata carried over, then what extract records, for these tensors.
+        carried = dict(ckpt.metadata or {})
+        carried.update(
+            {k: str(v) for k, v in (ckpt.args or {}).items() if k.startswith("adapter_")}
+        )
+        fresh = adapter_metadata(
+            state, adapter=adapter, facts=facts, source=ckpt.path.name, baked=baked
+        )
+        save_file(state, str(path), metadata={**carried, **{k: v for k, v in fresh.items() if v}})
     else:
         torch.save(state, path)

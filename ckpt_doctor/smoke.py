@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from ckpt_doctor.errors import UsageError
+from ckpt_doctor.families import check_gate_fn
 from ckpt_doctor.findings import Finding, exit_code_for, finding
-from ckpt_doctor.generate import GenerationConfig, Result, generate
+from ckpt_doctor.generate import GenerationConfig, Result, context_length, generate
 from ckpt_doctor.kernels import fused_unavailable_reason
 from ckpt_doctor.loading import LoadReport, load_model
 from ckpt_doctor.reader import Checkpoint, find_tokenizer
@@ -78,11 +79,44 @@ def resolve_attention(name: str, device: torch.device) -> str:
     return name
 
 
-def outcome_findings(results: list[Result]) -> list[Finding]:
-    """NO_EOS / LOOP: the behavioural symptoms, with the prompts that showed them."""
+def resolve_tokenizer(base: Checkpoint, tokenizer_path: Path | None) -> Path:
+    """--tokenizer, else a tokenizer.model / tokenizer.json beside the base or one level up."""
+    found = tokenizer_path or base.tokenizer_path or find_tokenizer(base.path)
+    if found is None:
+        raise UsageError(
+            f"no tokenizer.model or tokenizer.json beside {base.path} or one level up",
+            hint="pass --tokenizer PATH",
+        )
+    return found
+
+
+def outcome_findings(results: list[Result], *, dtype: str | None = None) -> list[Finding]:
+    """NONFINITE / NO_EOS / LOOP: the behavioural symptoms, with the prompts that showed them.
+    ``dtype`` is the one the model ran in (its hint differs for an fp16 overflow)."""
     out = []
+    broken = [r for r in results if r.outcome == "nonfinite"]
     loops = [r for r in results if r.outcome == "loop"]
     capped = [r for r in results if r.outcome == "max_tokens"]
+    if broken:
+        first = min(r.nonfinite_at or 0 for r in broken)
+        if dtype == "float16":
+            hint = (
+                "float16 overflowed: run with --dtype float32 (or bfloat16); ckpt-doctor "
+                "inspect shows FP16_OVERFLOW / NONFINITE in the checkpoint"
+            )
+        else:
+            hint = "the weights yield NaN/Inf: run ckpt-doctor inspect on the checkpoint"
+        out.append(
+            finding(
+                "NONFINITE",
+                f"{len(broken)} of {len(results)} prompts produced NaN/Inf logits (first at "
+                f"generated step {first}, running in {dtype or 'the model dtype'}); "
+                "generation stopped there",
+                hint,
+                prompts=[r.prompt for r in broken],
+                dtype=dtype,
+            )
+        )
     if loops:
         periods = sorted({r.loop.period for r in loops if r.loop})
         out.append(
@@ -122,16 +156,14 @@ def smoke_generate(
     attention: str = "auto",
 ) -> SmokeReport:
     config = config or GenerationConfig()
+    check_gate_fn(gate_fn)  # before the tokenizer and the weights load
     dev = resolve_device(device)
     attn = resolve_attention(attention, dev)
-    tok_path = tokenizer_path or base.tokenizer_path or find_tokenizer(base.path)
-    if tok_path is None:
-        raise UsageError(
-            f"no tokenizer.model or tokenizer.json beside {base.path} or one level up",
-            hint="pass --tokenizer PATH",
-        )
+    tok_path = resolve_tokenizer(base, tokenizer_path)
     tokenizer = load_tokenizer(tok_path)
-    max_len = max(64, min(2048, config.max_new_tokens + 256))
+    instructions = list(prompts or DEFAULT_PROMPTS)
+    # The model's context (RoPE table) covers exactly what these prompts need: no hidden cap.
+    max_len = context_length(tokenizer, instructions, config)
     model, load = load_model(
         base,
         adapter=adapter,
@@ -143,7 +175,7 @@ def smoke_generate(
         max_seq_len=max_len,
     )
     model.set_attention(attn)
-    results = generate(model, tokenizer, list(prompts or DEFAULT_PROMPTS), config=config)
-    findings = [*load.findings, *outcome_findings(results)]
+    results = generate(model, tokenizer, instructions, config=config)
+    findings = [*load.findings, *outcome_findings(results, dtype=load.dtype)]
     graph = config.cuda_graph and dev.type == "cuda"
     return SmokeReport(load, results, tok_path, str(dev), attn, graph, findings)

@@ -1,12 +1,17 @@
 """``verify``: prove an extracted adapter is exact, complete and loadable.
 
 1. reload: every tensor reads back; a safetensors sha256 in the metadata matches the tensors;
-2. bit-exact: with --full, each adapter tensor equals the source checkpoint's, bit for bit;
-3. complete: with --full, every tensor that differs from the base was extracted, or is a
+2. upstream load: the file as saved loads the way upstream example.py loads it
+   (``load_state_dict(torch.load(path), strict=False)`` on the top-level keys): no container,
+   no prefix, so its adapter tensors are really taken (CONTAINER_NESTED/LOAD_NOTHING/KEY_PREFIX);
+3. values: the checks inspect runs on values and gates (NONFINITE, ADAPTER_INERT, GATE_SHAPE..);
+4. bit-exact: with --full, each adapter tensor equals the source checkpoint's, bit for bit;
+5. complete: with --full, every tensor that differs from the base was extracted, or is a
    drifted frozen tensor reported as BASE_MODIFIED;
-4. loads: a strict load of base + adapter into the reference model has no error finding;
-5. same model: with --full, logits of base + adapter equal the full checkpoint's on a few
+6. strict load: a strict load of base + adapter into the reference model has no error finding;
+7. same model: with --full, logits of base + adapter equal the full checkpoint's on a few
    prompts (identical when the base did not drift).
+Every failed check comes with a finding that says why.
 """
 
 from __future__ import annotations
@@ -14,9 +19,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckpt_doctor.checks import check_against_base
-from ckpt_doctor.diffing import Progress, diff_tensors
-from ckpt_doctor.findings import SEVERITY_RANK, Finding
+from ckpt_doctor.checks import (
+    check_against_base,
+    check_empty,
+    content_findings,
+    model_key_names,
+    upstream_load_findings,
+)
+from ckpt_doctor.diffing import DiffReport, Progress, diff_tensors
+from ckpt_doctor.extraction import tanh_baked
+from ckpt_doctor.facts import AdapterConfig, ModelFacts, adapter_config, model_facts
+from ckpt_doctor.families import v1_gate_layers
+from ckpt_doctor.findings import SEVERITY_RANK, Finding, finding
+from ckpt_doctor.inspection import FULL_SCAN_BYTES
 from ckpt_doctor.numerics import compare
 from ckpt_doctor.reader import Checkpoint
 
@@ -61,29 +76,28 @@ def verify(
 ) -> VerifyReport:
     report = VerifyReport()
     tensors = adapter.canonical()
-    report.checks.append(_reload(adapter))
+    facts = model_facts(
+        base.canonical(),
+        params=base.params,
+        fallback=model_facts(tensors, params=adapter.params),
+    )
+    config = adapter_config(tensors, args=adapter.args, metadata=adapter.metadata)
+    report.checks.append(_reload(adapter, report))
+    report.checks.append(_upstream_load(adapter, facts, config, report))
+    report.checks.append(_values(adapter, tensors, facts, config, report))
     if full is not None:
         source = full.canonical()
-        report.checks.append(_bit_exact(tensors, source))
+        report.checks.append(_bit_exact(tensors, source, report))
         diff = diff_tensors(source, base.canonical(), progress=progress)
-        report.findings += [
-            f
-            for f in check_against_base(diff, n_base_keys=len(base.tensors))
-            if f.id == "BASE_MODIFIED"
-        ]
-        drifted = {t.name for t in diff.with_status("modified") if not t.is_adapter}
-        needed = [t.name for t in diff.tensors if t.status in ("added", "modified")]
-        lost = [n for n in needed if n not in tensors and n not in drifted]
-        report.checks.append(
-            Check(
-                "complete",
-                not lost,
-                f"{len(needed) - len(drifted)} tensors differ from the base, all extracted"
-                + (f"; {len(drifted)} drifted frozen tensors reported" if drifted else "")
-                if not lost
-                else f"not extracted: {', '.join(lost[:5])}",
-            )
+        _add(
+            report,
+            [
+                f
+                for f in check_against_base(diff, n_base_keys=len(base.tensors))
+                if f.id == "BASE_MODIFIED"
+            ],
         )
+        report.checks.append(_complete(tensors, diff, full, report))
     check, model = _loads(adapter, base, report)
     report.checks.append(check)
     if full is not None:
@@ -91,29 +105,150 @@ def verify(
     return report
 
 
-def _reload(adapter: Checkpoint) -> Check:
+def _add(report: VerifyReport, findings: list[Finding]) -> None:
+    """Add findings whose id is not reported yet: the static checks and the strict load can
+    both see, say, a scalar gate; one finding per fact."""
+    seen = {f.id for f in report.findings}
+    report.findings += [f for f in findings if f.id not in seen]
+
+
+def _reload(adapter: Checkpoint, report: VerifyReport) -> Check:
     from ckpt_doctor.extraction import tensor_digest
 
     loaded = {n: h.to_torch() for n, h in adapter.tensors.items()}
     recorded = (adapter.metadata or {}).get("sha256")
     if recorded is None:
+        if not loaded:
+            _add(report, check_empty(adapter))
         return Check("reload", bool(loaded), f"{len(loaded)} tensors read back")
-    ok = tensor_digest(loaded) == recorded
-    return Check("reload", ok, "sha256 matches the metadata" if ok else "sha256 MISMATCH")
+    actual = tensor_digest(loaded)
+    if actual == recorded:
+        return Check("reload", True, "sha256 matches the metadata")
+    _add(
+        report,
+        [
+            finding(
+                "SHA256_MISMATCH",
+                f"the tensors of {adapter.path} hash to sha256 {actual[:16]}..., its metadata "
+                f"records {recorded[:16]}...: the tensors changed after the file was written",
+                "re-extract the adapter from its source checkpoint; do not edit it in place",
+                recorded=recorded,
+                actual=actual,
+            )
+        ],
+    )
+    return Check("reload", False, "sha256 MISMATCH")
 
 
-def _bit_exact(tensors: dict, source: dict) -> Check:
+def _upstream_load(
+    adapter: Checkpoint, facts: ModelFacts, config: AdapterConfig | None, report: VerifyReport
+) -> Check:
+    """How upstream example.py loads the file as saved, not as ckpt-doctor resolves it."""
+    model_names = model_key_names(facts, config)
+    found = upstream_load_findings(adapter, model_names)
+    _add(report, found)
+    view = adapter.upstream_view()
+    matched = [k for k in view if k in model_names and view[k] is not None]
+    bad = [f.id for f in found if f.severity != "info"]
+    detail = (
+        f"load_state_dict(strict=False) on the file as saved takes {len(matched)} of its "
+        f"{len(view)} top-level keys"
+    )
+    # strict=False still raises on a size mismatch: a legacy scalar gate crashes upstream
+    # (the GATE_SHAPE finding comes from the value checks and the strict load).
+    heads = facts.n_heads
+    shapes = {k: h.shape for k, h in view.items() if h is not None}
+    gates = v1_gate_layers(matched).values()
+    wrong = [k for k in gates if heads and shapes[k] != (1, heads, 1, 1)]
+    if wrong:
+        detail += f", but raises on the shape of {len(wrong)} gate(s)"
+        bad.append("GATE_SHAPE")
+    # An empty file loads nothing either (EMPTY says so).
+    passed = bool(matched) and not bad
+    return Check("upstream load", passed, detail + (f" ({', '.join(bad)})" if bad else ""))
+
+
+def _values(
+    adapter: Checkpoint,
+    tensors: dict,
+    facts: ModelFacts,
+    config: AdapterConfig | None,
+    report: VerifyReport,
+) -> Check:
+    found = content_findings(
+        tensors,
+        facts,
+        config,
+        scan_all=adapter.total_bytes <= FULL_SCAN_BYTES,
+        tanh_baked=tanh_baked(adapter.metadata),
+    )
+    _add(report, found)
+    errors = sorted({f.id for f in found if f.severity == "error"})
+    warnings = sorted({f.id for f in found if f.severity == "warning"})
+    if errors:
+        return Check("values", False, ", ".join(errors + warnings))
+    detail = "values finite"
+    if config is not None and config.gate_layers:
+        detail += "; gates fit the model and are not all zero"
+    return Check("values", True, detail + (f" (warnings: {', '.join(warnings)})" * bool(warnings)))
+
+
+def _bit_exact(tensors: dict, source: dict, report: VerifyReport) -> Check:
     missing = [n for n in tensors if n not in source]
     differ = [
         n
         for n, h in tensors.items()
         if n in source and (h.shape != source[n].shape or not compare(h, source[n]).identical)
     ]
-    ok = not missing and not differ
-    detail = f"{len(tensors)} tensors identical to the source"
-    if not ok:
-        detail = f"differ: {', '.join(differ[:5])}; absent from source: {', '.join(missing[:5])}"
-    return Check("bit-exact", ok, detail)
+    if not missing and not differ:
+        return Check("bit-exact", True, f"{len(tensors)} tensors identical to the source")
+    # Only the parts that have something in them.
+    parts = [
+        f"{label}: {', '.join(names[:5])}" + (f" (+{len(names) - 5} more)" * (len(names) > 5))
+        for label, names in (("differ", differ), ("absent from source", missing))
+        if names
+    ]
+    detail = "; ".join(parts)
+    _add(
+        report,
+        [
+            finding(
+                "NOT_BIT_EXACT",
+                f"{len(differ) + len(missing)} of the adapter's {len(tensors)} tensors are not "
+                f"the source checkpoint's, bit for bit ({detail})",
+                "re-extract the adapter from this checkpoint (ckpt-doctor extract), or pass the "
+                "--full checkpoint it was really extracted from",
+                differ=differ,
+                absent=missing,
+            )
+        ],
+    )
+    return Check("bit-exact", False, detail)
+
+
+def _complete(tensors: dict, diff: DiffReport, full: Checkpoint, report: VerifyReport) -> Check:
+    drifted = {t.name for t in diff.with_status("modified") if not t.is_adapter}
+    needed = [t.name for t in diff.tensors if t.status in ("added", "modified")]
+    lost = [n for n in needed if n not in tensors and n not in drifted]
+    if not lost:
+        detail = f"{len(needed) - len(drifted)} tensors differ from the base, all extracted"
+        if drifted:
+            detail += f"; {len(drifted)} drifted frozen tensors reported"
+        return Check("complete", True, detail)
+    names = ", ".join(lost[:5]) + (f" (+{len(lost) - 5} more)" * (len(lost) > 5))
+    _add(
+        report,
+        [
+            finding(
+                "ADAPTER_MISSING",
+                f"{len(lost)} tensor(s) that {full.path} trained (absent from or changed "
+                f"against the base) are not in the adapter: {names}",
+                "re-extract the adapter from this checkpoint (ckpt-doctor extract --base)",
+                tensors=lost,
+            )
+        ],
+    )
+    return Check("complete", False, f"not extracted: {names}")
 
 
 def _file_dtype(base: Checkpoint) -> str:
@@ -130,7 +265,7 @@ def _loads(adapter: Checkpoint, base: Checkpoint, report: VerifyReport) -> tuple
         base, adapter=adapter, load_as="strict", dtype=_file_dtype(base), max_seq_len=64
     )
     errors = [f for f in load.findings if f.severity == "error"]
-    report.findings += load.findings
+    _add(report, load.findings)
     detail = f"{len(load.from_file)} of {load.model_keys} model keys from the adapter"
     return Check("strict load", not errors, detail), model
 
@@ -154,6 +289,20 @@ def _same_logits(model: Any, base: Checkpoint, full: Checkpoint, report: VerifyR
     if torch.equal(la, lf):
         return Check("same logits", True, "base + adapter == full checkpoint, bit for bit")
     detail = f"max |logit diff| {diff:.3g} vs the full checkpoint"
-    # A drifted base explains the difference (the finding names the tensors), but the adapter
-    # alone still does not reproduce the fine-tuned model.
-    return Check("same logits", False, detail + (" (explained by BASE_MODIFIED)" * drifted))
+    if drifted:
+        # A drifted base explains the difference (the finding names the tensors), but the
+        # adapter alone still does not reproduce the fine-tuned model.
+        return Check("same logits", False, detail + " (explained by BASE_MODIFIED)")
+    _add(
+        report,
+        [
+            finding(
+                "LOGITS_DIFFER",
+                f"base + adapter does not reproduce {full.path}: {detail} on 3 random prompts",
+                "the adapter is not this checkpoint's (see NOT_BIT_EXACT / ADAPTER_MISSING), or "
+                "the model needs tensors beyond the adapter: re-extract with --base",
+                max_abs=diff,
+            )
+        ],
+    )
+    return Check("same logits", False, detail)

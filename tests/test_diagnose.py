@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from ckpt_doctor.cli import app
 from ckpt_doctor.diagnosis import CAUSES, Diagnosis, diagnose
+from ckpt_doctor.errors import UsageError
 from ckpt_doctor.families import is_adapter_key
 
 WORLD = Path(__file__).resolve().parents[1] / "fixtures" / "world"
@@ -297,3 +298,75 @@ def test_cli_empty_exits_2(variants, prompts):
     assert code == 2
     assert doc["root_cause"] == "EMPTY"
     assert [f["id"] for f in doc["findings"]] == ["EMPTY"]
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+def test_no_tokenizer_is_the_usage_error_smoke_generate_raises(tmp_path, prompts):
+    """Without a tokenizer the A/B run cannot happen: say so, as smoke-generate does."""
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in BASE.iterdir():
+        (base / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(UsageError) as info:
+        diagnose(CKPT, base, prompts=prompts[:1], max_new_tokens=4)
+    assert "--tokenizer" in info.value.hint
+    result = runner.invoke(app, ["diagnose", str(CKPT), "--base", str(base), "--json"])
+    assert result.exit_code == 2 and json.loads(result.stdout)["error"]["id"] == "USAGE"
+    d = diagnose(
+        CKPT, base, tokenizer_path=WORLD / "tokenizer.model", prompts=prompts[:1], max_new_tokens=4
+    )
+    assert len(d.arms) == 3 and d.root_cause == "LOAD_NOTHING"
+
+
+def test_no_adapter_is_no_clean_bill_of_health():
+    """The base diagnosed against itself: no adapter loads, no prompt ends, exit 1."""
+    d = diagnose(BASE, BASE, prompts=["Repeat the word dog twice."], max_new_tokens=8)
+    assert d.root_cause == "ADAPTER_MISSING" and d.exit_code == 1
+    assert "no problem found" not in d.verdict and "adapter loads" not in d.verdict
+    upstream, extracted, _ = d.arms
+    assert extracted.error and "no adapter" in extracted.error
+    assert upstream.outcomes == {"max_tokens": 1}
+    assert {"ADAPTER_MISSING", "NO_EOS"} <= _ids(d)
+
+
+def test_an_arm_that_should_work_but_does_not_end_makes_exit_1(prompts, variants):
+    """The healthy adapter with too few tokens to finish: no static cause, but not clean."""
+    d = diagnose(variants.files["healthy"], BASE, prompts=prompts[:2], max_new_tokens=2)
+    assert d.exit_code == 1 and d.root_cause in ("NO_EOS", "LOOP")
+    lead = next(f for f in d.findings if f.id == d.root_cause)
+    assert lead.severity == "error" and lead.evidence["arm"] in (d.arms[0].name, d.arms[1].name)
+    assert "no problem found" not in d.verdict
+
+
+def test_load_nothing_is_an_error_once_the_smoke_run_loaded_it_so(run):
+    d = run("nested")
+    (f,) = [f for f in d.findings if f.id == "LOAD_NOTHING"]
+    assert f.severity == "error" and "smoke run loaded it that way" in f.message
+    assert f"0 of the model's {d.arms[0].model_keys} keys" in f.message
+
+
+class _Harmless:
+    """A global outside the allowlist that runs nothing: datetime.timedelta(1)."""
+
+    def __reduce__(self):
+        import datetime
+
+        return (datetime.timedelta, (1,))
+
+
+def test_diagnose_takes_trust_pickle_as_its_hint_says(tmp_path, prompts):
+    model = _load_training_checkpoint()["model"]
+    adapter = {k: v.clone() for k, v in model.items() if is_adapter_key(k)}
+    path = tmp_path / "odd.pth"
+    torch.save({"model": adapter, "extra": _Harmless()}, path)
+    args = ["diagnose", str(path), "--base", str(BASE), "--max-new-tokens", "4", "--json"]
+    args += ["--prompt", prompts[0]]
+    refused = runner.invoke(app, args)
+    doc = json.loads(refused.stdout)
+    assert refused.exit_code == 2 and doc["root_cause"] == "UNSAFE_PICKLE"
+    assert "--trust-pickle" in doc["findings"][0]["hint"]
+    trusted = runner.invoke(app, [*args, "--trust-pickle"])
+    assert trusted.exit_code in (0, 1), trusted.output
+    assert json.loads(trusted.stdout)["root_cause"] != "UNSAFE_PICKLE"

@@ -22,6 +22,7 @@ from fixtures.make_fixtures import (
     TinyConfig,
     adapter_tensors,
     base_state_dict,
+    save_safetensors,
     save_zip,
     training_checkpoint,
     write_meta_dir,
@@ -196,9 +197,9 @@ def test_verify_passes_on_a_fresh_extraction(tmp_path, suffix):
     doc = run_verify(out, base_dir, ckpt_path)
     assert doc["code"] == 0 and doc["passed"] and doc["max_logit_diff"] == 0.0
     checks = {c["name"]: c["passed"] for c in doc["checks"]}
-    assert checks == dict.fromkeys(
-        ["reload", "bit-exact", "complete", "strict load", "same logits"], True
-    )
+    names = ["reload", "upstream load", "values", "bit-exact", "complete", "strict load"]
+    assert checks == dict.fromkeys([*names, "same logits"], True)
+    assert doc["findings"] == []
 
 
 def test_verify_catches_a_tampered_and_an_incomplete_adapter(tmp_path):
@@ -212,11 +213,94 @@ def test_verify_catches_a_tampered_and_an_incomplete_adapter(tmp_path):
     del adapter["adapter_query.weight"]
     torch.save(adapter, tmp_path / "incomplete.pth")
     tampered = run_verify(tmp_path / "tampered.pth", base_dir, ckpt_path)
-    checks = {c["name"]: c["passed"] for c in tampered["checks"]}
-    assert tampered["code"] == 1 and not checks["bit-exact"] and not checks["same logits"]
+    checks = {c["name"]: c for c in tampered["checks"]}
+    assert tampered["code"] == 1 and not checks["bit-exact"]["passed"]
+    assert not checks["same logits"]["passed"]
+    # every failed check comes with its finding; details name only what is there
+    assert {"NOT_BIT_EXACT", "LOGITS_DIFFER"} <= finding_ids(tampered)
+    assert checks["bit-exact"]["detail"] == "differ: layers.3.attention.gate"
     incomplete = run_verify(tmp_path / "incomplete.pth", base_dir, ckpt_path)
     checks = {c["name"]: c["passed"] for c in incomplete["checks"]}
     assert incomplete["code"] == 1 and not checks["complete"]
+    assert "ADAPTER_MISSING" in finding_ids(incomplete)
+    for doc in (tampered, incomplete):
+        assert all(f["severity"] == "error" for f in doc["findings"])
+
+
+def finding_ids(doc: dict) -> set[str]:
+    return {f["id"] for f in doc["findings"]}
+
+
+def test_verify_fails_a_file_upstream_would_load_nothing_from(tmp_path):
+    """The training checkpoint (weights under 'model') and a nested, prefixed adapter resolve
+    fine for ckpt-doctor, but upstream's load_state_dict(strict=False) takes nothing."""
+    base_dir, ckpt_path = world(tmp_path)
+    doc = run_verify(ckpt_path, base_dir, None)
+    checks = {c["name"]: c["passed"] for c in doc["checks"]}
+    assert doc["code"] == 1 and not doc["passed"] and not checks["upstream load"]
+    assert {"CONTAINER_NESTED", "LOAD_NOTHING"} <= finding_ids(doc)
+    with open_checkpoint(ckpt_path) as ckpt:
+        adapter = {k: h.to_torch().clone() for k, h in ckpt.canonical().items() if "gate" in k}
+        adapter["adapter_query.weight"] = ckpt.canonical()["adapter_query.weight"].to_torch()
+    nested = tmp_path / "nested.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in adapter.items()}}, nested)
+    doc = run_verify(nested, base_dir, ckpt_path)
+    checks = {c["name"]: c["passed"] for c in doc["checks"]}
+    assert doc["code"] == 1 and not checks["upstream load"]
+    assert checks["bit-exact"] and checks["strict load"]  # only upstream's view is wrong
+    assert {"LOAD_NOTHING", "KEY_PREFIX"} <= finding_ids(doc)
+    flat = tmp_path / "flat.pth"
+    torch.save(adapter, flat)
+    doc = run_verify(flat, base_dir, ckpt_path)
+    assert doc["code"] == 0 and doc["passed"] and doc["findings"] == []
+
+
+def test_verify_reports_a_sha256_mismatch(tmp_path):
+    base_dir, ckpt_path = world(tmp_path)
+    out = tmp_path / "adapter.safetensors"
+    with open_checkpoint(ckpt_path) as ckpt:
+        result = extract(ckpt, out)
+    with safe_open(str(out), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    tensors["layers.3.attention.gate"] += 1e-3
+    tampered = save_safetensors(
+        tensors, tmp_path / "tampered.safetensors", metadata=result.metadata
+    )
+    doc = run_verify(tampered, base_dir, None)
+    checks = {c["name"]: c["passed"] for c in doc["checks"]}
+    assert doc["code"] == 1 and not checks["reload"]
+    assert finding_ids(doc) == {"SHA256_MISMATCH"}
+
+
+def test_verify_checks_the_values(tmp_path):
+    base_dir, ckpt_path = world(tmp_path)
+    out = tmp_path / "adapter.pth"
+    with open_checkpoint(ckpt_path) as ckpt:
+        extract(ckpt, out)
+    adapter = torch.load(out, weights_only=True)
+    adapter["adapter_query.weight"][0, 0] = float("nan")
+    torch.save(adapter, tmp_path / "nan.pth")
+    doc = run_verify(tmp_path / "nan.pth", base_dir, None)
+    checks = {c["name"]: c["passed"] for c in doc["checks"]}
+    assert doc["code"] == 1 and not doc["passed"] and not checks["values"]
+    assert finding_ids(doc) == {"NONFINITE"}
+    human = runner.invoke(app, ["verify", str(tmp_path / "nan.pth"), "--base", str(base_dir)])
+    assert human.exit_code == 1 and "verification failed" in human.stdout
+
+
+def test_verify_counts_scalar_gates_as_inspect_does(tmp_path):
+    """One GATE_SHAPE finding, with inspect's count (the adapted layers' gates)."""
+    base_dir, _, adapter = world_with(tmp_path, scalar_gates=True)
+    path = tmp_path / "scalar.pth"
+    torch.save(adapter, path)
+    doc = run_verify(path, base_dir, None)
+    (shape,) = [f for f in doc["findings"] if f["id"] == "GATE_SHAPE"]
+    inspected = runner.invoke(app, ["inspect", str(path), "--base", str(base_dir), "--json"])
+    (expected,) = [f for f in json.loads(inspected.stdout)["findings"] if f["id"] == "GATE_SHAPE"]
+    assert shape["message"] == expected["message"]
+    assert "2 of the 2 adapted layers' gates" in shape["message"]
+    checks = {c["name"]: c["passed"] for c in doc["checks"]}
+    assert doc["code"] == 1 and not checks["upstream load"] and not checks["values"]
 
 
 def test_verify_explains_a_drifted_base(tmp_path):
@@ -230,3 +314,70 @@ def test_verify_explains_a_drifted_base(tmp_path):
     assert not checks["same logits"]["passed"]
     assert "BASE_MODIFIED" in checks["same logits"]["detail"]
     assert doc["code"] == 1 and doc["max_logit_diff"] > 0
+
+
+def world_with(tmp_path: Path, **adapter_options) -> tuple[Path, Path, dict]:
+    """The tiny world with an adapter the caller edits; returns (base dir, ckpt, adapter)."""
+    base = base_state_dict(CFG)
+    write_meta_dir(base, tmp_path / "base", CFG)
+    return tmp_path / "base", tmp_path / "checkpoint-4.pth", adapter_tensors(CFG, **adapter_options)
+
+
+def save_world(ckpt_path: Path, adapter: dict) -> Path:
+    return save_zip(training_checkpoint(CFG, base_state_dict(CFG), adapter), ckpt_path)
+
+
+def cli_extract(ckpt: Path, base_dir: Path, out: Path, *extra: str):
+    args = ["extract", str(ckpt), "--base", str(base_dir), "-o", str(out), *extra, "--json"]
+    return runner.invoke(app, args)
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [("nan", "NONFINITE"), ("zero_gates", "ADAPTER_INERT"), ("scalar_gates", "GATE_SHAPE")],
+)
+def test_extract_checks_the_content_it_takes(tmp_path, case, expected):
+    """A NaN, inert or legacy-gated adapter is extracted as asked, but reported (exit 1)."""
+    base_dir, ckpt_path, adapter = world_with(tmp_path, scalar_gates=case == "scalar_gates")
+    if case == "nan":
+        adapter["adapter_query.weight"][0, 0] = float("nan")
+    if case == "zero_gates":
+        adapter = {k: v.zero_() if k.endswith(".gate") else v for k, v in adapter.items()}
+    save_world(ckpt_path, adapter)
+    out = tmp_path / "adapter.pth"
+    result = cli_extract(ckpt_path, base_dir, out)
+    assert result.exit_code == 1, result.output
+    found = {f["id"]: f["severity"] for f in json.loads(result.stdout)["findings"]}
+    assert found == {expected: "error"}
+    assert out.is_file()
+
+
+def test_extract_dtype_accepts_floats_only(tmp_path):
+    _, ckpt_path = world(tmp_path)
+    out = tmp_path / "a.pth"
+    result = runner.invoke(app, ["extract", str(ckpt_path), "-o", str(out), "--dtype", "int8"])
+    assert result.exit_code == 2 and "USAGE" in result.stderr and "float16" in result.stderr
+    assert not out.exists()
+    with open_checkpoint(ckpt_path) as ckpt, pytest.raises(UsageError):
+        extract(ckpt, out, dtype="float8_e4m3fn")
+    assert not out.exists()
+
+
+def test_extract_refuses_a_cast_that_overflows(tmp_path):
+    base_dir, ckpt_path, adapter = world_with(tmp_path)
+    adapter["adapter_query.weight"][1, 2] = 70000.0  # finite in fp32, Inf in fp16
+    save_world(ckpt_path, adapter)
+    out = tmp_path / "a.pth"
+    with open_checkpoint(ckpt_path) as ckpt, pytest.raises(RefusedError) as info:
+        extract(ckpt, out, dtype="float16")
+    assert info.value.code == "FP16_OVERFLOW" and info.value.exit_code == 2
+    assert "70000" in info.value.message and "--dtype" in info.value.hint
+    assert not out.exists()
+    result = cli_extract(ckpt_path, base_dir, out, "--dtype", "float16")
+    assert result.exit_code == 2 and not out.exists()
+    # bfloat16 has the range: written, and the overflow is reported for fp16 inference
+    result = cli_extract(ckpt_path, base_dir, out, "--dtype", "bfloat16")
+    assert result.exit_code == 1, result.output
+    assert [f["id"] for f in json.loads(result.stdout)["findings"]] == ["FP16_OVERFLOW"]
+    written = torch.load(out, weights_only=True)["adapter_query.weight"]
+    assert written.dtype == torch.bfloat16 and torch.isfinite(written).all()

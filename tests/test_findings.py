@@ -233,9 +233,11 @@ def test_container_nested(tmp_path, key):
 
 def test_load_nothing_for_training_checkpoint(tmp_path):
     f = only(inspect(tmp_path, training()), "LOAD_NOTHING", "warning")
-    assert "0 of 5 keys" in f.message
+    assert "0 of the file's 5 top-level keys" in f.message
     assert "model, optimizer, epoch, scaler, args" in f.message
-    assert f.evidence == {"keys_seen": 5, "matched": 0}
+    # what is counted is named: the file's keys vs the model's (44 for the tiny config)
+    assert "the model's 44 keys" in f.message
+    assert f.evidence == {"keys_seen": 5, "matched": 0, "model_keys": 44}
 
 
 def test_flat_files_load_something(tmp_path):
@@ -404,7 +406,7 @@ def test_gate_shape_legacy_scalar(tmp_path):
     sd = extracted_adapter(CFG, adapter(scalar_gates=True))
     report = inspect(tmp_path, sd, base=write_base(tmp_path))
     f = only(report, "GATE_SHAPE", "error")
-    assert "2 gate(s) are legacy scalars of shape [1]" in f.message
+    assert "2 of the 2 adapted layers' gates are legacy scalars of shape [1]" in f.message
     assert "layers 2, 3" in f.message
     assert "[1, 4, 1, 1]" in f.message
     assert f.evidence == {"layers": ADAPTED, "repairable": True}

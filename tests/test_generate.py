@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ckpt_doctor.generate import GenerationConfig, generate
+from ckpt_doctor.errors import UsageError
+from ckpt_doctor.generate import GenerationConfig, context_length, generate
 from ckpt_doctor.loading import load_model
 from ckpt_doctor.reader import open_checkpoint
 from ckpt_doctor.tokenizer import Tokenizer
@@ -145,3 +146,76 @@ def test_static_step_generates_what_the_eager_step_does(tiny_model, monkeypatch)
     for e, g in zip(eager, got, strict=True):
         assert g.generated_ids == e.generated_ids and len(g.generated_ids) == 12
         assert g.eos_probs == pytest.approx(e.eos_probs, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("max_new_tokens", 0),
+        ("max_new_tokens", -3),
+        ("temperature", float("nan")),
+        ("temperature", float("inf")),
+        ("temperature", -1.0),
+        ("top_p", 0.0),
+        ("top_p", 2.0),
+        ("top_p", float("nan")),
+        ("template", "bogus"),
+    ],
+)
+def test_config_refuses_nonsense_with_a_usage_error(option, value):
+    with pytest.raises(UsageError) as info:
+        GenerationConfig(**{option: value})
+    assert info.value.hint and info.value.exit_code == 2
+
+
+def test_the_whole_budget_or_an_error_never_a_silent_cut(tiny_model):
+    """The model's context must cover longest prompt + max_new_tokens; generate() says so
+    instead of quietly generating fewer tokens."""
+    tok = CharTokenizer()
+    prompt = "x" * 40
+    config = GenerationConfig(template="none", max_new_tokens=30, stop_on_loop=False)
+    need = len(tok.prompt_ids(prompt)) + 30
+    assert context_length(tok, [prompt, "short"], config) == need
+    small = ScriptedModel([[4]])
+    small.args.max_seq_len = need - 1
+    small.lengths = [len(tok.prompt_ids(prompt))]
+    with pytest.raises(UsageError, match=f"{need} positions") as info:
+        generate(small, tok, [prompt], config=config)  # type: ignore[arg-type]
+    assert "max_seq_len" in info.value.hint
+    small.args.max_seq_len = need
+    (r,) = generate(small, tok, [prompt], config=config)  # type: ignore[arg-type]
+    assert r.outcome == "max_tokens" and len(r.generated_ids) == 30
+
+
+class NanAfter(ScriptedModel):
+    """A scripted model whose row 0 logits turn NaN from its ``k``-th generated token on."""
+
+    def __init__(self, scripts: list[list[int]], k: int) -> None:
+        super().__init__(scripts)
+        self.k, self.calls = k, 0
+
+    def __call__(self, tokens: torch.Tensor, start: int, cache: None) -> torch.Tensor:
+        self.calls += 1
+        logits = super().__call__(tokens, start, cache)
+        if start + tokens.shape[1] - self.lengths[0] >= self.k:
+            logits[0, 3] = float("nan")
+        return logits
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_nonfinite_logits_stop_the_row_with_one_sync_a_step(monkeypatch, temperature):
+    tok = CharTokenizer()
+    prompts = ["ab", "cd"]
+    model = NanAfter([[7, 8, 9, 10, 11, 12], [4, 5, 6, 7, 8, 9]], k=3)
+    model.lengths = [len(tok.prompt_ids(p)) for p in prompts]
+    syncs = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: syncs.append(1) or real(t))
+    config = GenerationConfig(template="none", max_new_tokens=6, temperature=temperature)
+    broken, fine = generate(model, tok, prompts, config=config)  # type: ignore[arg-type]
+    assert broken.outcome == "nonfinite" and broken.nonfinite_at == 3
+    assert len(broken.generated_ids) == 3 and len(broken.eos_probs) == 3
+    assert all(p == p for p in broken.eos_probs)  # no NaN leaks into P(eos) (or the JSON)
+    assert fine.outcome == "max_tokens" and len(fine.generated_ids) == 6
+    assert broken.to_json()["nonfinite_at"] == 3
+    assert len(syncs) == model.calls  # still one host sync per step

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt_doctor.errors import ModelLoadError
+from ckpt_doctor.errors import ModelLoadError, UsageError
 from ckpt_doctor.loading import load_model
 from ckpt_doctor.reader import open_checkpoint
 from fixtures.make_fixtures import (
@@ -135,6 +135,9 @@ def test_upstream_training_checkpoint_loads_nothing(v, base_logits):
     model, report = load(v, "b", kind="full", load_as="upstream")
     nothing = only(report, "LOAD_NOTHING")
     assert nothing.severity == "error"  # a smoke run really loaded it that way
+    # both counts are named: the model's keys and the file's top-level keys
+    assert f"0 of the model's {report.model_keys} keys" in nothing.message
+    assert "the file's 5 top-level keys" in nothing.message
     assert report.from_file == []
     assert {"model", "optimizer", "epoch", "scaler", "args"} <= set(report.unexpected)
     assert report.args.adapter_layer == CFG.adapter_layer  # the adapter is there, but inert
@@ -174,6 +177,8 @@ def test_scalar_gates_strict_broadcasts(v, strict_a):
     model, report = load(v, "d")
     shape = only(report, "GATE_SHAPE")
     assert sorted(shape.evidence["layers"]) == list(range(CFG.n_layers))
+    # counted over the file's gates, and it says so (inspect counts the adapted layers')
+    assert f"{CFG.n_layers} of the file's {CFG.n_layers} gates" in shape.message
     for name in GATES:
         assert model.get_parameter(name).shape == (1, CFG.n_heads, 1, 1)
     per_head, per_head_report = load(v, "d_broadcast")
@@ -330,3 +335,9 @@ def test_fp16_load_shares_the_file_map(tmp_path):
     for name, p in model32.named_parameters():
         start = p.untyped_storage().data_ptr()
         assert not any(lo <= start < hi for lo, hi in ranges), name
+
+
+def test_unknown_gate_function_is_a_usage_error(v):
+    with pytest.raises(UsageError) as info:
+        load(v, "a", gate_fn="bogus")
+    assert "raw or tanh" in info.value.hint

@@ -16,19 +16,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
 
+from ckpt_doctor.cli import app
 from ckpt_doctor.errors import CkptDoctorError, UsageError
+from ckpt_doctor.extraction import extract
 from ckpt_doctor.families import is_adapter_key
 from ckpt_doctor.generate import GenerationConfig
 from ckpt_doctor.inspection import inspect_checkpoint
 from ckpt_doctor.reader import open_checkpoint
 from ckpt_doctor.repair import RepairReport, repair
 from ckpt_doctor.smoke import smoke_generate
+from ckpt_doctor.verification import verify
 
 WORLD = Path(__file__).resolve().parents[1] / "fixtures" / "world"
 BASE, CKPT = WORLD / "base", WORLD / "checkpoint-4.pth"
 DRIFTED = "layers.0.attention.wq.weight"
 LARGE_GATE = "layers.3.attention.gate"
+runner = CliRunner()
 
 
 def _sha256(path: Path) -> str:
@@ -250,3 +256,67 @@ def test_nothing_to_repair_writes_nothing(world, tmp_path):
     assert report.output is None and report.changes == []
     assert not out.exists() and list(tmp_path.iterdir()) == []
     assert _sha256(world["adapter"]) == before
+
+
+def test_repair_checks_the_values_it_passes(world, tmp_path):
+    """A NaN adapter is not 'nothing to repair': the finding comes back, and the exit code."""
+    nan = _load_flat(world["adapter"])
+    nan["adapter_query.weight"][0, 0] = float("nan")
+    path = tmp_path / "nan.pth"
+    torch.save(nan, path)
+    report = _repair(path, tmp_path / "fixed.pth", needs_base=True)
+    assert report.output is None and [f.id for f in report.findings] == ["NONFINITE"]
+    assert report.exit_code == 1
+    human = runner.invoke(app, ["repair", str(path), "-o", str(tmp_path / "fixed.pth")])
+    assert human.exit_code == 1 and "NONFINITE" in human.stdout  # not a bare "nothing to do"
+    prefixed = tmp_path / "prefixed.pth"
+    torch.save({f"module.{k}": v for k, v in nan.items()}, prefixed)
+    result = runner.invoke(
+        app, ["repair", str(prefixed), "--base", str(BASE), "-o", str(tmp_path / "x.pth"), "--json"]
+    )
+    doc = json.loads(result.stdout)
+    assert result.exit_code == 1 and [f["id"] for f in doc["findings"]] == ["NONFINITE"]
+    assert [c["kind"] for c in doc["changes"]] == ["strip-prefix", "wrote"]
+
+
+def test_cli_repair_json_has_findings_and_exits_0_when_clean(world, tmp_path):
+    out = tmp_path / "fixed.pth"
+    result = runner.invoke(app, ["repair", str(world["prefix"]), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["findings"] == []
+
+
+def test_safetensors_repair_carries_metadata_and_bakes_tanh_once(world, tmp_path):
+    extracted = tmp_path / "adapter.safetensors"
+    with open_checkpoint(CKPT) as ckpt, open_checkpoint(BASE) as base:
+        extraction = extract(ckpt, extracted, base=base)
+    baked = tmp_path / "baked.safetensors"
+    _repair(extracted, baked, needs_base=False, bake_tanh=True)
+    with safe_open(str(baked), framework="pt") as f:
+        meta = f.metadata()
+        gates = {k: f.get_tensor(k) for k in f.keys() if k.endswith(".gate")}  # noqa: SIM118
+    for key in ("family", "adapter_len", "adapter_layer", "n_layers", "dim", "n_heads"):
+        assert meta[key] == extraction.metadata[key], key
+    assert meta["gate_fn"] == "raw" and meta["gate_tanh_baked"] == "true"
+    assert (
+        meta["source"] == "adapter.safetensors" and meta["sha256"] != extraction.metadata["sha256"]
+    )
+    # the sha256 is that of the repaired tensors: verify's reload check passes
+    with open_checkpoint(baked) as adapter, open_checkpoint(BASE) as base:
+        checks = {c.name: c.passed for c in verify(adapter, base=base).checks}
+    assert checks["reload"] and checks["values"]
+    # and inspect knows the baked gates need no tanh at inference
+    _, ids = _errors_after_inspect(baked)
+    assert "GATE_TANH_MISMATCH" not in ids
+    again = tmp_path / "twice.safetensors"
+    with pytest.raises(CkptDoctorError) as caught:
+        _repair(baked, again, needs_base=False, bake_tanh=True)
+    assert "already baked" in caught.value.message and "--bake-tanh" in caught.value.hint
+    assert caught.value.exit_code == 2 and not again.exists()
+    with safe_open(str(baked), framework="pt") as f:
+        assert all(torch.equal(f.get_tensor(k), g) for k, g in gates.items())
+
+
+def test_bake_tanh_into_pth_says_it_cannot_be_recorded(repaired):
+    _, _, report = repaired["large_gate"]
+    assert "do not bake it again" in report.changes[0].detail

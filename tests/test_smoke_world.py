@@ -89,3 +89,60 @@ def test_strict_load_of_training_checkpoint_behaves_like_base_plus_adapter(held_
         r["generated_ids"] for r in adapter["results"]
     ]
     assert share(strict, "eos") >= 0.9
+
+
+def test_a_long_prompt_gets_its_whole_budget():
+    """No hidden context cap: a prompt of ~300 tokens still gets max_new_tokens tokens."""
+    from ckpt_doctor.generate import GenerationConfig
+    from ckpt_doctor.smoke import smoke_generate
+
+    prompt = " ".join(["word"] * 280)
+    with open_checkpoint(BASE) as base:
+        report = smoke_generate(
+            base, prompts=[prompt], config=GenerationConfig(max_new_tokens=12), device="cpu"
+        )
+    (r,) = report.results
+    assert len(r.prompt_ids) > 280
+    assert report.load.args.max_seq_len == len(r.prompt_ids) + 12  # sized from the prompt
+    assert r.outcome != "max_tokens" or len(r.generated_ids) == 12
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--gate", "bogus"],
+        ["--max-new-tokens", "0"],
+        ["--temperature", "nan"],
+        ["--temperature", "-1"],
+        ["--top-p", "0"],
+        ["--top-p", "2"],
+    ],
+)
+def test_bad_generation_options_are_usage_errors(args):
+    result = runner.invoke(app, ["smoke-generate", "--base", str(BASE), *args, "--json"])
+    assert result.exit_code == 2, result.output
+    doc = json.loads(result.stdout)
+    assert doc["error"]["id"] == "USAGE" and doc["error"]["hint"]
+    assert "internal error" not in result.stderr
+
+
+@pytest.mark.parametrize("case", ["nan", "fp16_overflow"])
+def test_nonfinite_logits_are_reported_not_run_to_the_limit(adapter_file, tmp_path, case):
+    adapter = torch.load(adapter_file, weights_only=True)
+    query = adapter["adapter_query.weight"]
+    query[0, 0] = float("nan") if case == "nan" else 70000.0  # fp32: finite; fp16: Inf
+    path = tmp_path / f"{case}.pth"
+    torch.save(adapter, path)
+    dtype = "float16" if case == "fp16_overflow" else "float32"
+    args = ["--adapter", str(path), "--dtype", dtype, "--device", "cpu"]
+    result = runner.invoke(
+        app, ["smoke-generate", "--base", str(BASE), *args, "--prompt", "hi", "--json"]
+    )
+    assert result.exit_code == 1, result.output
+    doc = json.loads(result.stdout)
+    (r,) = doc["results"]
+    assert r["outcome"] == "nonfinite" and r["nonfinite_at"] == 0 and r["generated_ids"] == []
+    (f,) = doc["findings"]
+    assert (f["id"], f["severity"]) == ("NONFINITE", "error")
+    assert ("--dtype float32" in f["hint"]) == (case == "fp16_overflow")
+    assert "inspect" in f["hint"]
