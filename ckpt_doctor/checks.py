@@ -225,6 +225,8 @@ def check_adapter(
             )
         ]
     out: list[Finding] = []
+    if not adapter.family.runs_here:  # a prompt and a gate per adapted layer
+        return _per_layer_pairs(tensors, adapter)
     query = tensors.get(V1_QUERY_KEY)
     if query is None or not adapter.gate_layers:
         part = "adapter_query.weight" if query is None else "every layers.N.attention.gate"
@@ -285,21 +287,43 @@ def check_adapter(
     return out
 
 
+def _per_layer_pairs(tensors: Mapping[str, TensorHandle], adapter: AdapterConfig) -> list[Finding]:
+    """ADAPTER_MISSING for families with a prompt and a gate per layer: a half-saved layer."""
+    prompts = set(adapter.family.prompt_layers(tensors))
+    lonely = sorted(prompts ^ set(adapter.gate_layers))
+    if not lonely:
+        return []
+    return [
+        finding(
+            "ADAPTER_MISSING",
+            f"{adapter.family.name}: layers {_names([str(i) for i in lonely])} have a prompt "
+            "without a gate or a gate without a prompt",
+            "the adapter is incomplete: save it again from the trained model",
+            layers=lonely,
+        )
+    ]
+
+
 def check_gates(
     gate_values: Mapping[int, np.ndarray],
     facts: ModelFacts,
     adapted: Sequence[int],
     *,
     tanh_baked: bool = False,
+    v1: bool = True,
 ) -> list[Finding]:
     """GATE_SHAPE / ADAPTER_INERT / GATE_TANH_MISMATCH over the adapted layers' gates.
 
     ``tanh_baked``: the gates already hold tanh(g) (repair --bake-tanh), so raw inference is
-    what training did and the raw-vs-tanh comparison does not apply."""
+    what training did and the raw-vs-tanh comparison does not apply. Not ``v1`` (PEFT,
+    litgpt): only ADAPTER_INERT applies; their gates have their own shapes and are raw in
+    training and inference alike."""
     out: list[Finding] = []
     used = {i: g for i, g in gate_values.items() if i in adapted} or dict(gate_values)
     if not used:
         return out
+    if not v1:
+        return _inert(used, "layers with a gate")
     scalar = [i for i, g in used.items() if g.size == 1]
     heads = facts.n_heads
     wrong = [
@@ -332,19 +356,7 @@ def check_gates(
                 repairable=False,
             )
         )
-    values = np.concatenate([g.reshape(-1) for g in used.values()])
-    if values.size and not values.any():
-        out.append(
-            finding(
-                "ADAPTER_INERT",
-                f"all {values.size} gate values of the {len(used)} "
-                + ("adapted layers" if scope == "adapted layers'" else "layers with a gate")
-                + " are exactly 0: the adapter adds nothing and the output equals the base model",
-                "these are the zero-init gates: the checkpoint was saved before training "
-                "updated them, or the adapter was not loaded; use a trained checkpoint",
-                layers=list(used),
-            )
-        )
+    out += _inert(used, "adapted layers" if scope == "adapted layers'" else "layers with a gate")
     worst_ratio, worst_at = 1.0, None
     for i, g in used.items():
         for h, v in enumerate(g.reshape(-1).tolist()):
@@ -367,6 +379,22 @@ def check_gates(
             )
         )
     return out
+
+
+def _inert(used: Mapping[int, np.ndarray], which: str) -> list[Finding]:
+    values = np.concatenate([g.reshape(-1) for g in used.values()])
+    if not values.size or values.any():
+        return []
+    return [
+        finding(
+            "ADAPTER_INERT",
+            f"all {values.size} gate values of the {len(used)} {which} are exactly 0: the "
+            "adapter adds nothing and the output equals the base model",
+            "these are the zero-init gates: the checkpoint was saved before training "
+            "updated them, or the adapter was not loaded; use a trained checkpoint",
+            layers=list(used),
+        )
+    ]
 
 
 def content_findings(

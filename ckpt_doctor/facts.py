@@ -157,9 +157,15 @@ def adapter_config(
     if family is None:
         return None
     found_keys = tuple(family.adapter_keys(tensors))
-    # Only v1 exists so far; other families plug in their own resolver here.
-    if family is not LLAMA_ADAPTER_V1:
-        return AdapterConfig(family, found_keys, None, None, "unknown", None, {})
+    if family is not LLAMA_ADAPTER_V1:  # a prompt per layer: [1, L, dim] (PEFT) or [L, dim]
+        prompts = family.prompt_layers(tensors)
+        shapes = {tuple(tensors[k].shape) for k in prompts.values()}
+        shape = shapes.pop() if len(shapes) == 1 else None
+        length = shape[-2] if shape and len(shape) >= 2 else None
+        layers = len(prompts) or None
+        return AdapterConfig(
+            family, found_keys, length, layers, "shapes", shape, family.gate_layers(tensors)
+        )
     query = tensors.get(V1_QUERY_KEY)
     gates = v1_gate_layers(tensors)
     rows = query.shape[0] if query is not None and len(query.shape) == 2 else None

@@ -1,7 +1,7 @@
 """Adapter families: which keys are adapter keys, and the gate function. One definition each.
 
-LLaMA-Adapter v1 is implemented; PEFT adaption prompt, litgpt and v2 register here later with
-the same small interface.
+LLaMA-Adapter v1 runs in the reference model. HF PEFT's adaption prompt and litgpt's adapter
+are recognised (named, their prompts and gates read); LLaMA-Adapter v2 is not yet.
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ class AdapterFamily:
     name: str
     description: str
     key_patterns: tuple[str, ...]
+    gate_pattern: str  # one gate tensor per adapted layer; group 1 is the layer index
+    prompt_pattern: str | None = None  # per-layer prompts, as gates; None: v1's adapter_query
+    # The reference model (smoke-generate, verify, the v1 load checks) runs this family.
+    runs_here: bool = False
 
     def is_adapter_key(self, name: str) -> bool:
         return any(re.fullmatch(p, name) for p in self.key_patterns)
@@ -59,16 +63,48 @@ class AdapterFamily:
     def adapter_keys(self, names: Iterable[str]) -> list[str]:
         return [n for n in names if self.is_adapter_key(n)]
 
+    def gate_layers(self, names: Iterable[str]) -> dict[int, str]:
+        """Layer index -> gate key, for every gate present."""
+        return _by_layer(self.gate_pattern, names)
+
+    def prompt_layers(self, names: Iterable[str]) -> dict[int, str]:
+        """Layer index -> prompt key (families with a prompt tensor per layer)."""
+        return _by_layer(self.prompt_pattern, names) if self.prompt_pattern else {}
+
+
+def _by_layer(pattern: str, names: Iterable[str]) -> dict[int, str]:
+    found = {int(m.group(1)): n for n in names if (m := re.fullmatch(pattern, n))}
+    return dict(sorted(found.items()))
+
 
 LLAMA_ADAPTER_V1 = AdapterFamily(
     name="llama-adapter-v1",
     description="LLaMA-Adapter v1 (adapter_query prompt + per-layer zero-init gates)",
     key_patterns=(r"adapter_query\.weight", r"layers\.\d+\.attention\.gate"),
+    gate_pattern=r"layers\.(\d+)\.attention\.gate",
+    runs_here=True,
 )
 V1_QUERY_KEY = "adapter_query.weight"
-_V1_GATE_RE = re.compile(r"^layers\.(\d+)\.attention\.gate$")
 
-FAMILIES: tuple[AdapterFamily, ...] = (LLAMA_ADAPTER_V1,)
+# Recognised, so that they are named and never read as a failed v1 load; the reference model
+# runs v1 only. Both apply their gates raw, in training and in inference.
+PEFT_ADAPTION_PROMPT = AdapterFamily(
+    name="peft-adaption-prompt",
+    description="HF PEFT adaption prompt (adaption_prompt [1, L, hidden] + adaption_gate [1] "
+    "per adapted layer)",
+    key_patterns=(r"(?:model\.)?layers\.\d+\.self_attn\.adaption_(?:prompt|gate)",),
+    gate_pattern=r"(?:model\.)?layers\.(\d+)\.self_attn\.adaption_gate",
+    prompt_pattern=r"(?:model\.)?layers\.(\d+)\.self_attn\.adaption_prompt",
+)
+LITGPT_ADAPTER = AdapterFamily(
+    name="litgpt-adapter",
+    description="litgpt / lit-llama adapter (adapter_wte [L, dim] + gating_factor per layer)",
+    key_patterns=(r"transformer\.h\.\d+\.attn\.(?:adapter_wte\.weight|gating_factor)",),
+    gate_pattern=r"transformer\.h\.(\d+)\.attn\.gating_factor",
+    prompt_pattern=r"transformer\.h\.(\d+)\.attn\.adapter_wte\.weight",
+)
+
+FAMILIES: tuple[AdapterFamily, ...] = (LLAMA_ADAPTER_V1, PEFT_ADAPTION_PROMPT, LITGPT_ADAPTER)
 
 
 def v1_gate_key(layer: int) -> str:
@@ -77,12 +113,7 @@ def v1_gate_key(layer: int) -> str:
 
 def v1_gate_layers(names: Iterable[str]) -> dict[int, str]:
     """Layer index -> gate key, for every v1 gate present."""
-    out = {}
-    for n in names:
-        m = _V1_GATE_RE.match(n)
-        if m:
-            out[int(m.group(1))] = n
-    return dict(sorted(out.items()))
+    return LLAMA_ADAPTER_V1.gate_layers(names)
 
 
 def detect_family(names: Iterable[str]) -> AdapterFamily | None:

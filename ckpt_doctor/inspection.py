@@ -155,14 +155,21 @@ def inspect_checkpoint(
 
     findings: list[Finding] = []
     findings += checks.check_empty(ckpt)
-    findings += checks.upstream_load_findings(ckpt, model_names)
+    if adapter is None or adapter.family.runs_here:
+        findings += checks.upstream_load_findings(ckpt, model_names)
+    else:  # loaded by its own library (PEFT, litgpt), not upstream's load_state_dict
+        findings += checks.check_container(ckpt)
     findings += checks.check_values(scans)
     findings += checks.check_adapter(
         tensors, adapter, facts, expected=checks.adapter_expected(ckpt)
     )
     # Baked gates (repair --bake-tanh) hold tanh(g): raw inference is what training did.
     findings += checks.check_gates(
-        gate_values, facts, adapted, tanh_baked=tanh_baked(ckpt.metadata)
+        gate_values,
+        facts,
+        adapted,
+        tanh_baked=tanh_baked(ckpt.metadata),
+        v1=adapter is None or adapter.family.runs_here,
     )
     findings += checks.check_optimizer(ckpt)
     diff = None

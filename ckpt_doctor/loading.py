@@ -115,6 +115,13 @@ def load_model(
     config = None
     if extra is not None:
         config = adapter_config(extra.canonical(), args=extra.args, metadata=extra.metadata)
+    if config is not None and not config.family.runs_here and load_as == "strict":
+        # Loading it would match nothing and run the plain base: say so instead.
+        raise UsageError(
+            f"{extra.path} holds a {config.family.name} adapter; the reference model runs "
+            "llama-adapter-v1 only",
+            hint="run it with its own library (PEFT, litgpt); ckpt-doctor inspect still reads it",
+        )
     args = model_args(base, config, max_seq_len=max_seq_len)
     base_tensors = base.canonical()
     file_dtype = base_tensors["tok_embeddings.weight"].dtype.name

@@ -182,8 +182,10 @@ def render_inspect(report: InspectReport) -> None:
         row(
             "adapter",
             f"{a.family.name}: adapter_len {a.adapter_len}, adapter_layer {a.adapter_layer} "
-            f"(from {a.source}), {len(a.keys)} tensors, {human_bytes(report.adapter_bytes)}",
-        )
+            f"(from {a.source}), {len(a.keys)} tensors, {human_bytes(report.adapter_bytes)}"
+            + ("" if a.family.runs_here else f"; {a.family.description}: recognised, but "
+               "smoke-generate and verify run llama-adapter-v1 only"),
+        )  # fmt: skip
     if report.prefix:
         row("key prefix", report.prefix)
     for key, entry in report.entries.items():
