@@ -209,16 +209,25 @@ def test_attention_auto_is_reference_on_cpu_and_fused_is_refused_there(monkeypat
 
 
 def test_gpu_benchmark_script_runs_dry_on_the_cpu(tmp_path):
-    """benchmarks/attention_gpu.py at toy shapes in the interpreter: it works before GPU time
-    is spent on it, and its correctness rows pass."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_gpu.py"
-    cmd = [sys.executable, str(script), "--dry-run", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    """benchmarks/run_gpu.sh (the package laid out as a wheel installs it, then
+    attention_gpu.py) at toy shapes in the interpreter: the GPU run works before GPU time is
+    spent on it, and its correctness rows pass, the CUDA-graph decode's too."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:"
+           f"{os.environ.get('PATH', '')}"}  # fmt: skip
+    env.pop("PYTHONPATH", None)
+    cmd = ["bash", "benchmarks/run_gpu.sh", "--dry-run"]
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
     result = json.loads((tmp_path / "results.json").read_text())
-    assert {"correctness", "prefill", "decode", "end_to_end", "targets"} <= result.keys()
+    keys = {"correctness", "prefill", "decode", "decode_splits", "end_to_end", "targets"}
+    assert keys <= result.keys()
     assert result["correctness"] and all(row["pass"] for row in result["correctness"])
-    assert result["end_to_end"]["fused tok/s"] > 0
+    assert any("position in memory" in row["case"] for row in result["correctness"])
+    e2e = result["end_to_end"]
+    assert e2e["fused tok/s"] > 0 and e2e["generate() tok/s"] > 0
+    assert e2e["fused + CUDA graph same tokens as fused"] == 1.0
+    assert (tmp_path / "log.txt").read_text().startswith("torch ")
 
 
 def test_model_refuses_fused_beyond_the_kernel_limits():
