@@ -404,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = 4 if dry else args.steps
     result["end_to_end"] = end_to_end(shape, e2e_dtype, device, peak, steps)
     log(json.dumps(result["end_to_end"], indent=1))
+    result["world"] = world_check(device, prompts=3 if dry else None)
+    log(table([result["world"]]))
     result["targets"] = targets(result, dry=dry)
     result["versions"] = versions()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -411,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     md = "\n\n".join(
         [f"Device: {result['device']}; HBM peak {peak / 1e9:.0f} GB/s ({peak_source})",
          table(result["correctness"]), table(result["prefill"]), table(result["decode"]),
-         table(result["decode_splits"]), table([result["end_to_end"]]),
+         table(result["decode_splits"]), table([result["end_to_end"]]), table([result["world"]]),
          table(result["targets"]), json.dumps(result["versions"])]
     )  # fmt: skip
     (args.out / "results.md").write_text(md + "\n")
@@ -419,11 +421,46 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(t["pass"] for t in result["targets"]) or dry else 1
 
 
+def world_check(device: torch.device, *, prompts: int | None) -> dict[str, Any]:
+    """smoke-generate's own path (smoke.smoke_generate) on the fixture world: the trained
+    checkpoint, fp32, on ``device`` with the fused kernels (and, on CUDA, the graph-captured
+    step) against the CPU reference path; the same tokens and eos on every held-out prompt."""
+    from ckpt_doctor.reader import open_checkpoint
+    from ckpt_doctor.smoke import smoke_generate
+
+    world = Path(__file__).resolve().parents[1] / "fixtures" / "world"
+    held_out = json.loads((world / "prompts.json").read_text())["held_out"][:prompts]
+    runs = {}
+    for where, attention in (("cpu", "reference"), (device.type, "fused")):
+        with (
+            open_checkpoint(world / "base") as base,
+            open_checkpoint(world / "checkpoint-4.pth") as full,
+        ):
+            report = smoke_generate(
+                base, full=full, prompts=held_out, dtype="float32", device=where,
+                attention=attention,
+            )  # fmt: skip
+        runs[where] = (report, [r.generated_ids for r in report.results])
+    (ref, ref_ids), (fused, fused_ids) = runs["cpu"], runs[device.type]
+    same = sum(a == b for a, b in zip(ref_ids, fused_ids, strict=True))
+    return {
+        "prompts": len(held_out),
+        "fused on": f"{fused.device}, CUDA graph {fused.cuda_graph}",
+        "same tokens as CPU reference": same,
+        "eos (fused)": sum(r.outcome == "eos" for r in fused.results),
+        "eos (CPU reference)": sum(r.outcome == "eos" for r in ref.results),
+    }
+
+
 def targets(r: dict, *, dry: bool) -> list[dict]:
     """The issue's GPU targets, each with the number it was judged on."""
     out = [{"target": "fused error <= 2x reference error (fp16, bf16)",
             "value": max(c["fused_err"] / max(c["ref_err"], 1e-30) for c in r["correctness"]),
             "pass": all(c["pass"] for c in r["correctness"])}]  # fmt: skip
+    world = r["world"]
+    same = world["same tokens as CPU reference"]
+    out.append({"target": "fixture world: smoke-generate fused = CPU reference, every prompt",
+                "value": same / world["prompts"], "pass": same == world["prompts"]})  # fmt: skip
     if dry:
         return out
     d = {(x["B"], x["L"]): x for x in r["decode"]}

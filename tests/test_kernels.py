@@ -227,6 +227,8 @@ def test_gpu_benchmark_script_runs_dry_on_the_cpu(tmp_path):
     e2e = result["end_to_end"]
     assert e2e["fused tok/s"] > 0 and e2e["generate() tok/s"] > 0
     assert e2e["fused + CUDA graph same tokens as fused"] == 1.0
+    assert result["world"]["same tokens as CPU reference"] == result["world"]["prompts"] == 3
+    assert all(t["pass"] for t in result["targets"])
     assert (tmp_path / "log.txt").read_text().startswith("torch ")
 
 
