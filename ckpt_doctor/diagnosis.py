@@ -10,6 +10,7 @@ has actually loaded the file that way.
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -122,10 +123,18 @@ def diagnose(
     findings = _with_arm_evidence(findings, arms)
     ids = {f.id for f in findings if f.severity != "info"}
     cause = next((c for c in CAUSES if c in ids), None)
-    fix = CAUSES.get(cause) if cause else None
-    fix = fix.format(path=path, base=base_path) if fix else None
+    fix = fix_command(cause, path, base_path) if cause else None
     verdict = _verdict(cause, findings, arms, ckpt)
     return Diagnosis(path, cause, verdict, fix, findings, arms, 1 if cause else 0)
+
+
+def fix_command(cause: str, path: Path, base: Path) -> str | None:
+    """The command that fixes ``cause``, shell-quoted so that it runs as printed (paths with
+    spaces or brackets); None where no command can fix the file itself."""
+    template = CAUSES.get(cause)
+    if template is None:
+        return None
+    return template.format(path=shlex.quote(str(path)), base=shlex.quote(str(base)))
 
 
 def _with_arm_evidence(findings: list[Finding], arms: list[Arm]) -> list[Finding]:

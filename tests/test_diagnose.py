@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 from typer.testing import CliRunner
 
 from ckpt_doctor.cli import app
-from ckpt_doctor.diagnosis import CAUSES, Diagnosis, diagnose
+from ckpt_doctor.diagnosis import CAUSES, Diagnosis, diagnose, fix_command
 from ckpt_doctor.errors import UsageError
 from ckpt_doctor.families import is_adapter_key
 
@@ -142,6 +143,15 @@ def _assert_cause(diagnosis: Diagnosis, cause: str, *, exit_code: int = 1) -> No
         assert diagnosis.fix is None
     else:
         assert diagnosis.fix == fix.format(path=diagnosis.path, base=BASE)
+
+
+def test_fix_commands_are_shell_quoted(tmp_path):
+    """A path with spaces or brackets copies and runs as printed."""
+    path, base = tmp_path / "my run [v2]" / "checkpoint 4.pth", tmp_path / "base"
+    cmd = fix_command("LOAD_NOTHING", path, base)
+    assert shlex.split(cmd) == ["ckpt-doctor", "extract", str(path), "--base", str(base), "-o",
+                                "adapter.pth"]  # fmt: skip
+    assert fix_command("NONFINITE", path, base) is None
 
 
 # --------------------------------------------------------------------------- variants
