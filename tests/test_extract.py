@@ -202,12 +202,17 @@ def test_verify_passes_on_a_fresh_extraction(tmp_path, suffix):
     assert doc["findings"] == []
 
 
-def test_verify_catches_a_tampered_and_an_incomplete_adapter(tmp_path):
+def extracted_world(tmp_path: Path) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    """The world's base and checkpoint, and its adapter extracted and loaded back."""
     base_dir, ckpt_path = world(tmp_path)
     out = tmp_path / "adapter.pth"
     with open_checkpoint(ckpt_path) as ckpt:
         extract(ckpt, out)
-    adapter = torch.load(out, weights_only=True)
+    return base_dir, ckpt_path, torch.load(out, weights_only=True)
+
+
+def test_verify_catches_a_tampered_and_an_incomplete_adapter(tmp_path):
+    base_dir, ckpt_path, adapter = extracted_world(tmp_path)
     adapter["layers.3.attention.gate"] = adapter["layers.3.attention.gate"] + 1e-3
     torch.save(adapter, tmp_path / "tampered.pth")
     del adapter["adapter_query.weight"]
@@ -273,11 +278,7 @@ def test_verify_reports_a_sha256_mismatch(tmp_path):
 
 
 def test_verify_checks_the_values(tmp_path):
-    base_dir, ckpt_path = world(tmp_path)
-    out = tmp_path / "adapter.pth"
-    with open_checkpoint(ckpt_path) as ckpt:
-        extract(ckpt, out)
-    adapter = torch.load(out, weights_only=True)
+    base_dir, _, adapter = extracted_world(tmp_path)
     adapter["adapter_query.weight"][0, 0] = float("nan")
     torch.save(adapter, tmp_path / "nan.pth")
     doc = run_verify(tmp_path / "nan.pth", base_dir, None)
