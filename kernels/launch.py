@@ -111,6 +111,8 @@ def _validate(
         _check(start.device == q.device, "the position tensor is not on q's device", SAME)
         start = 0  # the cache-length check below is up to the caller then
     _check(start >= 0 and t >= 1, f"start {start}, T {t}", "start >= 0 and at least one query")
+    # Prefill puts batch x heads on the grid's second axis, which CUDA caps at 65535.
+    _check(t == 1 or b * h <= 65535, f"{b * h} batch x heads for a prefill", "prefill in batches")
     for name, x in (("k", k), ("v", v)):
         _check(
             x.dim() == 4 and x.shape[0] >= b and x.shape[1] == h and x.shape[3] == hd,

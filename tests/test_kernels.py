@@ -124,6 +124,7 @@ def test_bad_inputs_raise_typed_errors():
         ({"ak": x["ak"][:, :, :8]}, "adapter_k is"),
         ({"gate": torch.zeros(H, dtype=torch.float64)}, "gate must be fp32"),
         ({"gate": torch.zeros(H + 1)}, "gate must be fp32"),
+        ({n: x[n].expand(65536 // H + 1, -1, -1, -1) for n in "qkv"}, "batch x heads"),
     ]
     for change, message in bad:
         y = {**x, "gate": g, **change}
