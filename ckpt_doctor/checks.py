@@ -16,6 +16,7 @@ from ckpt_doctor.facts import AdapterConfig, ModelFacts
 from ckpt_doctor.families import (
     TANH_MISMATCH_RATIO,
     V1_QUERY_KEY,
+    AdapterFamily,
     is_adapter_key,
     raw_over_tanh,
     v1_gate_key,
@@ -309,20 +310,20 @@ def check_gates(
     facts: ModelFacts,
     adapted: Sequence[int],
     *,
+    family: AdapterFamily | None,
     tanh_baked: bool = False,
-    v1: bool = True,
 ) -> list[Finding]:
     """GATE_SHAPE / ADAPTER_INERT / GATE_TANH_MISMATCH over the adapted layers' gates.
 
     ``tanh_baked``: the gates already hold tanh(g) (repair --bake-tanh), so raw inference is
-    what training did and the raw-vs-tanh comparison does not apply. Not ``v1`` (PEFT,
-    litgpt): only ADAPTER_INERT applies; their gates have their own shapes and are raw in
-    training and inference alike."""
+    what training did and the raw-vs-tanh comparison does not apply. For a family the
+    reference model does not run (PEFT, litgpt) only ADAPTER_INERT applies: their gates have
+    their own shapes and are raw in training and inference alike."""
     out: list[Finding] = []
     used = {i: g for i, g in gate_values.items() if i in adapted} or dict(gate_values)
     if not used:
         return out
-    if not v1:
+    if family is not None and not family.runs_here:
         return _inert(used, "layers with a gate")
     scalar = [i for i, g in used.items() if g.size == 1]
     heads = facts.n_heads
@@ -416,7 +417,9 @@ def content_findings(
     layers = adapter.gate_layers.items() if adapter is not None else ()
     gates = {i: tensors[k].values() for i, k in layers if k in tensors}
     adapted = adapter.adapted_layers(facts.n_layers) if adapter is not None else []
-    return [*check_values(scans), *check_gates(gates, facts, adapted, tanh_baked=tanh_baked)]
+    family = adapter.family if adapter is not None else None
+    gate_findings = check_gates(gates, facts, adapted, family=family, tanh_baked=tanh_baked)
+    return [*check_values(scans), *gate_findings]
 
 
 def _rows_only(t: TensorDiff) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ckpt_doctor.errors import CkptDoctorError
-from ckpt_doctor.families import is_adapter_key
+from ckpt_doctor.families import is_adapter_key, require_runs_here
 from ckpt_doctor.findings import Finding, finding
 from ckpt_doctor.generate import GenerationConfig
 from ckpt_doctor.inspection import inspect_checkpoint
@@ -107,6 +107,7 @@ def diagnose(
         # Same rule as smoke-generate: no tokenizer, no A/B run, so say so up front.
         tokenizer_path = resolve_tokenizer(base, tokenizer_path)
         report = inspect_checkpoint(ckpt, base=base)
+        require_runs_here(report.adapter and report.adapter.family, path, command="diagnose")
         findings = list(report.findings)
         if report.adapter is None and not any(f.id == "ADAPTER_MISSING" for f in findings):
             findings.append(

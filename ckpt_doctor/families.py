@@ -107,6 +107,16 @@ LITGPT_ADAPTER = AdapterFamily(
 FAMILIES: tuple[AdapterFamily, ...] = (LLAMA_ADAPTER_V1, PEFT_ADAPTION_PROMPT, LITGPT_ADAPTER)
 
 
+def require_runs_here(family: AdapterFamily | None, path: object, *, command: str) -> None:
+    """Refuse a family the reference model does not run, rather than work on it as if it were
+    a v1 file that loads nothing (it would run the plain base, or strip PEFT's own names)."""
+    if family is not None and not family.runs_here:
+        raise UsageError(
+            f"{path} holds a {family.name} adapter; {command} handles llama-adapter-v1 only",
+            hint="use it with its own library (PEFT, litgpt); ckpt-doctor inspect still reads it",
+        )
+
+
 def v1_gate_key(layer: int) -> str:
     return f"layers.{layer}.attention.gate"
 

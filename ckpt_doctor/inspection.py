@@ -168,8 +168,8 @@ def inspect_checkpoint(
         gate_values,
         facts,
         adapted,
+        family=adapter.family if adapter else None,
         tanh_baked=tanh_baked(ckpt.metadata),
-        v1=adapter is None or adapter.family.runs_here,
     )
     findings += checks.check_optimizer(ckpt)
     diff = None

@@ -21,7 +21,13 @@ import torch
 from ckpt_doctor import keys
 from ckpt_doctor.errors import ModelLoadError, UsageError
 from ckpt_doctor.facts import AdapterConfig, adapter_config, model_facts
-from ckpt_doctor.families import V1_QUERY_KEY, check_gate_fn, is_adapter_key, v1_gate_key
+from ckpt_doctor.families import (
+    V1_QUERY_KEY,
+    check_gate_fn,
+    is_adapter_key,
+    require_runs_here,
+    v1_gate_key,
+)
 from ckpt_doctor.findings import Finding, finding
 from ckpt_doctor.handles import TensorHandle
 from ckpt_doctor.model import ModelArgs, Transformer, ffn_hidden_size
@@ -115,13 +121,8 @@ def load_model(
     config = None
     if extra is not None:
         config = adapter_config(extra.canonical(), args=extra.args, metadata=extra.metadata)
-    if config is not None and not config.family.runs_here and load_as == "strict":
-        # Loading it would match nothing and run the plain base: say so instead.
-        raise UsageError(
-            f"{extra.path} holds a {config.family.name} adapter; the reference model runs "
-            "llama-adapter-v1 only",
-            hint="run it with its own library (PEFT, litgpt); ckpt-doctor inspect still reads it",
-        )
+    if config is not None and load_as == "strict":  # upstream mode loads anything, as upstream
+        require_runs_here(config.family, extra.path, command="the reference model")
     args = model_args(base, config, max_seq_len=max_seq_len)
     base_tensors = base.canonical()
     file_dtype = base_tensors["tok_embeddings.weight"].dtype.name

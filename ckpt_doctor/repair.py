@@ -26,7 +26,12 @@ from ckpt_doctor.diffing import Progress, diff_tensors
 from ckpt_doctor.errors import RefusedError, UsageError
 from ckpt_doctor.extraction import adapter_metadata, output_format, tanh_baked
 from ckpt_doctor.facts import AdapterConfig, ModelFacts, adapter_config, model_facts
-from ckpt_doctor.families import is_adapter_key, v1_gate_layers
+from ckpt_doctor.families import (
+    detect_family,
+    is_adapter_key,
+    require_runs_here,
+    v1_gate_layers,
+)
 from ckpt_doctor.findings import Finding, exit_code_for
 from ckpt_doctor.handles import DTYPES, TensorHandle, from_array
 from ckpt_doctor.inspection import FULL_SCAN_BYTES
@@ -79,6 +84,7 @@ def plan_repair(
     progress: Progress | None = None,
 ) -> tuple[dict[str, TensorHandle], list[Change]]:
     """The repaired tensors (as handles) and the list of changes; nothing is written."""
+    require_runs_here(detect_family(ckpt.canonical()), ckpt.path, command="repair")
     changes: list[Change] = []
     tensors = dict(ckpt.tensors)
     if ckpt.container_path:

@@ -77,3 +77,27 @@ def test_smoke_generate_refuses_a_family_the_reference_model_does_not_run(tmp_pa
     result = runner.invoke(app, [*args, "--prompt", "hi", "--max-new-tokens", "2"])
     assert result.exit_code == 2
     assert "litgpt-adapter" in result.stderr and "llama-adapter-v1 only" in result.stderr
+
+
+def test_extract_checks_later_families_by_their_own_rules(tmp_path):
+    """PEFT gates are raw scalars by design: no GATE_SHAPE, no GATE_TANH_MISMATCH."""
+    adapter = peft_adapter(tmp_path / "peft", gate=1.0) / "adapter_model.safetensors"
+    out = tmp_path / "out.safetensors"
+    result = runner.invoke(app, ["extract", str(adapter), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["findings"] == [] and out.exists()
+
+
+@pytest.mark.parametrize("command", ["repair", "diagnose"])
+def test_v1_only_commands_refuse_later_families(tmp_path, command):
+    """repair would strip PEFT's own prefix, diagnose would blame a v1 load: both refuse."""
+    adapter = peft_adapter(tmp_path / "peft", gate=0.2)
+    args = {
+        "repair": ["repair", str(adapter), "-o", str(tmp_path / "fixed.safetensors")],
+        "diagnose": ["diagnose", str(adapter), "--base", str(WORLD / "base")],
+    }[command]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 2, result.output
+    doc = json.loads(result.stdout)
+    assert "peft-adaption-prompt" in doc["error"]["message"]
+    assert "llama-adapter-v1 only" in doc["error"]["message"]
