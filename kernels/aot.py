@@ -24,8 +24,9 @@ from typing import Any
 import torch
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-# Largest dynamic shared memory one block may use (A100: 163 KiB; H100/H200: 227 KiB).
-SHARED_LIMIT = {80: 166912, 90: 232448}
+# Largest dynamic shared memory one block may use (A100: 163 KiB; A10/L4/L40S and the
+# RTX 30/40 series: 99 KiB; H100/H200: 227 KiB).
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--workers", type=int, default=0, help="compile processes (0: one per CPU)")
     args = ap.parse_args(argv)
+    unknown = sorted(set(args.arch) - set(SHARED_LIMIT))
+    if unknown:
+        ap.error(f"no shared-memory limit known for sm_{unknown[0]}: use {sorted(SHARED_LIMIT)}")
     results = compile_all(args.arch, head_dim=args.head_dim, workers=args.workers)
     for r in results:
         print(

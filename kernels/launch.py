@@ -100,7 +100,9 @@ def _validate(
     _check(q.dim() == 4, f"q must be [B, H, T, hd], got {list(q.shape)}", "split the heads first")
     b, h, t, hd = q.shape
     _check(q.dtype in DTYPES, f"unsupported dtype {q.dtype}", "use float16, bfloat16 or float32")
-    check_sizes(head_dim=hd, adapter_len=adapter[0].shape[1] if adapter else 0)
+    # An adapter_k of the wrong rank is reported with the adapter's checks below.
+    la = adapter[0].shape[1] if adapter is not None and adapter[0].dim() == 3 else 0
+    check_sizes(head_dim=hd, adapter_len=la)
     if isinstance(start, torch.Tensor):  # read on the device at run time (CUDA graphs)
         _check(
             t == 1 and start.numel() == 1 and not start.is_floating_point(),
@@ -111,8 +113,7 @@ def _validate(
         _check(start.device == q.device, "the position tensor is not on q's device", SAME)
         start = 0  # the cache-length check below is up to the caller then
     _check(start >= 0 and t >= 1, f"start {start}, T {t}", "start >= 0 and at least one query")
-    # Prefill puts batch x heads on the grid's second axis, which CUDA caps at 65535.
-    _check(t == 1 or b * h <= 65535, f"{b * h} batch x heads for a prefill", "prefill in batches")
+    _check(b <= 65535 and h <= 65535, f"batch {b}, {h} heads", "at most 65535 of each")
     for name, x in (("k", k), ("v", v)):
         _check(
             x.dim() == 4 and x.shape[0] >= b and x.shape[1] == h and x.shape[3] == hd,
@@ -241,10 +242,10 @@ def plan(
         args = (
             q, k, v, ak, av, g, out,
             *q.stride(), *k.stride(), *v.stride(), *ak.stride(), *av.stride(), *out.stride(),
-            h, t, start, la, scale_log2, max(t, 1).bit_length(),
+            t, start, la, scale_log2, max(t, 1).bit_length(),
         )  # fmt: skip
         const = {"BLOCK_A": block_a, "HAS_ADAPTER": adapter is not None, "PRECISION": precision}
-        grid = lambda meta: (math.ceil(t / meta["BLOCK_M"]), b * h)  # noqa: E731
+        grid = lambda meta: (math.ceil(t / meta["BLOCK_M"]), h, b)  # noqa: E731
         return [Launch(ta.gated_prefill_kernel, grid, args, {**const, **common})]
     in_memory = isinstance(start, torch.Tensor)
     keys = k.shape[2] if in_memory else start + 1  # the grid covers every key there may be

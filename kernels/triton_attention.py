@@ -1,7 +1,7 @@
 """Triton kernels for LLaMA-Adapter gated attention (math: kernels/reference.py, SPEC section 3).
 
 Prefill: flash-style causal attention with an online softmax (fp32 statistics, base-2
-exponentials with the 1/sqrt(hd) scale folded in), one program per (query block, batch*head).
+exponentials with the 1/sqrt(hd) scale folded in), one program per (query block, head, batch).
 The adapter term G_h * softmax(Q Ka^T / sqrt(hd)) Va is an independent softmax over at most a
 few dozen prompt rows, so it is added in the epilogue from one tile.
 
@@ -175,7 +175,6 @@ def gated_prefill_kernel(
     s_oh,
     s_ot,
     s_od,
-    H,
     T,
     START,
     LA,
@@ -189,10 +188,11 @@ def gated_prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    # Grid (query blocks, heads, batch): each axis within CUDA's limits for any real batch,
+    # and the blocks of one head run side by side, sharing its K/V in L2.
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)  # b * batch stride passes 2**31 for big caches
-    h = pid_bh % H
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)  # b * batch stride passes 2**31 for big caches
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows among the T new tokens
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM

@@ -122,9 +122,10 @@ def test_bad_inputs_raise_typed_errors():
         ({"k": x["k"][:, :, :2]}, "cache holds 2 positions"),
         ({"v": x["v"].half()}, "v: dtype/device differ"),
         ({"ak": x["ak"][:, :, :8]}, "adapter_k is"),
+        ({"ak": x["ak"][0, 0]}, "adapter_k is"),  # wrong rank: typed, not an IndexError
         ({"gate": torch.zeros(H, dtype=torch.float64)}, "gate must be fp32"),
         ({"gate": torch.zeros(H + 1)}, "gate must be fp32"),
-        ({n: x[n].expand(65536 // H + 1, -1, -1, -1) for n in "qkv"}, "batch x heads"),
+        ({n: x[n].expand(65536, -1, -1, -1) for n in "qkv"}, "batch 65536"),
     ]
     for change, message in bad:
         y = {**x, "gate": g, **change}
