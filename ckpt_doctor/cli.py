@@ -12,7 +12,6 @@ from typing import Annotated, Any, NoReturn
 
 import click
 import typer
-from typer.core import TyperCommand
 
 from ckpt_doctor import __version__
 from ckpt_doctor.diffing import Progress, diff_tensors
@@ -20,24 +19,6 @@ from ckpt_doctor.errors import CkptDoctorError, InternalError, UsageError
 from ckpt_doctor.findings import exit_code_for
 from ckpt_doctor.inspection import inspect_checkpoint
 from ckpt_doctor.reader import Checkpoint, open_checkpoint
-
-
-class _Command(TyperCommand):
-    """A command whose click usage errors (a missing --base, a bad value) still print one JSON
-    document on stdout under --json; click prints its usage message on stderr as always."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        as_json = "--json" in args and any(p.name == "as_json" for p in self.params)
-        try:
-            return super().parse_args(ctx, args)
-        except click.UsageError as exc:
-            if as_json:
-                from ckpt_doctor import render
-
-                error = UsageError(exc.format_message(), hint=f"see {ctx.command_path} --help")
-                render.print_json(render.error_json(error))
-            raise
-
 
 app = typer.Typer(
     name="ckpt-doctor",
@@ -152,7 +133,7 @@ def _progress(label: str) -> AbstractContextManager[Progress | None]:
     return render.progress_bar(label) if sys.stderr.isatty() else nullcontext(None)
 
 
-@app.command(cls=_Command)
+@app.command()
 def inspect(
     path: PathArg,
     base: BaseOpt = None,
@@ -177,7 +158,7 @@ def inspect(
     _run(as_json, body)
 
 
-@app.command(cls=_Command)
+@app.command()
 def diff(
     path: PathArg,
     base: Annotated[Path, typer.Option("--base", help="Base weights to diff against.")],
@@ -204,7 +185,7 @@ def diff(
     _run(as_json, body)
 
 
-@app.command(cls=_Command)
+@app.command()
 def extract(
     path: PathArg,
     out: OutOpt,
@@ -241,7 +222,7 @@ def extract(
     _run(as_json, body)
 
 
-@app.command(cls=_Command)
+@app.command()
 def verify(
     adapter: Annotated[Path, typer.Argument(help="The extracted adapter file.")],
     base: Annotated[Path, typer.Option("--base", help="Base weights the adapter goes on.")],
@@ -267,7 +248,7 @@ def verify(
     _run(as_json, body)
 
 
-@app.command(cls=_Command)
+@app.command()
 def repair(
     path: PathArg,
     out: OutOpt,
@@ -308,7 +289,7 @@ def repair(
     _run(as_json, body)
 
 
-@app.command(cls=_Command)
+@app.command()
 def diagnose(
     path: PathArg,
     base: Annotated[Path, typer.Option("--base", help="Base weights the fine-tune started from.")],
@@ -338,7 +319,7 @@ def diagnose(
     _run(as_json, body)
 
 
-@app.command("smoke-generate", cls=_Command)
+@app.command("smoke-generate")
 def smoke_generate(
     base: Annotated[Path, typer.Option("--base", help="Base weights (Meta / HF directory).")],
     adapter: Annotated[
@@ -411,7 +392,7 @@ def smoke_generate(
     _run(as_json, body)
 
 
-@app.command(cls=_Command)
+@app.command()
 def demo(
     world: Annotated[
         Path | None, typer.Option("--world", help="Fixture world dir (default: fixtures/world).")
@@ -434,4 +415,19 @@ def demo(
 
 
 def main() -> None:
-    app()
+    """The console script. Click's own usage errors (a missing --base, a bad value) print its
+    usage message on stderr and, under --json, one JSON document on stdout, like every other
+    error; the commands' exit codes pass through."""
+    try:
+        code = app(standalone_mode=False)
+    except click.ClickException as exc:
+        if "--json" in sys.argv[1:]:
+            from ckpt_doctor import render
+
+            hint = "see ckpt-doctor COMMAND --help"
+            render.print_json(render.error_json(UsageError(exc.format_message(), hint=hint)))
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)  # Ctrl-C during click's own parsing
+    sys.exit(code or 0)

@@ -8,6 +8,8 @@ import math
 import os
 import re
 import stat
+import subprocess
+import sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -149,13 +151,15 @@ def test_json_safe_is_recursive_and_leaves_finite_values():
 
 
 def test_usage_error_from_click_gives_json():
-    result = run("diff", BUNDLE / "checkpoint-4.pth", "--json")  # --base is missing
-    assert result.exit_code == 2
+    """Through the console script's main() (click's own parsing errors are caught there)."""
+    cmd = [sys.executable, "-m", "ckpt_doctor", "diff", str(BUNDLE / "checkpoint-4.pth")]
+    result = subprocess.run([*cmd, "--json"], capture_output=True, text=True)  # no --base
+    assert result.returncode == 2
     doc = strict_json(result.stdout)
     assert doc["error"]["id"] == "USAGE" and "--base" in doc["error"]["message"]
     assert "--base" in result.stderr
-    plain = run("diff", BUNDLE / "checkpoint-4.pth")
-    assert plain.exit_code == 2 and plain.stdout == ""
+    plain = subprocess.run(cmd, capture_output=True, text=True)
+    assert plain.returncode == 2 and plain.stdout == "" and "--base" in plain.stderr
 
 
 # --------------------------------------------------------------------------- layout
