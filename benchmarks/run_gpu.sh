@@ -10,6 +10,7 @@ set -euo pipefail
 OUT=${OUT:-/tmp/attention_gpu}
 mkdir -p "$OUT"
 site=$(mktemp -d)
+trap 'rm -rf "$site"' EXIT
 cp -r ckpt_doctor "$site/"
 cp -r kernels "$site/ckpt_doctor/kernels"
 export PYTHONPATH="$site" PYTHONUNBUFFERED=1
