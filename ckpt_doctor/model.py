@@ -30,8 +30,8 @@ from ckpt_doctor.kernels import (
     per_head_gate,
 )
 
-# The model's tensors fit the kernels by construction (checked once by smoke.resolve_attention
-# and the loader), so the fused path skips the per-call input checks.
+# The model's tensors fit the kernels by construction (shapes, dtypes, devices; set_attention
+# checks head_dim and adapter_len once), so the fused path skips the per-call input checks.
 ATTENTION = {
     "reference": gated_attention_reference,
     "fused": functools.partial(gated_attention, check=False),
