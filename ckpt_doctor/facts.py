@@ -20,9 +20,6 @@ from ckpt_doctor.families import (
 )
 from ckpt_doctor.handles import TensorHandle
 
-# LLaMA's head size; used only when neither params.json nor a per-head gate says n_heads.
-LLAMA_HEAD_DIM = 128
-
 
 @dataclass(frozen=True)
 class ModelFacts:
@@ -102,8 +99,9 @@ def model_facts(
     if fallback is not None:
         for name, source in fallback.sources.items():
             put(name, getattr(fallback, name), f"base {source}")
-    if "n_heads" not in found and found.get("dim", 0) % LLAMA_HEAD_DIM == 0 and found.get("dim"):
-        put("n_heads", found["dim"] // LLAMA_HEAD_DIM, f"assumed head_dim {LLAMA_HEAD_DIM}")
+    head_dim = keys.LLAMA_HEAD_DIM  # only when neither params nor a per-head gate says n_heads
+    if "n_heads" not in found and found.get("dim", 0) % head_dim == 0 and found.get("dim"):
+        put("n_heads", found["dim"] // head_dim, f"assumed head_dim {head_dim}")
     return ModelFacts(**found, sources=sources)
 
 

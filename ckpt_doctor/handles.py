@@ -224,3 +224,20 @@ def merged(name: str, parts: list[TensorHandle], dim: int) -> TensorHandle:
         return np.concatenate(pieces, axis=0)
 
     return TensorHandle(name, tuple(shape), parts[0].dtype, array, rows)
+
+
+def rotary_unpermuted(handle: TensorHandle, heads: Callable[[], int]) -> TensorHandle:
+    """An HF q_proj / k_proj weight in Meta's rotary layout, lazily (``heads`` is asked only
+    when values are read, so names and shapes never need the config).
+
+    HF's LLaMA conversion reorders each head's rows from interleaved (re, im) pairs to two
+    halves, ``w.view(h, d/h/2, 2, dim).transpose(1, 2)``; this is the inverse, so that Meta's
+    interleaved RoPE sees the rows it was trained with."""
+    rows, cols = handle.shape
+
+    def array() -> np.ndarray:
+        h = heads()
+        a = handle.array().reshape(h, 2, rows // h // 2, cols)
+        return np.ascontiguousarray(a.transpose(0, 2, 1, 3)).reshape(rows, cols)
+
+    return TensorHandle(handle.name, handle.shape, handle.dtype, array, lambda a, b: array()[a:b])

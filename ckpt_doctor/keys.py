@@ -19,6 +19,9 @@ NESTING_KEYS: tuple[str, ...] = ("model", "state_dict", "module", "model_state_d
 # Top-level entries of a training checkpoint that hold optimizer state.
 OPTIMIZER_KEYS: tuple[str, ...] = ("optimizer", "optimizer_state_dict", "optim", "opt")
 
+# Every LLaMA size has head_dim 128: the head count of a weight whose config is missing.
+LLAMA_HEAD_DIM = 128
+
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.")
 
 # Meta per-layer tensor names (suffix after "layers.{i}.").
@@ -40,8 +43,8 @@ VOCAB_KEYS: tuple[str, ...] = ("tok_embeddings.weight", "output.weight")
 _COLUMN_SPLIT = ("wq", "wk", "wv", "w1", "w3")
 _ROW_SPLIT = ("wo", "w2")
 
-# HF transformers LLaMA names -> Meta names (q/k rows are permuted for the rotary layout, so
-# values still differ; names alone are enough for model facts).
+# HF transformers LLaMA names -> Meta names (HF also reorders q/k rows for its rotary layout:
+# keys.hf_rotary and handles.rotary_unpermuted undo that).
 HF_TO_META: tuple[tuple[str, str], ...] = (
     (r"^model\.embed_tokens\.weight$", "tok_embeddings.weight"),
     (r"^model\.norm\.weight$", "norm.weight"),
@@ -95,6 +98,16 @@ def meta_shard_dim(name: str) -> int | None:
     if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in _ROW_SPLIT:
         return 1
     return None
+
+
+_HF_ROTARY = re.compile(r"^model\.layers\.\d+\.self_attn\.(q|k)_proj\.weight$")
+
+
+def hf_rotary(name: str) -> str | None:
+    """ "q" or "k" for an HF q_proj / k_proj weight, whose rows HF stores in its own rotary
+    order (reader.Checkpoint.canonical undoes it), else None."""
+    m = _HF_ROTARY.match(name)
+    return m.group(1) if m else None
 
 
 def hf_to_meta(name: str) -> str | None:

@@ -8,6 +8,7 @@ validated header's offsets. torch.load is the fallback for legacy pickles and ex
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 import struct
@@ -29,6 +30,7 @@ from ckpt_doctor.handles import (
     from_array,
     from_torch,
     merged,
+    rotary_unpermuted,
 )
 from ckpt_doctor.pickle_scan import check_pickle, is_allowed
 from ckpt_doctor.units import human_bytes
@@ -58,13 +60,32 @@ class Checkpoint:
         return keys.detect_prefix(self.tensors)
 
     def canonical(self) -> dict[str, TensorHandle]:
-        """Tensors under the names the model uses: known prefixes stripped, HF names mapped."""
+        """Tensors under the names and in the layout the model uses: known prefixes stripped,
+        HF names mapped, HF's rotary row order of q/k undone."""
         rewrite = self.prefix
         out: dict[str, TensorHandle] = {}
         for name, handle in self.tensors.items():
             name = keys.strip_prefix(name, rewrite.prefix) if rewrite else name
+            rotary = keys.hf_rotary(name)
+            if rotary is not None:
+                heads = functools.partial(self._hf_heads, rotary, handle)
+                handle = rotary_unpermuted(handle, heads)
             out[keys.hf_to_meta(name) or name] = handle
         return out
+
+    def _hf_heads(self, which: str, handle: TensorHandle) -> int:
+        """Heads of an HF q_proj / k_proj: config.json's, else LLaMA's head_dim of 128."""
+        params = self.params or {}
+        heads = params.get("n_kv_heads" if which == "k" else "n_heads") or params.get("n_heads")
+        if not heads and handle.shape[0] % (2 * keys.LLAMA_HEAD_DIM) == 0:
+            heads = handle.shape[0] // keys.LLAMA_HEAD_DIM
+        if not heads or handle.shape[0] % (2 * heads):
+            raise UnreadableError(
+                f"{self.path}: {handle.name} is an HF rotary-ordered weight of {handle.shape[0]} "
+                "rows, and without config.json its head count is unknown",
+                hint="put the model's config.json (num_attention_heads) beside the weights",
+            )
+        return heads
 
     def upstream_view(self) -> dict[str, TensorHandle | None]:
         """What upstream's ``load_state_dict(torch.load(path), strict=False)`` is given: the
@@ -326,6 +347,7 @@ def _hf_params(path: Path) -> dict[str, Any] | None:
         "dim": "hidden_size",
         "n_layers": "num_hidden_layers",
         "n_heads": "num_attention_heads",
+        "n_kv_heads": "num_key_value_heads",
         "vocab_size": "vocab_size",
         "norm_eps": "rms_norm_eps",
         "ffn_hidden": "intermediate_size",
