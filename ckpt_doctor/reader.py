@@ -308,8 +308,24 @@ def _open_meta_dir(path: Path, shards: list[Path], *, trust_pickle: bool) -> Che
         ckpt.params = _read_json(params_file)
     else:
         ckpt.notes.append("no params.json beside the shards; model facts come from shapes")
+    _check_meta_shards(ckpt, shards)
     ckpt.tokenizer_path = find_tokenizer(path)
     return ckpt
+
+
+def _check_meta_shards(ckpt: Checkpoint, shards: list[Path]) -> None:
+    """A missing consolidated.NN.pth leaves every split tensor narrow: the merged embedding
+    must be as wide as the model (params.json's dim, else the replicated norm's length)."""
+    emb, norm = ckpt.tensors.get("tok_embeddings.weight"), ckpt.tensors.get("norm.weight")
+    dim = (ckpt.params or {}).get("dim") or (norm.shape[0] if norm is not None else None)
+    if emb is None or len(emb.shape) != 2 or not dim or emb.shape[1] == dim:
+        return
+    raise UnreadableError(
+        f"{ckpt.path}: the model is {dim} wide but the {len(shards)} shard(s) "
+        f"({', '.join(s.name for s in shards)}) give tok_embeddings {emb.shape[1]} columns: "
+        "tensor-parallel shards are missing",
+        hint="copy every consolidated.NN.pth of the checkpoint into the directory",
+    )
 
 
 def _open_hf_sharded(path: Path, index: Path, *, trust_pickle: bool) -> Checkpoint:

@@ -112,6 +112,19 @@ def test_meta_dir_shards_must_agree(tmp_path, base):
         open_checkpoint(tmp_path / "meta")
 
 
+@pytest.mark.parametrize("params", [True, False])
+def test_meta_dir_with_a_shard_missing_is_unreadable(tmp_path, base, params):
+    """Half the columns of every split tensor would read as a smaller model: refused, whether
+    params.json or the replicated norm says how wide the model is."""
+    write_meta_dir(base, tmp_path / "meta", CFG, n_shards=2)
+    (tmp_path / "meta" / "consolidated.01.pth").unlink()
+    if not params:
+        (tmp_path / "meta" / "params.json").unlink()
+    with pytest.raises(UnreadableError, match="shards are missing") as info:
+        open_checkpoint(tmp_path / "meta")
+    assert f"{CFG.dim} wide" in info.value.message and "consolidated.NN.pth" in info.value.hint
+
+
 def test_nested_training_checkpoint(tmp_path, base):
     adapter = adapter_tensors(CFG)
     path = save_zip(training_checkpoint(CFG, base, adapter), tmp_path / "checkpoint-4.pth")
