@@ -36,6 +36,8 @@ CATALOGUE: dict[str, Severity] = {
     "LOGITS_DIFFER": "error",  # base + adapter does not reproduce --full's logits
     "NO_EOS": "error",
     "LOOP": "error",
+    # diagnose's own: a smoke arm that should run raised an error with no catalogue id.
+    "SMOKE_FAILED": "error",
 }
 
 SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "error": 2}
