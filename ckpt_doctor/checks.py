@@ -485,7 +485,7 @@ def check_against_base(diff: DiffReport, *, n_base_keys: int) -> list[Finding]:
                 tensors=[t.name for t in drifted],
             )
         )
-    changed = diff.with_status("dtype_changed")
+    changed = diff.recast  # with or without a change of values (BASE_MODIFIED says which)
     if changed:
         pairs = sorted({f"{t.base_dtype}->{t.dtype}" for t in changed})
         out.append(
@@ -493,7 +493,8 @@ def check_against_base(diff: DiffReport, *, n_base_keys: int) -> list[Finding]:
                 "DTYPE_CHANGED",
                 f"{len(changed)} tensor(s) changed dtype from the base ({', '.join(pairs)}): "
                 f"{_names([t.name for t in changed])}",
-                "usually harmless (mixed-precision saves); cast back if the bytes matter",
+                "a dtype change alone keeps the values (up to rounding); any that also changed "
+                "value are listed under BASE_MODIFIED; cast back if the bytes matter",
                 tensors=[t.name for t in changed],
             )
         )

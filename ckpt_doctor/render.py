@@ -245,7 +245,7 @@ def render_diff(report: DiffReport, *, show_all: bool = False) -> None:
         else:
             shape_text = str(shape)
         dtype = t.dtype or t.base_dtype or ""
-        if t.status == "dtype_changed":
+        if t.recast:
             dtype = f"{t.base_dtype} -> {t.dtype}"
         table.add_row(
             Text(t.name),
