@@ -183,17 +183,26 @@ def _torch_load(path: Path, found: list[str], *, safe: bool, zipped: bool) -> An
         raise _unreadable(path, exc) from exc
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise _unreadable(path, exc) from exc
-    return _handles_in(obj, torch.Tensor)
+    try:
+        return _handles_in(obj, torch.Tensor)
+    except UnreadableError as exc:  # a dtype it cannot read: say in which file
+        raise UnreadableError(f"{path}: {exc.message}", hint=exc.hint) from exc
 
 
-def _handles_in(value: Any, tensor_type: type) -> Any:
-    """Replace every tensor in a loaded tree by a handle, keeping the structure."""
+def _handles_in(value: Any, tensor_type: type, where: str = "") -> Any:
+    """Replace every tensor in a loaded tree by a handle, keeping the structure; ``where`` is
+    the key path so far (names a tensor whose dtype cannot be read)."""
     if isinstance(value, tensor_type):
-        return from_torch("", value)
+        return from_torch(where, value)
     if isinstance(value, dict):
-        return type(value)((k, _handles_in(v, tensor_type)) for k, v in value.items())
+        return type(value)(
+            (k, _handles_in(v, tensor_type, f"{where}.{k}" if where else str(k)))
+            for k, v in value.items()
+        )
     if isinstance(value, (list, tuple)):
-        return type(value)(_handles_in(v, tensor_type) for v in value)
+        return type(value)(
+            _handles_in(v, tensor_type, f"{where}[{i}]") for i, v in enumerate(value)
+        )
     return value
 
 

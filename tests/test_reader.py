@@ -234,3 +234,35 @@ def test_hf_sharded_pickle_dir(tmp_path, base):
     with open_checkpoint(folder) as ckpt:
         assert ckpt.format == "hf-sharded" and len(ckpt.files) == 2
         assert_same(ckpt, base)
+
+
+def test_unsigned_and_complex128_tensors_read_back(tmp_path):
+    """uint16/32/64 and complex128 were an internal KeyError in the torch.load fallback
+    (torch itself cannot write the unsigned ones in a legacy pickle)."""
+    state = {
+        "u16": torch.tensor([1, 2, 65535]).to(torch.uint16),
+        "u32": torch.tensor([7, 2**32 - 1]).to(torch.uint32),
+        "u64": torch.from_numpy(np.array([5, 2**63], dtype=np.uint64)),
+        "c128": torch.tensor([1 + 2j, -3j], dtype=torch.complex128),
+        "w": torch.ones(2, 2),
+    }
+    path = tmp_path / "odd.pth"
+    torch.save(state, path)
+    with open_checkpoint(path) as ckpt:
+        assert {n: h.dtype.name for n, h in ckpt.tensors.items()} == {
+            n: str(t.dtype).removeprefix("torch.") for n, t in state.items()
+        }
+        for name, tensor in state.items():
+            assert torch.equal(ckpt.tensors[name].to_torch(), tensor), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e8m0fnu, torch.float8_e5m2fnuz])
+def test_a_dtype_it_cannot_read_is_unreadable_naming_the_tensor(tmp_path, dtype):
+    path = tmp_path / "exotic.pth"
+    torch.save({"model": {"w": torch.zeros(3).to(dtype), "ok": torch.ones(2)}}, path)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(UnreadableError) as info:
+        open_checkpoint(path)
+    assert str(path) in info.value.message
+    assert "model.w" in info.value.message and name in info.value.message
+    assert info.value.hint
