@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from ckpt_doctor.errors import CkptDoctorError
 
 Severity = Literal["error", "warning", "info"]
 
@@ -68,6 +71,12 @@ def finding(
     if id not in CATALOGUE:
         raise KeyError(f"unknown finding id {id!r}")
     return Finding(id, message, hint, severity or CATALOGUE[id], evidence)
+
+
+def error_finding(exc: CkptDoctorError, **evidence: Any) -> Finding:
+    """A raised error recorded as an error finding: its code is the id (a catalogue id for
+    every refusal about the files; USAGE / INTERNAL stay as they are)."""
+    return Finding(exc.code, exc.message, exc.hint, "error", evidence)
 
 
 def exit_code_for(findings: list[Finding]) -> int:

@@ -382,3 +382,42 @@ def test_extract_refuses_a_cast_that_overflows(tmp_path):
     assert [f["id"] for f in json.loads(result.stdout)["findings"]] == ["FP16_OVERFLOW"]
     written = torch.load(out, weights_only=True)["adapter_query.weight"]
     assert written.dtype == torch.bfloat16 and torch.isfinite(written).all()
+
+
+def test_verify_against_a_base_of_another_size_fails_the_load_check(tmp_path):
+    """A ModelLoadError in the strict load is a failed check with its finding, not an abort."""
+    _, ckpt_path, adapter = extracted_world(tmp_path)
+    torch.save(adapter, tmp_path / "adapter.pth")
+    other = replace(CFG, dim=32)
+    write_meta_dir(base_state_dict(other), tmp_path / "other-base", other)
+    doc = run_verify(tmp_path / "adapter.pth", tmp_path / "other-base", ckpt_path)
+    checks = {c["name"]: c for c in doc["checks"]}
+    assert doc["code"] == 1 and not doc["passed"]
+    load = checks["strict load"]
+    assert not load["passed"] and "adapter_query.weight" in load["detail"]
+    (f,) = [f for f in doc["findings"] if f["evidence"].get("check") == "strict load"]
+    assert f["severity"] == "error" and f["id"] == "ADAPTER_SHAPE" and f["hint"]
+    assert f["id"] in load["detail"]
+    logits = checks["same logits"]
+    assert not logits["passed"] and logits["detail"].startswith("not run")
+    human = runner.invoke(app, ["verify", str(tmp_path / "adapter.pth"), "--base",
+                                str(tmp_path / "other-base")])  # fmt: skip
+    assert human.exit_code == 1 and "strict load" in human.stdout
+
+
+def test_verify_with_a_full_checkpoint_that_does_not_load_fails_same_logits(tmp_path):
+    base_dir, ckpt_path, adapter = extracted_world(tmp_path)
+    torch.save(adapter, tmp_path / "adapter.pth")
+    with open_checkpoint(ckpt_path) as ckpt:
+        model = {k: h.to_torch().clone() for k, h in ckpt.canonical().items()}
+    emb = model["tok_embeddings.weight"]
+    model["tok_embeddings.weight"] = torch.cat([emb, emb[:2]])  # a resized vocabulary
+    full = save_zip(model, tmp_path / "resized.pth")
+    doc = run_verify(tmp_path / "adapter.pth", base_dir, full)
+    checks = {c["name"]: c for c in doc["checks"]}
+    assert checks["strict load"]["passed"] and doc["code"] == 1
+    assert not checks["same logits"]["passed"] and "not run" in checks["same logits"]["detail"]
+    assert any(
+        f["id"] == "VOCAB_MISMATCH" and f["evidence"].get("check") == "same logits"
+        for f in doc["findings"]
+    )
