@@ -179,6 +179,23 @@ def test_fix_command_is_never_wrapped(capsys, monkeypatch):
     assert f"fix: {fix}\n" in capsys.readouterr().out
 
 
+def test_every_outcome_has_a_style_and_a_column_in_the_arms_table(capsys, monkeypatch):
+    """A NaN run (outcome nonfinite) was dropped from diagnose's arms table."""
+    from ckpt_doctor.diagnosis import Arm
+    from ckpt_doctor.generate import OUTCOMES
+
+    assert set(render.OUTCOME_STYLE) == set(OUTCOMES)
+    monkeypatch.setenv("COLUMNS", "200")
+    arm = Arm("extracted adapter on the base", outcomes={"eos": 1, "nonfinite": 3})
+    render.render_diagnosis(Diagnosis(Path("x"), "NONFINITE", "NaN", None, [], [arm]))
+    header, row = [line for line in capsys.readouterr().out.splitlines() if "┃" in line or
+                   "│ extracted" in line][:2]  # fmt: skip
+    cells = [c.strip() for c in row.split("│")[1:-1]]
+    columns = [c.strip() for c in header.split("┃")[1:-1]]
+    assert "nonfinite" in columns and cells[columns.index("nonfinite")] == "3"
+    assert cells[columns.index("eos")] == "1"
+
+
 def test_diff_table_shows_whole_tensor_names(tmp_path):
     base = base_state_dict(CFG)
     drifted = {k: v + 1 if k.endswith("feed_forward.w1.weight") else v for k, v in base.items()}
