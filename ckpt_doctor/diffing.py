@@ -81,6 +81,11 @@ class DiffReport:
         return {s: c.get(s, 0) for s in STATUSES}
 
     @property
+    def exit_code(self) -> int:
+        """0 when every tensor is identical to the base, else 1 (a difference to look at)."""
+        return 0 if self.counts["identical"] == len(self.tensors) else 1
+
+    @property
     def adapter(self) -> list[TensorDiff]:
         return [t for t in self.tensors if t.is_adapter]
 

@@ -60,7 +60,9 @@ def test_every_status_is_classified():
     assert by_name["changed"].n_diff == 1
     assert by_name["recast"].max_abs == 0.0  # fp16 -> fp32 is exact
     assert [t.name for t in report.adapter] == ["adapter_query.weight"]
-    assert report.counts["identical"] == 1
+    assert report.counts["identical"] == 1 and report.exit_code == 1
+    same = diff_tensors(handles({"same": w}), handles({"same": w.clone()}))
+    assert same.exit_code == 0
 
 
 def test_statistics_match_direct_float64_and_chunking_does_not_matter(monkeypatch):

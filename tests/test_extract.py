@@ -56,7 +56,7 @@ def test_training_checkpoint_gives_exactly_the_adapter_bit_exact(tmp_path):
     assert set(saved) == expected_keys(CFG.n_layers) == set(result.taken)
     for name, tensor in saved.items():
         assert tensor.dtype == source[name].dtype and torch.equal(tensor, source[name]), name
-    assert result.findings == [] and len(result.left) == 39
+    assert result.findings == [] and len(result.left) == 39 and result.exit_code == 0
     assert result.output_bytes < result.input_bytes / 10
 
 
@@ -121,6 +121,10 @@ def test_drifted_base_tensor_is_left_and_reported(tmp_path):
         result = extract(ckpt, tmp_path / "a.pth", base=base)
     assert "layers.0.attention.wq.weight" not in result.taken
     assert [f.id for f in result.findings] == ["BASE_MODIFIED"]
+    assert result.exit_code == 1  # a warning
+    code = runner.invoke(app, ["extract", str(ckpt_path), "--base", str(base_dir), "-o",
+                               str(tmp_path / "b.pth")]).exit_code  # fmt: skip
+    assert code == result.exit_code
 
 
 def test_never_writes_an_empty_file(tmp_path):
