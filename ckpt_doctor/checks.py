@@ -73,7 +73,7 @@ def check_empty(ckpt: Checkpoint) -> list[Finding]:
 def check_container(ckpt: Checkpoint) -> list[Finding]:
     if not ckpt.container_path:
         return []
-    where = "".join(f"[{k!r}]" for k in ckpt.container_path)
+    where = ckpt.container_subscripts
     others = [f"{k} ({e.summary})" for k, e in ckpt.entries.items()]
     return [
         finding(

@@ -272,7 +272,7 @@ def _verdict(cause: str | None, findings: list[Finding], arms: list[Arm], ckpt: 
     lead = next((f for f in findings if f.id == cause), None)
     parts = [lead.message if lead else cause]
     if cause == "LOAD_NOTHING" and ckpt.container_path:
-        where = "".join(f"[{k!r}]" for k in ckpt.container_path)
+        where = ckpt.container_subscripts
         parts = [
             f"loaded 0 of the model's {upstream.model_keys} keys because the weights are "
             f"nested under checkpoint{where}"

@@ -20,7 +20,7 @@ import numpy as np
 from safetensors import safe_open
 
 from ckpt_doctor import keys, torchzip
-from ckpt_doctor.containers import Entry, resolve_container
+from ckpt_doctor.containers import Entry, resolve_container, subscripts
 from ckpt_doctor.errors import EmptyFileError, UnreadableError, UnsafePickleError
 from ckpt_doctor.handles import (
     DTYPES,
@@ -52,6 +52,11 @@ class Checkpoint:
     pickle_globals: list[str] = field(default_factory=list)
     tokenizer_path: Path | None = None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def container_subscripts(self) -> str:
+        """Where the weights are: ``['model']`` (checkpoint['model']); "" at the top level."""
+        return subscripts(self.container_path)
 
     @property
     def prefix(self) -> keys.PrefixRewrite | None:

@@ -23,7 +23,7 @@ from rich.text import Text
 
 from ckpt_doctor.diffing import DiffReport
 from ckpt_doctor.errors import CkptDoctorError
-from ckpt_doctor.findings import Finding
+from ckpt_doctor.findings import Finding, error_finding
 from ckpt_doctor.inspection import InspectReport
 from ckpt_doctor.units import human_bytes, human_count
 
@@ -81,11 +81,11 @@ def error_line(exc: CkptDoctorError) -> None:
 
 
 def error_json(exc: CkptDoctorError) -> dict[str, Any]:
+    """The --json document of an error: the error, and the same as a finding of the shape
+    every other finding has."""
     return {
         "error": {"id": exc.code, "message": exc.message, "hint": exc.hint},
-        "findings": [
-            {"id": exc.code, "severity": "error", "message": exc.message, "hint": exc.hint}
-        ],
+        "findings": [error_finding(exc).to_json()],
     }
 
 
@@ -150,7 +150,7 @@ def render_inspect(report: InspectReport) -> None:
     def row(label: str, value: str) -> None:
         summary.add_row(Text(label), Text(value))
 
-    where = "".join(f"[{k!r}]" for k in report.container_path) or "top level"
+    where = report.container_subscripts or "top level"
     row("state dict", where)
     row(
         "tensors",

@@ -83,7 +83,7 @@ def plan_repair(
     tensors = dict(ckpt.tensors)
     if ckpt.container_path:
         dropped = ", ".join(f"{k} ({e.summary})" for k, e in ckpt.entries.items())
-        where = "".join(f"[{k!r}]" for k in ckpt.container_path)
+        where = ckpt.container_subscripts
         changes.append(Change("unwrap", f"kept checkpoint{where}; dropped {dropped or 'nothing'}"))
     rewrite = ckpt.prefix
     if rewrite is not None:

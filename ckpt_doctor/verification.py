@@ -31,7 +31,7 @@ from ckpt_doctor.errors import ModelLoadError
 from ckpt_doctor.extraction import tanh_baked
 from ckpt_doctor.facts import AdapterConfig, ModelFacts, adapter_config, model_facts
 from ckpt_doctor.families import v1_gate_layers
-from ckpt_doctor.findings import SEVERITY_RANK, Finding, error_finding, finding
+from ckpt_doctor.findings import Finding, error_finding, exit_code_for, finding
 from ckpt_doctor.inspection import FULL_SCAN_BYTES
 from ckpt_doctor.numerics import compare
 from ckpt_doctor.reader import Checkpoint
@@ -56,8 +56,8 @@ class VerifyReport:
 
     @property
     def exit_code(self) -> int:
-        bad = any(SEVERITY_RANK[f.severity] >= 1 for f in self.findings)
-        return 0 if self.passed and not bad else 1
+        # A failed check always comes with its finding; a failed check alone still fails.
+        return max(exit_code_for(self.findings), 0 if self.passed else 1)
 
     def to_json(self) -> dict[str, Any]:
         return {

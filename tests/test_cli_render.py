@@ -97,7 +97,8 @@ def test_internal_error_text_is_not_markup_and_gives_json(monkeypatch, tmp_path)
     assert result.exit_code == 2
     doc = strict_json(result.stdout)
     assert doc["error"]["id"] == "INTERNAL" and "boom [/y]" in doc["error"]["message"]
-    assert doc["findings"] == [{"id": "INTERNAL", "severity": "error", **_no_id(doc["error"])}]
+    finding = {"id": "INTERNAL", "severity": "error", **_no_id(doc["error"]), "evidence": {}}
+    assert doc["findings"] == [finding]  # the shape of every other finding
 
     result = run("--debug", "inspect", path)
     assert result.exit_code == 2  # an error stays 2 under --debug; 1 means findings

@@ -425,3 +425,14 @@ def test_verify_with_a_full_checkpoint_that_does_not_load_fails_same_logits(tmp_
         f["id"] == "VOCAB_MISMATCH" and f["evidence"].get("check") == "same logits"
         for f in doc["findings"]
     )
+
+
+def test_verify_exit_code_is_the_findings_rule_plus_failed_checks():
+    from ckpt_doctor.findings import finding
+    from ckpt_doctor.verification import Check, VerifyReport
+
+    ok, failed = Check("a", True, ""), Check("b", False, "")
+    info, warning = finding("OPTIMIZER_STATE", "m", "h"), finding("BASE_MODIFIED", "m", "h")
+    assert VerifyReport([ok], [info]).exit_code == 0
+    assert VerifyReport([ok], [warning]).exit_code == 1
+    assert VerifyReport([ok, failed], [info]).exit_code == 1

@@ -53,7 +53,7 @@ def test_zip_is_memory_mapped(tmp_path, base):
     path = save_zip(base, tmp_path / "flat.pth")
     with open_checkpoint(path) as ckpt:
         assert ckpt.format == "torch-zip"
-        assert ckpt.container_path == ()
+        assert ckpt.container_path == () and ckpt.container_subscripts == ""
         assert_same(ckpt, base)
         assert "torch._utils._rebuild_tensor_v2" in ckpt.pickle_globals
         assert not ckpt.notes
@@ -116,7 +116,7 @@ def test_nested_training_checkpoint(tmp_path, base):
     adapter = adapter_tensors(CFG)
     path = save_zip(training_checkpoint(CFG, base, adapter), tmp_path / "checkpoint-4.pth")
     with open_checkpoint(path) as ckpt:
-        assert ckpt.container_path == ("model",)
+        assert ckpt.container_path == ("model",) and ckpt.container_subscripts == "['model']"
         assert ckpt.top_level_keys == ["model", "optimizer", "epoch", "scaler", "args"]
         assert_same(ckpt, {**base, **adapter})
         assert ckpt.args["adapter_len"] == CFG.adapter_len
@@ -266,3 +266,22 @@ def test_a_dtype_it_cannot_read_is_unreadable_naming_the_tensor(tmp_path, dtype)
     assert str(path) in info.value.message
     assert "model.w" in info.value.message and name in info.value.message
     assert info.value.hint
+
+
+def test_one_text_for_a_container_path_everywhere(tmp_path, base):
+    """inspect, its findings, repair and diagnose all print checkpoint['a']['b'] the same way."""
+    from ckpt_doctor.checks import check_container
+    from ckpt_doctor.containers import subscripts
+    from ckpt_doctor.inspection import inspect_checkpoint
+    from ckpt_doctor.repair import plan_repair
+
+    assert subscripts(("state_dict", "module")) == "['state_dict']['module']"
+    path = save_zip({"state_dict": {"module": adapter_tensors(CFG)}}, tmp_path / "deep.pth")
+    with open_checkpoint(path) as ckpt:
+        where = ckpt.container_subscripts
+        assert where == subscripts(ckpt.container_path) and where.startswith("['state_dict']")
+        assert inspect_checkpoint(ckpt).container_subscripts == where
+        (nested,) = check_container(ckpt)
+        assert f"checkpoint{where}" in nested.message
+        _, changes = plan_repair(ckpt)
+        assert f"checkpoint{where}" in changes[0].detail
