@@ -139,11 +139,13 @@ def _assert_cause(diagnosis: Diagnosis, cause: str, *, exit_code: int = 1) -> No
     assert diagnosis.root_cause == cause, (diagnosis.root_cause, diagnosis.verdict)
     assert diagnosis.exit_code == exit_code
     assert diagnosis.verdict
-    fix = CAUSES[cause]
-    if fix is None:
+    template = CAUSES[cause]
+    if template is None:
         assert diagnosis.fix is None
     else:
-        assert diagnosis.fix == fix.format(path=diagnosis.path, base=BASE)
+        # As the shell reads it (the paths are quoted where they need it): these words.
+        words = [w.format(path=diagnosis.path, base=BASE) for w in shlex.split(template)]
+        assert shlex.split(diagnosis.fix) == words
 
 
 def test_fix_commands_are_shell_quoted(tmp_path):
@@ -164,7 +166,7 @@ def test_nested_container_loads_nothing(run, prompts):
     assert "nested" in d.verdict and "0 of" in d.verdict
     assert "['model']" in d.verdict
     assert d.fix is not None and d.fix.startswith("ckpt-doctor extract ")
-    assert str(CKPT) in d.fix and f"--base {BASE}" in d.fix
+    assert shlex.split(d.fix)[2:5] == [str(CKPT), "--base", str(BASE)]
     assert "CONTAINER_NESTED" in _ids(d)
     arms = _arms(d)
     upstream, extracted, alone = arms["upstream"], arms["extracted"], arms["alone"]
@@ -217,7 +219,8 @@ def test_large_gate_tanh_mismatch(run):
 def test_drifted_base_tensors(run):
     d = run("drifted")
     _assert_cause(d, "BASE_MODIFIED")
-    assert "--restore-base" in d.fix and f"--base {BASE}" in d.fix
+    words = shlex.split(d.fix)
+    assert "--restore-base" in words and words[words.index("--base") + 1] == str(BASE)
     assert "layers.0.attention.wq.weight" in d.verdict
     assert _arms(d)["upstream"].matched == _arms(d)["upstream"].model_keys  # flat: all match
 
