@@ -159,9 +159,11 @@ def _comparable(a: Arm, b: Arm) -> bool:
 
 def _arm_error_finding(arm: Arm) -> Finding:
     # An error outside the catalogue (a usage error, say) still makes the diagnosis fail.
-    code = arm.error_code if arm.error_code in CATALOGUE else "SMOKE_FAILED"
+    code = arm.error_code or ""
+    if code not in CATALOGUE:
+        code = "SMOKE_FAILED"
     return finding(
-        code or "SMOKE_FAILED",
+        code,
         f"{arm.name}: the smoke run failed: {arm.error}",
         arm.error_hint or "run ckpt-doctor smoke-generate on this file for the details",
         severity="error",
