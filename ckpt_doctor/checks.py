@@ -74,7 +74,7 @@ def check_empty(ckpt: Checkpoint) -> list[Finding]:
 def check_container(ckpt: Checkpoint) -> list[Finding]:
     if not ckpt.container_path:
         return []
-    where = "".join(f"[{k!r}]" for k in ckpt.container_path)
+    where = ckpt.container_subscripts
     others = [f"{k} ({e.summary})" for k, e in ckpt.entries.items()]
     return [
         finding(
@@ -488,7 +488,7 @@ def check_against_base(diff: DiffReport, *, n_base_keys: int) -> list[Finding]:
                 tensors=[t.name for t in drifted],
             )
         )
-    changed = diff.with_status("dtype_changed")
+    changed = diff.recast  # with or without a change of values (BASE_MODIFIED says which)
     if changed:
         pairs = sorted({f"{t.base_dtype}->{t.dtype}" for t in changed})
         out.append(
@@ -496,7 +496,8 @@ def check_against_base(diff: DiffReport, *, n_base_keys: int) -> list[Finding]:
                 "DTYPE_CHANGED",
                 f"{len(changed)} tensor(s) changed dtype from the base ({', '.join(pairs)}): "
                 f"{_names([t.name for t in changed])}",
-                "usually harmless (mixed-precision saves); cast back if the bytes matter",
+                "a dtype change alone keeps the values (up to rounding); any that also changed "
+                "value are listed under BASE_MODIFIED; cast back if the bytes matter",
                 tensors=[t.name for t in changed],
             )
         )

@@ -16,7 +16,6 @@ import typer
 from ckpt_doctor import __version__
 from ckpt_doctor.diffing import Progress, diff_tensors
 from ckpt_doctor.errors import CkptDoctorError, InternalError, UsageError
-from ckpt_doctor.findings import exit_code_for
 from ckpt_doctor.inspection import inspect_checkpoint
 from ckpt_doctor.reader import Checkpoint, open_checkpoint
 
@@ -180,7 +179,7 @@ def diff(
             with _progress("diff") as progress:
                 report = diff_tensors(ckpt.canonical(), base_ckpt.canonical(), progress=progress)
             _emit(as_json, report, lambda r: render.render_diff(r, show_all=show_all))
-            return 0 if report.counts["identical"] == len(report.tensors) else 1
+            return report.exit_code
 
     _run(as_json, body)
 
@@ -217,7 +216,7 @@ def extract(
                     progress=progress,
                 )
         _emit(as_json, result, render.render_extraction)
-        return exit_code_for(result.findings)
+        return result.exit_code
 
     _run(as_json, body)
 

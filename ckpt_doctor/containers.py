@@ -32,6 +32,11 @@ class Resolved:
     notes: list[str] = field(default_factory=list)
 
 
+def subscripts(container_path: tuple[str, ...]) -> str:
+    """The key path as Python indexes it: ``['model']['state_dict']``; "" at the top level."""
+    return "".join(f"[{k!r}]" for k in container_path)
+
+
 def resolve_container(obj: Any) -> Resolved:
     """The state dict wherever it is nested (model, state_dict, module, ...), and the rest."""
     if not isinstance(obj, dict):

@@ -5,7 +5,9 @@ adapter tensors on the base (what extraction gives); C, the base alone. Their ou
 whether A's generations equal C's are the behavioural evidence for the verdict. A and B are
 expected to end at eos; when they do not, their NONFINITE / LOOP / NO_EOS findings join the
 diagnosis (C, the base, is not expected to stop). LOAD_NOTHING becomes an error once arm A
-has actually loaded the file that way.
+has actually loaded the file that way. An arm that should work (A or B) but raised becomes
+a finding of its error's code; when every arm raised the same error (a tokenizer that cannot be
+read, say), nothing was diagnosed and that error is raised as it is.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 from ckpt_doctor.errors import CkptDoctorError
 from ckpt_doctor.families import is_adapter_key, require_runs_here
-from ckpt_doctor.findings import Finding, finding
+from ckpt_doctor.findings import CATALOGUE, Finding, exit_code_for, finding
 from ckpt_doctor.generate import GenerationConfig
 from ckpt_doctor.inspection import inspect_checkpoint
 from ckpt_doctor.reader import Checkpoint, open_checkpoint
@@ -46,6 +48,7 @@ CAUSES: dict[str, str | None] = {
     # Symptoms of the smoke arms that should work, when no static finding explains them.
     "LOOP": None,
     "NO_EOS": None,
+    "SMOKE_FAILED": None,
 }
 ARM_UPSTREAM, ARM_ADAPTER, ARM_BASE = (
     "as upstream loads it",
@@ -62,6 +65,8 @@ class Arm:
     matched: int | None = None
     model_keys: int | None = None
     error: str | None = None
+    error_code: str | None = None  # the raised error's code; None when it ran or was not run
+    error_hint: str | None = None
     findings: list[Finding] = field(default_factory=list)  # the arm's smoke findings
 
     def to_json(self) -> dict[str, Any]:
@@ -126,7 +131,9 @@ def diagnose(
     cause = next((c for c in CAUSES if c in ids), None)
     fix = fix_command(cause, path, base_path) if cause else None
     verdict = _verdict(cause, findings, arms, ckpt)
-    return Diagnosis(path, cause, verdict, fix, findings, arms, 1 if cause else 0)
+    # A non-eos outcome of A or B exits 1 even without a finding (SPEC section 5).
+    code = max(exit_code_for(findings), 0 if _healthy(arms) else 1)
+    return Diagnosis(path, cause, verdict, fix, findings, arms, code)
 
 
 def fix_command(cause: str, path: Path, base: Path) -> str | None:
@@ -138,9 +145,38 @@ def fix_command(cause: str, path: Path, base: Path) -> str | None:
     return template.format(path=shlex.quote(str(path)), base=shlex.quote(str(base)))
 
 
+def _healthy(arms: list[Arm]) -> bool:
+    """Arms A and B both ran and every one of their prompts ended at eos."""
+    return all(
+        a.error is None and a.outcomes.get("eos", 0) > 0 and set(a.outcomes) == {"eos"}
+        for a in arms[:2]
+    )
+
+
+def _comparable(a: Arm, b: Arm) -> bool:
+    """Generations can be compared only when both arms ran ([] == [] proves nothing)."""
+    return a.error is None and b.error is None
+
+
+def _arm_error_finding(arm: Arm) -> Finding:
+    # An error outside the catalogue (a usage error, say) still makes the diagnosis fail.
+    code = arm.error_code or ""
+    if code not in CATALOGUE:
+        code = "SMOKE_FAILED"
+    return finding(
+        code,
+        f"{arm.name}: the smoke run failed: {arm.error}",
+        arm.error_hint or "run ckpt-doctor smoke-generate on this file for the details",
+        severity="error",
+        arm=arm.name,
+        error=arm.error_code,
+    )
+
+
 def _with_arm_evidence(findings: list[Finding], arms: list[Arm]) -> list[Finding]:
     """Static findings plus what the arms showed: LOAD_NOTHING as an error once arm A loaded
-    the file that way (SPEC), and the symptoms of the arms that should have worked."""
+    the file that way (SPEC), the errors and the symptoms of the arms that should have
+    worked."""
     upstream = arms[0]
     if upstream.error is None and upstream.matched == 0:
         loaded = next((f for f in upstream.findings if f.id == "LOAD_NOTHING"), None)
@@ -157,6 +193,11 @@ def _with_arm_evidence(findings: list[Finding], arms: list[Arm]) -> list[Finding
     for arm in arms:
         if arm.name == ARM_BASE:
             continue  # the plain base is not expected to stop
+        if arm.error_code is not None:
+            failed = _arm_error_finding(arm)
+            # A static finding of the same id (GATE_SHAPE, VOCAB_MISMATCH) already says why.
+            if not any(f.id == failed.id for f in findings):
+                findings = [*findings, failed]
         findings = findings + [
             replace(f, message=f"{arm.name}: {f.message}", evidence={**f.evidence, "arm": arm.name})
             for f in arm.findings
@@ -189,6 +230,7 @@ def _smoke_arms(
         ARM_BASE: {},
     }
     arms = []
+    raised: list[CkptDoctorError] = []
     for name, kwargs in plans.items():
         arm = Arm(name)
         arms.append(arm)
@@ -201,6 +243,8 @@ def _smoke_arms(
             )
         except CkptDoctorError as exc:
             arm.error = f"[{exc.code}] {exc.message}"
+            arm.error_code, arm.error_hint = exc.code, exc.hint
+            raised.append(exc)
         else:
             for r in smoke.results:
                 arm.outcomes[r.outcome] = arm.outcomes.get(r.outcome, 0) + 1
@@ -208,31 +252,37 @@ def _smoke_arms(
             arm.matched = len(smoke.load.from_file)
             arm.model_keys = smoke.load.model_keys
             arm.findings = smoke.findings
+    attempted = sum(kwargs is not None for kwargs in plans.values())
+    if len(raised) == attempted and len({(e.code, e.message) for e in raised}) == 1:
+        # Nothing ran at all (an unreadable tokenizer, a broken base): not a diagnosis.
+        raise raised[0]
     return arms
 
 
 def _verdict(cause: str | None, findings: list[Finding], arms: list[Arm], ckpt: Checkpoint) -> str:
     upstream, _, alone = arms
+    if cause is None and not _healthy(arms):
+        # Not reachable while every failed arm carries a finding; never a clean bill regardless.
+        return "no root cause named, but the smoke run did not end at eos in arms A and B"
     if cause is None:
-        # Only what the arms showed: every A/B prompt ended at eos (else a finding exists).
         parts = [
             f"no problem found: the adapter loads as upstream does ({upstream.matched} of the "
             f"model's {upstream.model_keys} keys) and every prompt ended at eos"
         ]
-        if upstream.generated == alone.generated:
+        if _comparable(upstream, alone) and upstream.generated == alone.generated:
             parts.append("but its generations are identical to the base alone")
         return "; ".join(parts)
     lead = next((f for f in findings if f.id == cause), None)
     parts = [lead.message if lead else cause]
     if cause == "LOAD_NOTHING" and ckpt.container_path:
-        where = "".join(f"[{k!r}]" for k in ckpt.container_path)
+        where = ckpt.container_subscripts
         parts = [
             f"loaded 0 of the model's {upstream.model_keys} keys because the weights are "
             f"nested under checkpoint{where}"
         ]
     if upstream.error:
         parts.append(f"upstream's load fails: {upstream.error}")
-    elif upstream.generated == alone.generated:
+    elif _comparable(upstream, alone) and upstream.generated == alone.generated:
         parts.append("generations identical to the base alone")
     n = sum(upstream.outcomes.values())
     no_eos = n - upstream.outcomes.get("eos", 0)

@@ -35,6 +35,10 @@ class TensorDiff:
     def layer(self) -> int | None:
         return keys.layer_index(self.name)
 
+    @property
+    def recast(self) -> bool:
+        return None not in (self.dtype, self.base_dtype) and self.dtype != self.base_dtype
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -67,9 +71,19 @@ class DiffReport:
         return [t for t in self.tensors if t.status in statuses]
 
     @property
+    def recast(self) -> list[TensorDiff]:
+        """Tensors on both sides whose dtype differs, values changed ("modified") or not."""
+        return [t for t in self.tensors if t.recast]
+
+    @property
     def counts(self) -> dict[str, int]:
         c = Counter(t.status for t in self.tensors)
         return {s: c.get(s, 0) for s in STATUSES}
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every tensor is identical to the base, else 1 (a difference to look at)."""
+        return 0 if self.counts["identical"] == len(self.tensors) else 1
 
     @property
     def adapter(self) -> list[TensorDiff]:
@@ -125,14 +139,16 @@ def diff_tensors(
             continue
         if a.shape != b.shape:
             out.append(TensorDiff(name, "shape_changed", **common))
-        elif a.dtype != b.dtype and not (a.is_float and b.is_float):
+        elif a.dtype != b.dtype and "complex" in a.dtype.name + b.dtype.name:
+            # Values are compared as real float64: a complex side has no such view.
             out.append(TensorDiff(name, "dtype_changed", **common))
         else:
             if progress:
                 progress(done, total, name)
             c = compare(a, b)
             if a.dtype != b.dtype:
-                status = "dtype_changed"
+                # A new dtype is a change of values only when the values really differ.
+                status = "dtype_changed" if c.equal_when_cast else "modified"
             else:
                 status = "identical" if c.identical else "modified"
             out.append(TensorDiff(name, status, c.max_abs, c.rel_l2, c.n_diff, **common))

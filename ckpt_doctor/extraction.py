@@ -22,7 +22,7 @@ from ckpt_doctor.diffing import Progress, diff_tensors
 from ckpt_doctor.errors import RefusedError, UsageError
 from ckpt_doctor.facts import AdapterConfig, ModelFacts, adapter_config, model_facts
 from ckpt_doctor.families import detect_family, is_adapter_key
-from ckpt_doctor.findings import Finding
+from ckpt_doctor.findings import Finding, exit_code_for
 from ckpt_doctor.handles import TensorHandle, from_torch
 from ckpt_doctor.reader import Checkpoint
 
@@ -53,6 +53,10 @@ class Extraction:
     input_bytes: int
     output_bytes: int = 0
     findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code_for(self.findings)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from ckpt_doctor.errors import CkptDoctorError
 
 Severity = Literal["error", "warning", "info"]
 
@@ -36,6 +39,8 @@ CATALOGUE: dict[str, Severity] = {
     "LOGITS_DIFFER": "error",  # base + adapter does not reproduce --full's logits
     "NO_EOS": "error",
     "LOOP": "error",
+    # diagnose's own: a smoke arm that should run raised an error with no catalogue id.
+    "SMOKE_FAILED": "error",
 }
 
 SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "error": 2}
@@ -66,6 +71,12 @@ def finding(
     if id not in CATALOGUE:
         raise KeyError(f"unknown finding id {id!r}")
     return Finding(id, message, hint, severity or CATALOGUE[id], evidence)
+
+
+def error_finding(exc: CkptDoctorError, **evidence: Any) -> Finding:
+    """A raised error recorded as an error finding: its code is the id (a catalogue id for
+    every refusal about the files; USAGE / INTERNAL stay as they are)."""
+    return Finding(exc.code, exc.message, exc.hint, "error", evidence)
 
 
 def exit_code_for(findings: list[Finding]) -> int:

@@ -21,6 +21,8 @@ from ckpt_doctor.model import KVCache, Transformer
 from ckpt_doctor.tokenizer import TEMPLATES, Tokenizer, format_prompt
 
 SMALL_MODEL_DIM = 512
+# How a generation ends (SPEC section 4), plus NaN/Inf logits: the one list of outcomes.
+OUTCOMES = ("eos", "loop", "max_tokens", "nonfinite")
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ class Result:
     prompt: str  # the instruction as given
     prompt_ids: list[int]
     generated_ids: list[int] = field(default_factory=list)  # up to and excluding eos
-    outcome: str = "max_tokens"  # eos | loop | max_tokens | nonfinite (NaN/Inf logits)
+    outcome: str = "max_tokens"  # one of OUTCOMES
     loop: Loop | None = None
     eos_probs: list[float] = field(default_factory=list)  # P(eos) at every generated step
     text: str = ""

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ckpt_doctor.errors import UnreadableError
+
 if TYPE_CHECKING:
     import torch
 
@@ -57,8 +59,12 @@ DTYPES: dict[str, DType] = {
         _dt("int16", "<i2", False),
         _dt("int8", "i1", False),
         _dt("uint8", "u1", False),
+        _dt("uint16", "<u2", False),
+        _dt("uint32", "<u4", False),
+        _dt("uint64", "<u8", False),
         _dt("bool", "?", False),
         _dt("complex64", "<c8", False),
+        _dt("complex128", "<c16", False),
     )
 }
 
@@ -77,6 +83,7 @@ STORAGE_CLASSES: dict[str, str] = {
     "ByteStorage": "uint8",
     "BoolStorage": "bool",
     "ComplexFloatStorage": "complex64",
+    "ComplexDoubleStorage": "complex128",
     "UntypedStorage": "uint8",
 }
 
@@ -92,6 +99,9 @@ SAFETENSORS_DTYPES: dict[str, str] = {
     "I16": "int16",
     "I8": "int8",
     "U8": "uint8",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
     "BOOL": "bool",
 }
 
@@ -189,10 +199,17 @@ def from_array(name: str, arr: np.ndarray, dtype: DType) -> TensorHandle:
 
 
 def from_torch(name: str, tensor: Any) -> TensorHandle:
-    """Wrap a torch tensor (legacy pickles, --trust-pickle loads, tests)."""
+    """Wrap a torch tensor (legacy pickles, --trust-pickle loads, tests). Raises
+    UnreadableError for a dtype with no numpy storage here (complex32, the fnuz float8s)."""
     import torch
 
-    dtype = DTYPES[str(tensor.dtype).removeprefix("torch.")]
+    dtype_name = str(tensor.dtype).removeprefix("torch.")
+    dtype = DTYPES.get(dtype_name)
+    if dtype is None:
+        raise UnreadableError(
+            f"tensor {name or '(unnamed)'} has dtype {dtype_name}, which ckpt-doctor cannot read",
+            hint="convert the tensor to a standard float dtype and save the checkpoint again",
+        )
     t = tensor.detach().cpu()
     if t.layout != torch.strided:  # sparse tensors (rare in checkpoints): checks see values
         t = t.to_dense()

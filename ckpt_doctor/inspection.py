@@ -10,11 +10,12 @@ from typing import Any
 import numpy as np
 
 from ckpt_doctor import checks, keys
+from ckpt_doctor.containers import subscripts
 from ckpt_doctor.diffing import DiffReport, Progress, diff_tensors
 from ckpt_doctor.extraction import tanh_baked
 from ckpt_doctor.facts import AdapterConfig, ModelFacts, adapter_config, model_facts
 from ckpt_doctor.families import is_adapter_key
-from ckpt_doctor.findings import Finding, exit_code_for
+from ckpt_doctor.findings import SEVERITY_RANK, Finding, exit_code_for
 from ckpt_doctor.numerics import ValueScan, scan_values
 from ckpt_doctor.reader import Checkpoint, Entry
 
@@ -70,6 +71,10 @@ class InspectReport:
     @property
     def exit_code(self) -> int:
         return exit_code_for(self.findings)
+
+    @property
+    def container_subscripts(self) -> str:
+        return subscripts(self.container_path)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -196,17 +201,13 @@ def inspect_checkpoint(
         entries=ckpt.entries,
         args=ckpt.args,
         prefix=ckpt.prefix.prefix if ckpt.prefix else None,
-        findings=sorted(findings, key=lambda f: -_rank(f)),
+        findings=sorted(findings, key=lambda f: -SEVERITY_RANK[f.severity]),
         scanned_tensors=len(scans),
         scanned_bytes=sum(tensors[n].nbytes for n in scans),
         base_path=base.path if base is not None else None,
         diff=diff,
         notes=list(ckpt.notes),
     )
-
-
-def _rank(f: Finding) -> int:
-    return {"error": 2, "warning": 1, "info": 0}[f.severity]
 
 
 def _dtype_rows(ckpt: Checkpoint) -> list[DtypeRow]:

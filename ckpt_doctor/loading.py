@@ -125,11 +125,14 @@ def load_model(
         require_runs_here(config.family, extra.path, command="the reference model")
     args = model_args(base, config, max_seq_len=max_seq_len)
     base_tensors = base.canonical()
-    file_dtype = base_tensors["tok_embeddings.weight"].dtype.name
-    torch_dtype = resolve_dtype(dtype, device=device, file_dtype=file_dtype)
     with torch.device("meta"):
         model = Transformer(args)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    _check_base(base, base_tensors, expected)
+    # The embedding is there now (_check_base); its dtype is the weights' dtype.
+    emb = base_tensors["tok_embeddings.weight"]
+    file_dtype = emb.dtype.name if emb.is_float else "float32"
+    torch_dtype = resolve_dtype(dtype, device=device, file_dtype=file_dtype)
     source = "base only" if extra is None else f"{'adapter' if adapter else 'full'} {extra.path}"
     dtype_name = str(torch_dtype).removeprefix("torch.")
     report = LoadReport(load_as, source, args, dtype_name, gate_fn, len(expected), adapter=config)
@@ -145,15 +148,8 @@ def load_model(
     for name, shape in expected.items():
         if is_adapter_key(name):  # upstream's init: the gates are zero, so the prompt is inert
             state[name] = torch.zeros(shape, dtype=torch_dtype, device=device)
-        elif name in base_tensors and base_tensors[name].shape == shape:
-            state[name] = tensor(base_tensors[name])
         else:
-            got = base_tensors[name].shape if name in base_tensors else "missing"
-            raise ModelLoadError(
-                f"{base.path}: base tensor {name} is {got}, the model needs {list(shape)}",
-                code="MISSING_TENSORS" if got == "missing" else "BASE_MISMATCH",
-                hint="pass a complete base checkpoint (all layers, params.json beside it)",
-            )
+            state[name] = tensor(base_tensors[name])
     if extra is not None and load_as == "upstream":
         _overlay_upstream(state, expected, extra, report, tensor)
     elif extra is not None:
@@ -166,6 +162,19 @@ def load_model(
 
 Shapes = dict[str, tuple[int, ...]]
 ToTensor = Callable[[TensorHandle], torch.Tensor]
+
+
+def _check_base(base: Checkpoint, base_tensors: dict[str, TensorHandle], expected: Shapes) -> None:
+    """Every base tensor the model needs is there, in its shape (before any is read)."""
+    for name, shape in expected.items():
+        if is_adapter_key(name) or (name in base_tensors and base_tensors[name].shape == shape):
+            continue
+        got = list(base_tensors[name].shape) if name in base_tensors else "missing"
+        raise ModelLoadError(
+            f"{base.path}: base tensor {name} is {got}, the model needs {list(shape)}",
+            code="MISSING_TENSORS" if got == "missing" else "BASE_MISMATCH",
+            hint="pass a complete base checkpoint (all layers, params.json beside it)",
+        )
 
 
 def _overlay_upstream(

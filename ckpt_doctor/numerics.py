@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ckpt_doctor.handles import TensorHandle, decode
+from ckpt_doctor.handles import DType, TensorHandle, decode
 
 FP16_MAX = 65504.0
 # Elements compared bit for bit per chunk (views of the file map cost no memory).
@@ -61,6 +61,9 @@ class Comparison:
     max_abs: float
     rel_l2: float  # ||a - b|| / ||b||, accumulated in float64
     n_diff: int  # elements whose bits (or, across dtypes, values) differ
+    # Across dtypes: the values are equal once the more precise side is rounded to the other's
+    # dtype (an fp16 save of an fp32 base, fp32 copies of fp16 weights): a recast, no change.
+    equal_when_cast: bool = False
 
 
 def _same_bits(x: np.ndarray, y: np.ndarray) -> bool:
@@ -75,6 +78,26 @@ def _as_uint(x: np.ndarray) -> np.ndarray:
     return x.view(f"u{x.itemsize}")
 
 
+def round_to(values: np.ndarray, dtype: DType) -> np.ndarray | None:
+    """float64 values rounded to nearest-even in ``dtype``, back as float64; None where no
+    rounding is defined here (integers, float8: those compare exactly)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if dtype.name == "float64":
+            return values
+        if dtype.name in ("float32", "float16"):
+            return values.astype(dtype.storage).astype(np.float64)
+        if dtype.name == "bfloat16":  # via float32: the top 16 bits, rounded to nearest even
+            bits = values.astype(np.float32).view(np.uint32)
+            bits = (bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) & np.uint32(0xFFFF0000)
+            return np.where(np.isnan(values), values, bits.view(np.float32).astype(np.float64))
+    return None
+
+
+def _equal_rounded(x64: np.ndarray, y64: np.ndarray, dtype: DType) -> bool:
+    rounded = round_to(x64, dtype)
+    return rounded is not None and bool(np.array_equal(rounded, y64, equal_nan=True))
+
+
 def compare(a: TensorHandle, b: TensorHandle) -> Comparison:
     """Compare two handles of the same shape. ``b`` is the reference (the base)."""
     if a.shape != b.shape:
@@ -86,7 +109,7 @@ def compare(a: TensorHandle, b: TensorHandle) -> Comparison:
             strict=True,
         )
         if all(_same_bits(x, y) for x, y in pairs):
-            return Comparison(True, 0.0, 0.0, 0)
+            return Comparison(True, 0.0, 0.0, 0, True)
     return _float64_stats(a, b)
 
 
@@ -95,6 +118,8 @@ def _float64_stats(a: TensorHandle, b: TensorHandle) -> Comparison:
     diff_sq = ref_sq = 0.0
     n_diff = 0
     same_dtype = a.dtype == b.dtype
+    # Across dtypes: does rounding a to b's dtype give b, or b to a's give a, in every chunk?
+    a_as_b = b_as_a = not same_dtype
     pairs = zip(
         a.chunks(max_elems=STATS_CHUNK_ELEMS), b.chunks(max_elems=STATS_CHUNK_ELEMS), strict=True
     )
@@ -103,7 +128,12 @@ def _float64_stats(a: TensorHandle, b: TensorHandle) -> Comparison:
         ref_sq += float(np.dot(y64, y64))
         if same_dtype and _same_bits(x, y):
             continue
-        d = decode(x, a.dtype) - y64
+        x64 = decode(x, a.dtype)
+        if not same_dtype and not np.array_equal(x64, y64, equal_nan=True):
+            a_as_b = a_as_b and _equal_rounded(x64, y64, b.dtype)
+            b_as_a = b_as_a and _equal_rounded(y64, x64, a.dtype)
+        with np.errstate(invalid="ignore"):  # equal infs differ by 0, not by inf - inf = NaN
+            d = np.where(x64 == y64, 0.0, x64 - y64)
         n_diff += (
             int(np.count_nonzero(_as_uint(x) != _as_uint(y)))
             if same_dtype
@@ -117,4 +147,5 @@ def _float64_stats(a: TensorHandle, b: TensorHandle) -> Comparison:
         diff_sq += float(np.dot(d, d))
     ref = math.sqrt(ref_sq)
     rel = math.sqrt(diff_sq) / ref if ref > 0 else (0.0 if diff_sq == 0 else math.inf)
-    return Comparison(n_diff == 0 and diff_sq == 0, max_abs, rel, n_diff)
+    identical = n_diff == 0 and diff_sq == 0
+    return Comparison(identical, max_abs, rel, n_diff, identical or a_as_b or b_as_a)

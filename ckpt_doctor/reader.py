@@ -21,7 +21,7 @@ import numpy as np
 from safetensors import safe_open
 
 from ckpt_doctor import keys, torchzip
-from ckpt_doctor.containers import Entry, resolve_container
+from ckpt_doctor.containers import Entry, resolve_container, subscripts
 from ckpt_doctor.errors import EmptyFileError, UnreadableError, UnsafePickleError
 from ckpt_doctor.handles import (
     DTYPES,
@@ -54,6 +54,11 @@ class Checkpoint:
     pickle_globals: list[str] = field(default_factory=list)
     tokenizer_path: Path | None = None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def container_subscripts(self) -> str:
+        """Where the weights are: ``['model']`` (checkpoint['model']); "" at the top level."""
+        return subscripts(self.container_path)
 
     @property
     def prefix(self) -> keys.PrefixRewrite | None:
@@ -204,17 +209,26 @@ def _torch_load(path: Path, found: list[str], *, safe: bool, zipped: bool) -> An
         raise _unreadable(path, exc) from exc
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise _unreadable(path, exc) from exc
-    return _handles_in(obj, torch.Tensor)
+    try:
+        return _handles_in(obj, torch.Tensor)
+    except UnreadableError as exc:  # a dtype it cannot read: say in which file
+        raise UnreadableError(f"{path}: {exc.message}", hint=exc.hint) from exc
 
 
-def _handles_in(value: Any, tensor_type: type) -> Any:
-    """Replace every tensor in a loaded tree by a handle, keeping the structure."""
+def _handles_in(value: Any, tensor_type: type, where: str = "") -> Any:
+    """Replace every tensor in a loaded tree by a handle, keeping the structure; ``where`` is
+    the key path so far (names a tensor whose dtype cannot be read)."""
     if isinstance(value, tensor_type):
-        return from_torch("", value)
+        return from_torch(where, value)
     if isinstance(value, dict):
-        return type(value)((k, _handles_in(v, tensor_type)) for k, v in value.items())
+        return type(value)(
+            (k, _handles_in(v, tensor_type, f"{where}.{k}" if where else str(k)))
+            for k, v in value.items()
+        )
     if isinstance(value, (list, tuple)):
-        return type(value)(_handles_in(v, tensor_type) for v in value)
+        return type(value)(
+            _handles_in(v, tensor_type, f"{where}[{i}]") for i, v in enumerate(value)
+        )
     return value
 
 

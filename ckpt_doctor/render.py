@@ -23,7 +23,7 @@ from rich.text import Text
 
 from ckpt_doctor.diffing import DiffReport
 from ckpt_doctor.errors import CkptDoctorError
-from ckpt_doctor.findings import Finding
+from ckpt_doctor.findings import Finding, error_finding
 from ckpt_doctor.inspection import InspectReport
 from ckpt_doctor.units import human_bytes, human_count
 
@@ -81,11 +81,11 @@ def error_line(exc: CkptDoctorError) -> None:
 
 
 def error_json(exc: CkptDoctorError) -> dict[str, Any]:
+    """The --json document of an error: the error, and the same as a finding of the shape
+    every other finding has."""
     return {
         "error": {"id": exc.code, "message": exc.message, "hint": exc.hint},
-        "findings": [
-            {"id": exc.code, "severity": "error", "message": exc.message, "hint": exc.hint}
-        ],
+        "findings": [error_finding(exc).to_json()],
     }
 
 
@@ -150,7 +150,7 @@ def render_inspect(report: InspectReport) -> None:
     def row(label: str, value: str) -> None:
         summary.add_row(Text(label), Text(value))
 
-    where = "".join(f"[{k!r}]" for k in report.container_path) or "top level"
+    where = report.container_subscripts or "top level"
     row("state dict", where)
     row(
         "tensors",
@@ -245,7 +245,7 @@ def render_diff(report: DiffReport, *, show_all: bool = False) -> None:
         else:
             shape_text = str(shape)
         dtype = t.dtype or t.base_dtype or ""
-        if t.status == "dtype_changed":
+        if t.recast:
             dtype = f"{t.base_dtype} -> {t.dtype}"
         table.add_row(
             Text(t.name),
@@ -274,10 +274,14 @@ def render_diff(report: DiffReport, *, show_all: bool = False) -> None:
         out.print(Text.assemble(("adapter tensors", "green"), f" ({len(adapter)}): {names}"))
 
 
+# A colour for each of generate.OUTCOMES (the tables iterate those; generate imports torch, so
+# it is imported where outcomes are shown: smoke and diagnose have torch loaded already).
 OUTCOME_STYLE = {"eos": "green", "loop": "bold red", "max_tokens": "yellow", "nonfinite": "red"}
 
 
 def render_smoke(report: SmokeReport) -> None:
+    from ckpt_doctor.generate import OUTCOMES
+
     load = report.load
     matched = f"{len(load.from_file)} of {load.model_keys} model keys from the file"
     out.print(
@@ -304,7 +308,7 @@ def render_smoke(report: SmokeReport) -> None:
             _marked_text(r),
         )
     out.print(table)
-    counts = {o: sum(r.outcome == o for r in report.results) for o in OUTCOME_STYLE}
+    counts = {o: sum(r.outcome == o for r in report.results) for o in OUTCOMES}
     out.print(", ".join(f"{v} {k}" for k, v in counts.items() if v))
     if report.findings:
         render_findings(report.findings)
@@ -373,17 +377,19 @@ def render_repair(report: RepairReport) -> None:
 
 
 def render_diagnosis(d: Diagnosis) -> None:
+    from ckpt_doctor.generate import OUTCOMES
+
     if d.findings:
         render_findings(d.findings)
     if d.arms:
         table = Table(title="A/B smoke run", title_justify="left")
-        for col in ("arm", "keys loaded", "eos", "loop", "max_tokens", "note"):
+        for col in ("arm", "keys loaded", *OUTCOMES, "note"):
             table.add_column(col, overflow="fold")
         for arm in d.arms:
             table.add_row(
                 Text(arm.name),
                 "" if arm.matched is None else str(arm.matched),
-                *(str(arm.outcomes.get(o, 0)) for o in ("eos", "loop", "max_tokens")),
+                *(str(arm.outcomes.get(o, 0)) for o in OUTCOMES),
                 Text(arm.error or ""),
             )
         out.print(table)

@@ -33,7 +33,7 @@ from ckpt_doctor.families import (
     v1_gate_layers,
 )
 from ckpt_doctor.findings import Finding, exit_code_for
-from ckpt_doctor.handles import DTYPES, TensorHandle, from_array
+from ckpt_doctor.handles import TensorHandle, from_array, from_torch
 from ckpt_doctor.inspection import FULL_SCAN_BYTES
 from ckpt_doctor.reader import Checkpoint
 from ckpt_doctor.units import human_bytes
@@ -89,7 +89,7 @@ def plan_repair(
     tensors = dict(ckpt.tensors)
     if ckpt.container_path:
         dropped = ", ".join(f"{k} ({e.summary})" for k, e in ckpt.entries.items())
-        where = "".join(f"[{k!r}]" for k in ckpt.container_path)
+        where = ckpt.container_subscripts
         changes.append(Change("unwrap", f"kept checkpoint{where}; dropped {dropped or 'nothing'}"))
     rewrite = ckpt.prefix
     if rewrite is not None:
@@ -123,10 +123,14 @@ def plan_repair(
             hint="use this file with raw-gate inference as it is; leave out --bake-tanh",
         )
     if bake_tanh and gates:
+        import torch
+
         for name in gates.values():
             h = tensors[name]
-            values = np.tanh(h.values()).astype(np.float32)
-            tensors[name] = from_array(name, values.reshape(h.shape), DTYPES["float32"])
+            # tanh in float64, rounded to the gate's own dtype: nothing else changes.
+            dtype = getattr(torch, h.dtype.name if h.is_float else "float32")
+            values = torch.from_numpy(np.tanh(h.values())).to(dtype).reshape(h.shape)
+            tensors[name] = from_torch(name, values)
         changes.append(
             Change("bake-tanh", "gates g -> tanh(g) for raw-gate inference", list(gates.values()))
         )

@@ -11,11 +11,11 @@ import torch
 from ckpt_doctor.errors import UsageError
 from ckpt_doctor.families import check_gate_fn
 from ckpt_doctor.findings import Finding, exit_code_for, finding
-from ckpt_doctor.generate import GenerationConfig, Result, context_length, generate
+from ckpt_doctor.generate import GenerationConfig, Result, context_length, generate, prompt_ids
 from ckpt_doctor.kernels import fused_unavailable_reason
 from ckpt_doctor.loading import LoadReport, load_model
 from ckpt_doctor.reader import Checkpoint, find_tokenizer
-from ckpt_doctor.tokenizer import load_tokenizer
+from ckpt_doctor.tokenizer import Tokenizer, load_tokenizer
 
 # Alpaca-style instructions used when no --prompt is given.
 DEFAULT_PROMPTS = (
@@ -88,6 +88,25 @@ def resolve_tokenizer(base: Checkpoint, tokenizer_path: Path | None) -> Path:
             hint="pass --tokenizer PATH",
         )
     return found
+
+
+def check_vocab(
+    tokenizer: Tokenizer, ids: list[list[int]], *, vocab_size: int, tokenizer_path: Path
+) -> None:
+    """Every id the run feeds the model (prompt ids, bos, eos) must be a row of its embedding:
+    another model's tokenizer would index past it (an IndexError on the CPU, a device-side
+    assert on CUDA)."""
+    used = {("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id)}
+    used |= {("prompt token", i) for row in ids for i in row}
+    beyond = sorted((i, role) for role, i in used if not 0 <= i < vocab_size)
+    if beyond:
+        i, role = beyond[-1]
+        raise UsageError(
+            f"{tokenizer_path} does not fit the model: its {role} id {i} (tokenizer vocabulary "
+            f"{tokenizer.vocab_size}) is beyond the model's {vocab_size}-row embedding",
+            code="VOCAB_MISMATCH",
+            hint="pass --tokenizer with the tokenizer.model this base was trained with",
+        )
 
 
 def outcome_findings(results: list[Result], *, dtype: str | None = None) -> list[Finding]:
@@ -174,6 +193,8 @@ def smoke_generate(
         gate_fn=gate_fn,
         max_seq_len=max_len,
     )
+    ids = prompt_ids(tokenizer, instructions, config)
+    check_vocab(tokenizer, ids, vocab_size=model.args.vocab_size, tokenizer_path=tok_path)
     model.set_attention(attn)
     results = generate(model, tokenizer, instructions, config=config)
     findings = [*load.findings, *outcome_findings(results, dtype=load.dtype)]

@@ -27,10 +27,11 @@ from ckpt_doctor.checks import (
     upstream_load_findings,
 )
 from ckpt_doctor.diffing import DiffReport, Progress, diff_tensors
+from ckpt_doctor.errors import ModelLoadError
 from ckpt_doctor.extraction import tanh_baked
 from ckpt_doctor.facts import AdapterConfig, ModelFacts, adapter_config, model_facts
 from ckpt_doctor.families import v1_gate_layers
-from ckpt_doctor.findings import SEVERITY_RANK, Finding, finding
+from ckpt_doctor.findings import Finding, error_finding, exit_code_for, finding
 from ckpt_doctor.inspection import FULL_SCAN_BYTES
 from ckpt_doctor.numerics import compare
 from ckpt_doctor.reader import Checkpoint
@@ -55,8 +56,8 @@ class VerifyReport:
 
     @property
     def exit_code(self) -> int:
-        bad = any(SEVERITY_RANK[f.severity] >= 1 for f in self.findings)
-        return 0 if self.passed and not bad else 1
+        # A failed check always comes with its finding; a failed check alone still fails.
+        return max(exit_code_for(self.findings), 0 if self.passed else 1)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -100,7 +101,9 @@ def verify(
         report.checks.append(_complete(tensors, diff, full, report))
     check, model = _loads(adapter, base, report)
     report.checks.append(check)
-    if full is not None:
+    if full is not None and model is None:
+        report.checks.append(Check("same logits", False, "not run: the strict load failed"))
+    elif full is not None:
         report.checks.append(_same_logits(model, base, full, report))
     return report
 
@@ -259,11 +262,16 @@ def _file_dtype(base: Checkpoint) -> str:
 
 
 def _loads(adapter: Checkpoint, base: Checkpoint, report: VerifyReport) -> tuple[Check, Any]:
+    """The strict load check and the model it built (None when the load raised)."""
     from ckpt_doctor.loading import load_model
 
-    model, load = load_model(
-        base, adapter=adapter, load_as="strict", dtype=_file_dtype(base), max_seq_len=64
-    )
+    try:
+        model, load = load_model(
+            base, adapter=adapter, load_as="strict", dtype=_file_dtype(base), max_seq_len=64
+        )
+    except ModelLoadError as exc:  # a failed check with its reason, not an abort
+        _add(report, [error_finding(exc, check="strict load")])
+        return Check("strict load", False, f"[{exc.code}] {exc.message}"), None
     errors = [f for f in load.findings if f.severity == "error"]
     _add(report, load.findings)
     detail = f"{len(load.from_file)} of {load.model_keys} model keys from the adapter"
@@ -276,7 +284,13 @@ def _same_logits(model: Any, base: Checkpoint, full: Checkpoint, report: VerifyR
     from ckpt_doctor.generate import cpu_tuned
     from ckpt_doctor.loading import load_model
 
-    f, _ = load_model(base, full=full, load_as="strict", dtype=_file_dtype(base), max_seq_len=64)
+    try:
+        f, _ = load_model(
+            base, full=full, load_as="strict", dtype=_file_dtype(base), max_seq_len=64
+        )
+    except ModelLoadError as exc:  # --full does not fit the base: nothing to compare with
+        _add(report, [error_finding(exc, check="same logits")])
+        return Check("same logits", False, f"not run: --full does not load: {exc.message}")
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, model.args.vocab_size, (3, 24), generator=g)  # no tokenizer needed
     # Same thread count and weight layout on both sides: bit-for-bit means the same GEMMs.

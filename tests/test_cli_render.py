@@ -99,7 +99,8 @@ def test_internal_error_text_is_not_markup_and_gives_json(monkeypatch, tmp_path)
     assert result.exit_code == 2
     doc = strict_json(result.stdout)
     assert doc["error"]["id"] == "INTERNAL" and "boom [/y]" in doc["error"]["message"]
-    assert doc["findings"] == [{"id": "INTERNAL", "severity": "error", **_no_id(doc["error"])}]
+    finding = {"id": "INTERNAL", "severity": "error", **_no_id(doc["error"]), "evidence": {}}
+    assert doc["findings"] == [finding]  # the shape of every other finding
 
     result = run("--debug", "inspect", path)
     assert result.exit_code == 2  # an error stays 2 under --debug; 1 means findings
@@ -181,6 +182,23 @@ def test_fix_command_is_never_wrapped(capsys, monkeypatch):
     d = Diagnosis(Path("x"), "LOAD_NOTHING", "upstream loads none of it", fix, findings=[])
     render.render_diagnosis(d)
     assert f"fix: {fix}\n" in capsys.readouterr().out
+
+
+def test_every_outcome_has_a_style_and_a_column_in_the_arms_table(capsys, monkeypatch):
+    """A NaN run (outcome nonfinite) was dropped from diagnose's arms table."""
+    from ckpt_doctor.diagnosis import Arm
+    from ckpt_doctor.generate import OUTCOMES
+
+    assert set(render.OUTCOME_STYLE) == set(OUTCOMES)
+    monkeypatch.setenv("COLUMNS", "200")
+    arm = Arm("extracted adapter on the base", outcomes={"eos": 1, "nonfinite": 3})
+    render.render_diagnosis(Diagnosis(Path("x"), "NONFINITE", "NaN", None, [], [arm]))
+    header, row = [line for line in capsys.readouterr().out.splitlines() if "┃" in line or
+                   "│ extracted" in line][:2]  # fmt: skip
+    cells = [c.strip() for c in row.split("│")[1:-1]]
+    columns = [c.strip() for c in header.split("┃")[1:-1]]
+    assert "nonfinite" in columns and cells[columns.index("nonfinite")] == "3"
+    assert cells[columns.index("eos")] == "1"
 
 
 def test_diff_table_shows_whole_tensor_names(tmp_path):

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from typer.testing import CliRunner
 
 from ckpt_doctor.cli import app
 from ckpt_doctor.diagnosis import CAUSES, Diagnosis, diagnose, fix_command
-from ckpt_doctor.errors import UsageError
+from ckpt_doctor.errors import CkptDoctorError, ModelLoadError, UnreadableError, UsageError
 from ckpt_doctor.families import is_adapter_key
 
 WORLD = Path(__file__).resolve().parents[1] / "fixtures" / "world"
@@ -138,11 +139,13 @@ def _assert_cause(diagnosis: Diagnosis, cause: str, *, exit_code: int = 1) -> No
     assert diagnosis.root_cause == cause, (diagnosis.root_cause, diagnosis.verdict)
     assert diagnosis.exit_code == exit_code
     assert diagnosis.verdict
-    fix = CAUSES[cause]
-    if fix is None:
+    template = CAUSES[cause]
+    if template is None:
         assert diagnosis.fix is None
     else:
-        assert diagnosis.fix == fix.format(path=diagnosis.path, base=BASE)
+        # As the shell reads it (the paths are quoted where they need it): these words.
+        words = [w.format(path=diagnosis.path, base=BASE) for w in shlex.split(template)]
+        assert shlex.split(diagnosis.fix) == words
 
 
 def test_fix_commands_are_shell_quoted(tmp_path):
@@ -163,7 +166,7 @@ def test_nested_container_loads_nothing(run, prompts):
     assert "nested" in d.verdict and "0 of" in d.verdict
     assert "['model']" in d.verdict
     assert d.fix is not None and d.fix.startswith("ckpt-doctor extract ")
-    assert str(CKPT) in d.fix and f"--base {BASE}" in d.fix
+    assert shlex.split(d.fix)[2:5] == [str(CKPT), "--base", str(BASE)]
     assert "CONTAINER_NESTED" in _ids(d)
     arms = _arms(d)
     upstream, extracted, alone = arms["upstream"], arms["extracted"], arms["alone"]
@@ -216,7 +219,8 @@ def test_large_gate_tanh_mismatch(run):
 def test_drifted_base_tensors(run):
     d = run("drifted")
     _assert_cause(d, "BASE_MODIFIED")
-    assert "--restore-base" in d.fix and f"--base {BASE}" in d.fix
+    words = shlex.split(d.fix)
+    assert "--restore-base" in words and words[words.index("--base") + 1] == str(BASE)
     assert "layers.0.attention.wq.weight" in d.verdict
     assert _arms(d)["upstream"].matched == _arms(d)["upstream"].model_keys  # flat: all match
 
@@ -380,3 +384,66 @@ def test_diagnose_takes_trust_pickle_as_its_hint_says(tmp_path, prompts):
     trusted = runner.invoke(app, [*args, "--trust-pickle"])
     assert trusted.exit_code in (0, 1), trusted.output
     assert json.loads(trusted.stdout)["root_cause"] != "UNSAFE_PICKLE"
+
+
+# --------------------------------------------------------------------------- failed arms
+
+
+def test_every_arm_failing_the_same_way_is_raised_not_a_clean_bill(tmp_path, variants, prompts):
+    """An unreadable tokenizer fails all three arms alike: nothing was diagnosed, exit 2."""
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"garbage-not-a-model")
+    with pytest.raises(UnreadableError):
+        diagnose(variants.files["healthy"], BASE, tokenizer_path=bad, prompts=prompts[:1])
+    args = ["diagnose", str(variants.files["healthy"]), "--base", str(BASE), "--json"]
+    result = runner.invoke(app, [*args, "--tokenizer", str(bad), "--prompt", prompts[0]])
+    assert result.exit_code == 2
+    assert json.loads(result.stdout)["error"]["id"] == "UNREADABLE"
+
+
+def _failing_arm(monkeypatch, fails: Callable[[dict], CkptDoctorError | None]) -> None:
+    """smoke_generate as diagnose calls it, but raising for the arms ``fails`` picks."""
+    import ckpt_doctor.smoke as smoke
+
+    real = smoke.smoke_generate
+
+    def fake(base, **kwargs):
+        error = fails(kwargs)
+        if error is not None:
+            raise error
+        return real(base, **kwargs)
+
+    monkeypatch.setattr(smoke, "smoke_generate", fake)
+
+
+def test_a_failed_extracted_adapter_arm_is_a_finding(monkeypatch, variants, prompts):
+    boom = UsageError("the adapter arm broke", hint="fix the adapter arm")
+    _failing_arm(monkeypatch, lambda kw: boom if "adapter" in kw else None)
+    d = diagnose(variants.files["healthy"], BASE, prompts=prompts[:1], max_new_tokens=4)
+    assert d.exit_code == 1 and "no problem found" not in d.verdict
+    (failed,) = [f for f in d.findings if f.id == "SMOKE_FAILED"]  # USAGE has no finding id
+    assert failed.severity == "error" and failed.hint == "fix the adapter arm"
+    assert failed.evidence["arm"] == "extracted adapter on the base"
+    assert "the adapter arm broke" in failed.message
+    assert d.arms[1].error_code == "USAGE" and d.arms[0].error is None
+
+
+def test_a_failed_upstream_arm_is_never_compared_with_the_base(monkeypatch, variants, prompts):
+    """An errored arm generated nothing: [] == [] is no evidence of anything."""
+    boom = ModelLoadError("the upstream arm broke", code="BASE_MISMATCH", hint="h")
+    _failing_arm(monkeypatch, lambda kw: boom if kw.get("load_as") == "upstream" else None)
+    d = diagnose(variants.files["healthy"], BASE, prompts=prompts[:1], max_new_tokens=4)
+    assert d.root_cause == "BASE_MISMATCH" and d.exit_code == 1
+    (lead,) = [f for f in d.findings if f.id == "BASE_MISMATCH"]
+    assert lead.severity == "error" and lead.evidence["arm"] == "as upstream loads it"
+    assert "identical" not in d.verdict and "upstream's load fails" in d.verdict
+
+
+def test_clean_bill_only_when_both_arms_ran_and_ended_at_eos():
+    from ckpt_doctor.diagnosis import Arm, _healthy
+
+    ok = Arm("a", outcomes={"eos": 2})
+    assert _healthy([ok, Arm("b", outcomes={"eos": 1}), Arm("c")])
+    assert not _healthy([ok, Arm("b", error="[X] broke"), Arm("c")])
+    assert not _healthy([ok, Arm("b"), Arm("c")])  # ran no prompt
+    assert not _healthy([ok, Arm("b", outcomes={"eos": 1, "nonfinite": 1}), Arm("c")])

@@ -56,7 +56,7 @@ def test_training_checkpoint_gives_exactly_the_adapter_bit_exact(tmp_path):
     assert set(saved) == expected_keys(CFG.n_layers) == set(result.taken)
     for name, tensor in saved.items():
         assert tensor.dtype == source[name].dtype and torch.equal(tensor, source[name]), name
-    assert result.findings == [] and len(result.left) == 39
+    assert result.findings == [] and len(result.left) == 39 and result.exit_code == 0
     assert result.output_bytes < result.input_bytes / 10
 
 
@@ -121,6 +121,10 @@ def test_drifted_base_tensor_is_left_and_reported(tmp_path):
         result = extract(ckpt, tmp_path / "a.pth", base=base)
     assert "layers.0.attention.wq.weight" not in result.taken
     assert [f.id for f in result.findings] == ["BASE_MODIFIED"]
+    assert result.exit_code == 1  # a warning
+    code = runner.invoke(app, ["extract", str(ckpt_path), "--base", str(base_dir), "-o",
+                               str(tmp_path / "b.pth")]).exit_code  # fmt: skip
+    assert code == result.exit_code
 
 
 def test_never_writes_an_empty_file(tmp_path):
@@ -382,3 +386,53 @@ def test_extract_refuses_a_cast_that_overflows(tmp_path):
     assert [f["id"] for f in json.loads(result.stdout)["findings"]] == ["FP16_OVERFLOW"]
     written = torch.load(out, weights_only=True)["adapter_query.weight"]
     assert written.dtype == torch.bfloat16 and torch.isfinite(written).all()
+
+
+def test_verify_against_a_base_of_another_size_fails_the_load_check(tmp_path):
+    """A ModelLoadError in the strict load is a failed check with its finding, not an abort."""
+    _, ckpt_path, adapter = extracted_world(tmp_path)
+    torch.save(adapter, tmp_path / "adapter.pth")
+    other = replace(CFG, dim=32)
+    write_meta_dir(base_state_dict(other), tmp_path / "other-base", other)
+    doc = run_verify(tmp_path / "adapter.pth", tmp_path / "other-base", ckpt_path)
+    checks = {c["name"]: c for c in doc["checks"]}
+    assert doc["code"] == 1 and not doc["passed"]
+    load = checks["strict load"]
+    assert not load["passed"] and "adapter_query.weight" in load["detail"]
+    (f,) = [f for f in doc["findings"] if f["evidence"].get("check") == "strict load"]
+    assert f["severity"] == "error" and f["id"] == "ADAPTER_SHAPE" and f["hint"]
+    assert f["id"] in load["detail"]
+    logits = checks["same logits"]
+    assert not logits["passed"] and logits["detail"].startswith("not run")
+    human = runner.invoke(app, ["verify", str(tmp_path / "adapter.pth"), "--base",
+                                str(tmp_path / "other-base")])  # fmt: skip
+    assert human.exit_code == 1 and "strict load" in human.stdout
+
+
+def test_verify_with_a_full_checkpoint_that_does_not_load_fails_same_logits(tmp_path):
+    base_dir, ckpt_path, adapter = extracted_world(tmp_path)
+    torch.save(adapter, tmp_path / "adapter.pth")
+    with open_checkpoint(ckpt_path) as ckpt:
+        model = {k: h.to_torch().clone() for k, h in ckpt.canonical().items()}
+    emb = model["tok_embeddings.weight"]
+    model["tok_embeddings.weight"] = torch.cat([emb, emb[:2]])  # a resized vocabulary
+    full = save_zip(model, tmp_path / "resized.pth")
+    doc = run_verify(tmp_path / "adapter.pth", base_dir, full)
+    checks = {c["name"]: c for c in doc["checks"]}
+    assert checks["strict load"]["passed"] and doc["code"] == 1
+    assert not checks["same logits"]["passed"] and "not run" in checks["same logits"]["detail"]
+    assert any(
+        f["id"] == "VOCAB_MISMATCH" and f["evidence"].get("check") == "same logits"
+        for f in doc["findings"]
+    )
+
+
+def test_verify_exit_code_is_the_findings_rule_plus_failed_checks():
+    from ckpt_doctor.findings import finding
+    from ckpt_doctor.verification import Check, VerifyReport
+
+    ok, failed = Check("a", True, ""), Check("b", False, "")
+    info, warning = finding("OPTIMIZER_STATE", "m", "h"), finding("BASE_MODIFIED", "m", "h")
+    assert VerifyReport([ok], [info]).exit_code == 0
+    assert VerifyReport([ok], [warning]).exit_code == 1
+    assert VerifyReport([ok, failed], [info]).exit_code == 1

@@ -341,3 +341,15 @@ def test_unknown_gate_function_is_a_usage_error(v):
     with pytest.raises(UsageError) as info:
         load(v, "a", gate_fn="bogus")
     assert "raw or tanh" in info.value.hint
+
+
+@pytest.mark.parametrize("dropped", ["tok_embeddings.weight", "norm.weight"])
+def test_base_without_a_tensor_is_missing_tensors_not_internal(tmp_path, dropped):
+    """The embedding (whose dtype the load uses) missing was an internal KeyError."""
+    base = base_state_dict(CFG)
+    del base[dropped]
+    write_meta_dir(base, tmp_path / "base", CFG)
+    with open_checkpoint(tmp_path / "base") as ckpt, pytest.raises(ModelLoadError) as info:
+        load_model(ckpt)
+    assert info.value.code == "MISSING_TENSORS"
+    assert dropped in info.value.message and info.value.hint

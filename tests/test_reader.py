@@ -53,10 +53,61 @@ def test_zip_is_memory_mapped(tmp_path, base):
     path = save_zip(base, tmp_path / "flat.pth")
     with open_checkpoint(path) as ckpt:
         assert ckpt.format == "torch-zip"
-        assert ckpt.container_path == ()
+        assert ckpt.container_path == () and ckpt.container_subscripts == ""
         assert_same(ckpt, base)
         assert "torch._utils._rebuild_tensor_v2" in ckpt.pickle_globals
         assert not ckpt.notes
+
+
+def test_unsigned_and_complex128_tensors_read_back(tmp_path):
+    """uint16/32/64 and complex128 were an internal KeyError in the torch.load fallback
+    (torch itself cannot write the unsigned ones in a legacy pickle)."""
+    state = {
+        "u16": torch.tensor([1, 2, 65535]).to(torch.uint16),
+        "u32": torch.tensor([7, 2**32 - 1]).to(torch.uint32),
+        "u64": torch.from_numpy(np.array([5, 2**63], dtype=np.uint64)),
+        "c128": torch.tensor([1 + 2j, -3j], dtype=torch.complex128),
+        "w": torch.ones(2, 2),
+    }
+    path = tmp_path / "odd.pth"
+    torch.save(state, path)
+    with open_checkpoint(path) as ckpt:
+        assert {n: h.dtype.name for n, h in ckpt.tensors.items()} == {
+            n: str(t.dtype).removeprefix("torch.") for n, t in state.items()
+        }
+        for name, tensor in state.items():
+            assert torch.equal(ckpt.tensors[name].to_torch(), tensor), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e8m0fnu, torch.float8_e5m2fnuz])
+def test_a_dtype_it_cannot_read_is_unreadable_naming_the_tensor(tmp_path, dtype):
+    path = tmp_path / "exotic.pth"
+    torch.save({"model": {"w": torch.zeros(3).to(dtype), "ok": torch.ones(2)}}, path)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(UnreadableError) as info:
+        open_checkpoint(path)
+    assert str(path) in info.value.message
+    assert "model.w" in info.value.message and name in info.value.message
+    assert info.value.hint
+
+
+def test_one_text_for_a_container_path_everywhere(tmp_path, base):
+    """inspect, its findings, repair and diagnose all print checkpoint['a']['b'] the same way."""
+    from ckpt_doctor.checks import check_container
+    from ckpt_doctor.containers import subscripts
+    from ckpt_doctor.inspection import inspect_checkpoint
+    from ckpt_doctor.repair import plan_repair
+
+    assert subscripts(("state_dict", "module")) == "['state_dict']['module']"
+    path = save_zip({"state_dict": {"module": adapter_tensors(CFG)}}, tmp_path / "deep.pth")
+    with open_checkpoint(path) as ckpt:
+        where = ckpt.container_subscripts
+        assert where == subscripts(ckpt.container_path) and where.startswith("['state_dict']")
+        assert inspect_checkpoint(ckpt).container_subscripts == where
+        (nested,) = check_container(ckpt)
+        assert f"checkpoint{where}" in nested.message
+        _, changes = plan_repair(ckpt)
+        assert f"checkpoint{where}" in changes[0].detail
 
 
 def test_legacy_pickle_warns_about_ram(tmp_path, base):
@@ -129,7 +180,7 @@ def test_nested_training_checkpoint(tmp_path, base):
     adapter = adapter_tensors(CFG)
     path = save_zip(training_checkpoint(CFG, base, adapter), tmp_path / "checkpoint-4.pth")
     with open_checkpoint(path) as ckpt:
-        assert ckpt.container_path == ("model",)
+        assert ckpt.container_path == ("model",) and ckpt.container_subscripts == "['model']"
         assert ckpt.top_level_keys == ["model", "optimizer", "epoch", "scaler", "args"]
         assert_same(ckpt, {**base, **adapter})
         assert ckpt.args["adapter_len"] == CFG.adapter_len

@@ -212,8 +212,8 @@ def test_bake_tanh_makes_every_gate_tanh_of_itself(world, repaired):
     gates = [k for k in raw if k.endswith("attention.gate")]
     assert sorted(report.changes[0].tensors) == sorted(gates)
     for name in gates:
-        assert fixed[name].dtype == torch.float32 and fixed[name].shape == raw[name].shape
-        assert torch.equal(fixed[name], torch.tanh(raw[name].float())), name
+        assert fixed[name].dtype == raw[name].dtype and fixed[name].shape == raw[name].shape
+        assert torch.equal(fixed[name], torch.tanh(raw[name].double()).to(raw[name].dtype))
     assert fixed[LARGE_GATE].view(-1)[0].item() == pytest.approx(math.tanh(2.0), abs=1e-7)
     assert torch.equal(fixed["adapter_query.weight"], raw["adapter_query.weight"])
     # The warning may legitimately remain: inspect cannot tell a baked gate from a raw one, and
@@ -320,3 +320,24 @@ def test_safetensors_repair_carries_metadata_and_bakes_tanh_once(world, tmp_path
 def test_bake_tanh_into_pth_says_it_cannot_be_recorded(repaired):
     _, _, report = repaired["large_gate"]
     assert "do not bake it again" in report.changes[0].detail
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bake_tanh_keeps_each_gate_dtype(tmp_path, dtype):
+    """'Nothing else changes': fp16 / bf16 gates stay fp16 / bf16 (they came out float32)."""
+    with open_checkpoint(CKPT) as ckpt:
+        flat = {k: h.to_torch().clone() for k, h in ckpt.canonical().items() if is_adapter_key(k)}
+    gates = sorted(k for k in flat if k.endswith("attention.gate"))
+    flat[gates[-1]].view(-1)[0] = 2.0
+    flat = {k: v.to(dtype) if k in gates else v for k, v in flat.items()}
+    flat[gates[0]] = flat[gates[0]].to(torch.float32)  # a mixed file keeps its mix
+    src, out = tmp_path / "gates.pth", tmp_path / "baked.pth"
+    torch.save(flat, src)
+    _repair(src, out, needs_base=False, bake_tanh=True)
+    fixed = _load_flat(out)
+    for name in gates:
+        raw = flat[name]
+        assert fixed[name].dtype == raw.dtype, name
+        assert torch.equal(fixed[name], torch.tanh(raw.double()).to(raw.dtype)), name
+    assert fixed[gates[-1]].view(-1)[0].item() == pytest.approx(math.tanh(2.0), rel=1e-2)
+    assert torch.equal(fixed["adapter_query.weight"], flat["adapter_query.weight"])

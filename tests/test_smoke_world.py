@@ -92,19 +92,19 @@ def test_strict_load_of_training_checkpoint_behaves_like_base_plus_adapter(held_
 
 
 def test_a_long_prompt_gets_its_whole_budget():
-    """No hidden context cap: a prompt of ~300 tokens still gets max_new_tokens tokens."""
+    """No hidden context cap: a prompt of ~300 tokens still gets max_new_tokens tokens. The
+    world's base never emits eos, and without loop stops it runs to the limit: exactly 12."""
     from ckpt_doctor.generate import GenerationConfig
     from ckpt_doctor.smoke import smoke_generate
 
     prompt = " ".join(["word"] * 280)
+    config = GenerationConfig(max_new_tokens=12, stop_on_loop=False)
     with open_checkpoint(BASE) as base:
-        report = smoke_generate(
-            base, prompts=[prompt], config=GenerationConfig(max_new_tokens=12), device="cpu"
-        )
+        report = smoke_generate(base, prompts=[prompt], config=config, device="cpu")
     (r,) = report.results
     assert len(r.prompt_ids) > 280
     assert report.load.args.max_seq_len == len(r.prompt_ids) + 12  # sized from the prompt
-    assert r.outcome != "max_tokens" or len(r.generated_ids) == 12
+    assert r.outcome == "max_tokens" and len(r.generated_ids) == 12
 
 
 @pytest.mark.parametrize(
@@ -146,3 +146,33 @@ def test_nonfinite_logits_are_reported_not_run_to_the_limit(adapter_file, tmp_pa
     assert (f["id"], f["severity"]) == ("NONFINITE", "error")
     assert ("--dtype float32" in f["hint"]) == (case == "fp16_overflow")
     assert "inspect" in f["hint"]
+
+
+TINY = Path(__file__).resolve().parents[1] / "fixtures" / "tiny"
+
+
+@pytest.mark.parametrize("command", ["smoke-generate", "diagnose"])
+def test_another_models_tokenizer_is_vocab_mismatch_not_internal(command):
+    """The world's 256-token tokenizer on the tiny 128-row base: ids beyond the embedding."""
+    args = ["--base", str(TINY / "base"), "--tokenizer", str(WORLD / "tokenizer.model")]
+    args += ["--prompt", "hi", "--max-new-tokens", "4", "--json"]
+    if command == "diagnose":
+        args = [str(TINY / "checkpoint-4.pth"), *args]
+    result = runner.invoke(app, [command, *args])
+    assert result.exit_code == 2, result.output
+    error = json.loads(result.stdout)["error"]
+    assert error["id"] == "VOCAB_MISMATCH" and "--tokenizer" in error["hint"]
+    assert "128" in error["message"]
+
+
+def test_check_vocab_names_bos_and_eos_beyond_the_embedding(tmp_path):
+    from types import SimpleNamespace
+
+    from ckpt_doctor.errors import UsageError
+    from ckpt_doctor.smoke import check_vocab
+
+    tok = SimpleNamespace(bos_id=1, eos_id=300, vocab_size=301)
+    with pytest.raises(UsageError) as info:
+        check_vocab(tok, [[1, 5]], vocab_size=256, tokenizer_path=tmp_path / "t.model")
+    assert info.value.code == "VOCAB_MISMATCH" and "eos id 300" in info.value.message
+    check_vocab(tok, [[1, 5]], vocab_size=301, tokenizer_path=tmp_path / "t.model")
