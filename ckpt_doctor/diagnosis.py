@@ -35,14 +35,16 @@ CAUSES: dict[str, str | None] = {
     "BASE_MISMATCH": None,
     "VOCAB_MISMATCH": None,
     "MISSING_TENSORS": None,
+    # No adapter to extract or load: outranks how it would (not) load.
+    "ADAPTER_MISSING": None,
     "KEY_PREFIX": "ckpt-doctor repair {path} -o fixed.pth",
     "LOAD_NOTHING": "ckpt-doctor extract {path} --base {base} -o adapter.pth",
-    "GATE_SHAPE": "ckpt-doctor repair {path} --base {base} -o fixed.pth",
-    "ADAPTER_MISSING": None,
+    "GATE_SHAPE": "ckpt-doctor repair {path} --base {base} -o fixed.pth",  # when repairable
     "ADAPTER_SHAPE": None,
     "ADAPTER_INERT": None,
     "BASE_MODIFIED": "ckpt-doctor repair {path} --base {base} --restore-base -o fixed.pth",
-    "GATE_TANH_MISMATCH": "ckpt-doctor repair {path} --bake-tanh -o fixed.pth",
+    # safetensors: its metadata records the bake, so nothing bakes the gates twice.
+    "GATE_TANH_MISMATCH": "ckpt-doctor repair {path} --bake-tanh -o fixed.safetensors",
     "FP16_OVERFLOW": None,
     "ADAPTER_CONFIG": None,
     # Symptoms of the smoke arms that should work, when no static finding explains them.
@@ -129,18 +131,20 @@ def diagnose(
     findings = _with_arm_evidence(findings, arms)
     ids = {f.id for f in findings if f.severity != "info"}
     cause = next((c for c in CAUSES if c in ids), None)
-    fix = fix_command(cause, path, base_path) if cause else None
+    cause_finding = next((f for f in findings if f.id == cause), None)
+    fix = fix_command(cause_finding, path, base_path) if cause_finding else None
     verdict = _verdict(cause, findings, arms, ckpt)
     # A non-eos outcome of A or B exits 1 even without a finding (SPEC section 5).
     code = max(exit_code_for(findings), 0 if _healthy(arms) else 1)
     return Diagnosis(path, cause, verdict, fix, findings, arms, code)
 
 
-def fix_command(cause: str, path: Path, base: Path) -> str | None:
-    """The command that fixes ``cause``, shell-quoted so that it runs as printed (paths with
-    spaces or brackets); None where no command can fix the file itself."""
-    template = CAUSES.get(cause)
-    if template is None:
+def fix_command(cause: Finding, path: Path, base: Path) -> str | None:
+    """The command that fixes the root-cause finding, shell-quoted so that it runs as printed
+    (paths with spaces or brackets); None where no command can fix the file itself, as for a
+    gate shape that broadcasting cannot mend (evidence repairable=False)."""
+    template = CAUSES.get(cause.id)
+    if template is None or cause.evidence.get("repairable") is False:
         return None
     return template.format(path=shlex.quote(str(path)), base=shlex.quote(str(base)))
 

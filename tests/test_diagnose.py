@@ -27,6 +27,7 @@ from ckpt_doctor.cli import app
 from ckpt_doctor.diagnosis import CAUSES, Diagnosis, diagnose, fix_command
 from ckpt_doctor.errors import CkptDoctorError, ModelLoadError, UnreadableError, UsageError
 from ckpt_doctor.families import is_adapter_key
+from ckpt_doctor.findings import finding
 
 WORLD = Path(__file__).resolve().parents[1] / "fixtures" / "world"
 BASE, CKPT = WORLD / "base", WORLD / "checkpoint-4.pth"
@@ -151,10 +152,13 @@ def _assert_cause(diagnosis: Diagnosis, cause: str, *, exit_code: int = 1) -> No
 def test_fix_commands_are_shell_quoted(tmp_path):
     """A path with spaces or brackets copies and runs as printed."""
     path, base = tmp_path / "my run [v2]" / "checkpoint 4.pth", tmp_path / "base"
-    cmd = fix_command("LOAD_NOTHING", path, base)
+    cmd = fix_command(finding("LOAD_NOTHING", "m", "h"), path, base)
     assert shlex.split(cmd) == ["ckpt-doctor", "extract", str(path), "--base", str(base), "-o",
                                 "adapter.pth"]  # fmt: skip
-    assert fix_command("NONFINITE", path, base) is None
+    assert fix_command(finding("NONFINITE", "m", "h"), path, base) is None
+    # A gate shape broadcasting cannot mend gets no repair command (it would write nothing).
+    assert fix_command(finding("GATE_SHAPE", "m", "h", repairable=False), path, base) is None
+    assert "repair" in fix_command(finding("GATE_SHAPE", "m", "h", repairable=True), path, base)
 
 
 # --------------------------------------------------------------------------- variants
