@@ -21,7 +21,7 @@ from ckpt_doctor.checks import check_against_base, content_findings
 from ckpt_doctor.diffing import Progress, diff_tensors
 from ckpt_doctor.errors import RefusedError, UsageError
 from ckpt_doctor.facts import AdapterConfig, ModelFacts, adapter_config, model_facts
-from ckpt_doctor.families import detect_family, is_adapter_key
+from ckpt_doctor.families import detect_family, is_adapter_key, require_runs_here
 from ckpt_doctor.findings import Finding, exit_code_for
 from ckpt_doctor.handles import TensorHandle, from_torch
 from ckpt_doctor.reader import Checkpoint
@@ -78,6 +78,12 @@ def output_format(out: Path, fmt: str | None) -> str:
         fmt = "safetensors" if out.suffix == ".safetensors" else "pth"
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}", hint="use --format pth or safetensors")
+    # torch.load on safetensors bytes (or safe_open on a pickle) fails: the name must not lie.
+    if (fmt == "safetensors") != (out.suffix == ".safetensors"):
+        raise UsageError(
+            f"--format {fmt} but the output is named {out.name}",
+            hint="name a safetensors file *.safetensors and a pth file anything else",
+        )
     return fmt
 
 
@@ -87,6 +93,9 @@ def select_adapter(
     """(taken name -> reason, names left behind, findings about the base)."""
     tensors = ckpt.canonical()
     family = detect_family(tensors)
+    # Its own library loads it by its own names (PEFT also wants adapter_config.json): a
+    # renamed flat copy would load nowhere.
+    require_runs_here(family, ckpt.path, command="extract")
     taken = {n: f"{family.name} key" for n in family.adapter_keys(tensors)} if family else {}
     findings: list[Finding] = []
     if base is not None:

@@ -436,3 +436,16 @@ def test_verify_exit_code_is_the_findings_rule_plus_failed_checks():
     assert VerifyReport([ok], [info]).exit_code == 0
     assert VerifyReport([ok], [warning]).exit_code == 1
     assert VerifyReport([ok, failed], [info]).exit_code == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt"), [("adapter.pth", "safetensors"), ("a.safetensors", "pth")]
+)
+def test_format_and_file_name_must_agree(tmp_path, name, fmt):
+    """torch.load cannot read safetensors bytes named .pth (nor safe_open a pickle): refused
+    before anything is written."""
+    _, ckpt_path = world(tmp_path)
+    out = tmp_path / name
+    with open_checkpoint(ckpt_path) as ckpt, pytest.raises(UsageError, match=f"--format {fmt}"):
+        extract(ckpt, out, fmt=fmt)
+    assert not out.exists()

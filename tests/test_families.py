@@ -79,20 +79,28 @@ def test_smoke_generate_refuses_a_family_the_reference_model_does_not_run(tmp_pa
     assert "litgpt-adapter" in result.stderr and "llama-adapter-v1 only" in result.stderr
 
 
-def test_extract_checks_later_families_by_their_own_rules(tmp_path):
-    """PEFT gates are raw scalars by design: no GATE_SHAPE, no GATE_TANH_MISMATCH."""
-    adapter = peft_adapter(tmp_path / "peft", gate=1.0) / "adapter_model.safetensors"
-    out = tmp_path / "out.safetensors"
-    result = runner.invoke(app, ["extract", str(adapter), "-o", str(out), "--json"])
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["findings"] == [] and out.exists()
+def test_content_checks_follow_the_family(tmp_path):
+    """PEFT gates are raw scalars by design: extract/verify/repair's gate checks do not call
+    them GATE_SHAPE or GATE_TANH_MISMATCH (inspect's own rule), only ADAPTER_INERT applies."""
+    from ckpt_doctor.checks import content_findings
+    from ckpt_doctor.facts import adapter_config, model_facts
+    from ckpt_doctor.reader import open_checkpoint
+
+    for gate, expected in ((1.0, []), (0.0, ["ADAPTER_INERT"])):
+        adapter = peft_adapter(tmp_path / f"peft{gate}", gate=gate)
+        with open_checkpoint(adapter) as ckpt:
+            tensors = ckpt.canonical()
+            found = content_findings(tensors, model_facts(tensors), adapter_config(tensors))
+        assert [f.id for f in found] == expected
 
 
-@pytest.mark.parametrize("command", ["repair", "diagnose"])
+@pytest.mark.parametrize("command", ["extract", "repair", "diagnose"])
 def test_v1_only_commands_refuse_later_families(tmp_path, command):
-    """repair would strip PEFT's own prefix, diagnose would blame a v1 load: both refuse."""
+    """extract and repair would strip PEFT's own prefix (and leave adapter_config.json
+    behind), diagnose would blame a v1 load: all three refuse."""
     adapter = peft_adapter(tmp_path / "peft", gate=0.2)
     args = {
+        "extract": ["extract", str(adapter), "-o", str(tmp_path / "out.safetensors")],
         "repair": ["repair", str(adapter), "-o", str(tmp_path / "fixed.safetensors")],
         "diagnose": ["diagnose", str(adapter), "--base", str(WORLD / "base")],
     }[command]
