@@ -106,7 +106,11 @@ def check_load_overlap(
             "LOAD_NOTHING",
             f"load_state_dict(strict=False) as upstream does would match 0 of the file's "
             f"{len(seen)} top-level keys ({_names(seen)}) to the model's {len(model_names)} "
-            "keys; every adapter gate keeps its zero init and the model runs as the plain base",
+            + (
+                "keys; every adapter gate keeps its zero init and the model runs as the plain base"
+                if any(is_adapter_key(n) for n in ckpt.canonical())
+                else "keys; the model keeps the weights it had before (for a base: random ones)"
+            ),
             "load the resolved state dict (unwrap the container, strip prefixes) or extract the "
             "adapter tensors into a flat file with upstream names",
             severity=severity,  # type: ignore[arg-type]

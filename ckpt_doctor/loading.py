@@ -12,6 +12,7 @@ map of the file, so no second full copy of the weights is ever in memory.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -209,7 +210,10 @@ def _overlay_upstream(
                 f"load_state_dict(strict=False): none of the file's {len(raw)} top-level keys "
                 f"({', '.join(list(raw)[:5])}{', ...' if len(raw) > 5 else ''}) is a model "
                 "key; every gate keeps its zero init and the model runs as the plain base",
-                "load the adapter tensors themselves: extract them into a flat file with "
+                # A prefix is cured by stripping it; a container by taking the tensors out.
+                f"strip the prefix: ckpt-doctor repair {shlex.quote(str(extra.path))} -o fixed.pth"
+                if extra.prefix is not None and not extra.container_path
+                else "load the adapter tensors themselves: extract them into a flat file with "
                 "upstream names, or pass the file with --load-as strict",
                 severity="error",
                 matched=0,

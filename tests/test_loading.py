@@ -138,6 +138,7 @@ def test_upstream_training_checkpoint_loads_nothing(v, base_logits):
     # both counts are named: the model's keys and the file's top-level keys
     assert f"0 of the model's {report.model_keys} keys" in nothing.message
     assert "the file's 5 top-level keys" in nothing.message
+    assert "extract them" in nothing.hint  # a container: take the tensors out
     assert report.from_file == []
     assert {"model", "optimizer", "epoch", "scaler", "args"} <= set(report.unexpected)
     assert report.args.adapter_layer == CFG.adapter_layer  # the adapter is there, but inert
@@ -164,7 +165,9 @@ def test_module_prefix_strict_resolves_upstream_loads_nothing(v, base_logits, st
     assert torch.equal(logits(model), strict_a)
 
     model, report = load(v, "c", load_as="upstream")
-    assert only(report, "LOAD_NOTHING").severity == "error"
+    nothing = only(report, "LOAD_NOTHING")
+    assert nothing.severity == "error"
+    assert nothing.hint.startswith("strip the prefix: ckpt-doctor repair ")  # not "extract"
     assert report.from_file == []
     assert all(k.startswith("module.") for k in report.unexpected)
     assert torch.equal(logits(model), base_logits)

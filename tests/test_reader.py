@@ -349,6 +349,11 @@ def test_hf_rotary_row_order_is_undone(tmp_path):
         assert set(canonical) == set(meta)
         for name, value in meta.items():
             assert torch.equal(canonical[name].to_torch(), value), name
+    from ckpt_doctor.inspection import inspect_checkpoint
+
+    with open_checkpoint(hf_dir) as ckpt:  # upstream's loader would match no HF name
+        (nothing,) = [f for f in inspect_checkpoint(ckpt).findings if f.id == "LOAD_NOTHING"]
+    assert "keeps the weights it had before" in nothing.message  # no adapter gate to speak of
     (hf_dir / "config.json").unlink()
     with open_checkpoint(hf_dir) as ckpt:
         wq = ckpt.canonical()["layers.0.attention.wq.weight"]
