@@ -33,6 +33,8 @@ PathArg = Annotated[Path, typer.Argument(help="Checkpoint file or directory (Met
 BaseOpt = Annotated[
     Path | None, typer.Option("--base", help="Base weights (file or Meta / HF directory).")
 ]
+DtypeOpt = Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 OutOpt = Annotated[Path, typer.Option("-o", "--out", help="Output .pth or .safetensors.")]
 FormatOpt = Annotated[
@@ -295,6 +297,8 @@ def diagnose(
     tokenizer: TokenizerOpt = None,
     prompt: PromptOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="Per prompt, per smoke arm.")] = 64,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
     trust_pickle: TrustOpt = False,
 ) -> None:
@@ -311,6 +315,8 @@ def diagnose(
             prompts=prompt,
             max_new_tokens=max_new_tokens,
             trust_pickle=trust_pickle,
+            dtype=dtype,
+            device=device,
         )
         _emit(as_json, result, render.render_diagnosis)
         return result.exit_code
@@ -340,8 +346,8 @@ def smoke_generate(
     load_as: Annotated[
         str, typer.Option(help="strict, or upstream (load_state_dict(strict=False)).")
     ] = "strict",
-    dtype: Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
     attention: Annotated[str, typer.Option(help="auto, reference or fused.")] = "auto",
     cuda_graph: Annotated[
         bool,

@@ -104,6 +104,8 @@ def diagnose(
     prompts: list[str] | None = None,
     max_new_tokens: int = 64,
     trust_pickle: bool = False,
+    dtype: str = "auto",
+    device: str = "auto",
 ) -> Diagnosis:
     try:
         ckpt = open_checkpoint(path, trust_pickle=trust_pickle)
@@ -125,9 +127,11 @@ def diagnose(
                     "diagnose the fine-tuned checkpoint or the extracted adapter, not the base",
                 )
             )
-        arms = _smoke_arms(
-            ckpt, base, tokenizer_path, prompts, max_new_tokens, adapter=report.adapter is not None
-        )
+        run = {
+            "tokenizer_path": tokenizer_path, "prompts": prompts, "dtype": dtype,
+            "device": device, "config": GenerationConfig(max_new_tokens=max_new_tokens),
+        }  # fmt: skip
+        arms = _smoke_arms(ckpt, base, run, adapter=report.adapter is not None)
     findings = _with_arm_evidence(findings, arms)
     ids = {f.id for f in findings if f.severity != "info"}
     cause = next((c for c in CAUSES if c in ids), None)
@@ -216,17 +220,12 @@ def _adapter_only(ckpt: Checkpoint) -> Checkpoint:
 
 
 def _smoke_arms(
-    ckpt: Checkpoint,
-    base: Checkpoint,
-    tokenizer_path: Path,
-    prompts: list[str] | None,
-    max_new_tokens: int,
-    *,
-    adapter: bool,
+    ckpt: Checkpoint, base: Checkpoint, run: dict[str, Any], *, adapter: bool
 ) -> list[Arm]:
+    """The three arms, each a smoke_generate with ``run``'s settings (tokenizer, prompts,
+    dtype, device, generation config)."""
     from ckpt_doctor.smoke import smoke_generate
 
-    config = GenerationConfig(max_new_tokens=max_new_tokens)
     plans: dict[str, dict[str, Any] | None] = {
         ARM_UPSTREAM: {"full": ckpt, "load_as": "upstream"},
         # Without adapter tensors arm B would be the base again: not run.
@@ -242,9 +241,7 @@ def _smoke_arms(
             arm.error = "not run: the file holds no adapter tensors"
             continue
         try:
-            smoke = smoke_generate(
-                base, tokenizer_path=tokenizer_path, prompts=prompts, config=config, **kwargs
-            )
+            smoke = smoke_generate(base, **run, **kwargs)
         except CkptDoctorError as exc:
             arm.error = f"[{exc.code}] {exc.message}"
             arm.error_code, arm.error_hint = exc.code, exc.hint

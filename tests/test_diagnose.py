@@ -451,3 +451,19 @@ def test_clean_bill_only_when_both_arms_ran_and_ended_at_eos():
     assert not _healthy([ok, Arm("b", error="[X] broke"), Arm("c")])
     assert not _healthy([ok, Arm("b"), Arm("c")])  # ran no prompt
     assert not _healthy([ok, Arm("b", outcomes={"eos": 1, "nonfinite": 1}), Arm("c")])
+
+
+def test_dtype_and_device_reach_every_smoke_arm(monkeypatch):
+    """--dtype / --device go to the arms (a NONFINITE hint may say "--dtype float32")."""
+    import ckpt_doctor.smoke as smoke
+
+    seen, original = [], smoke.smoke_generate
+
+    def spy(base, **kwargs):
+        seen.append((kwargs["dtype"], kwargs["device"]))
+        return original(base, **kwargs)
+
+    monkeypatch.setattr(smoke, "smoke_generate", spy)
+    prompt = ["Repeat the word dog twice."]
+    d = diagnose(CKPT, BASE, prompts=prompt, max_new_tokens=4, dtype="bfloat16", device="cpu")
+    assert seen == [("bfloat16", "cpu")] * 3 and len(d.arms) == 3
