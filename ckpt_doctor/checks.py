@@ -374,7 +374,7 @@ def check_gates(
         out.append(
             finding(
                 "GATE_TANH_MISMATCH",
-                f"gate layer {layer} head {head} = {value:.3f}: raw-gate inference weights the "
+                f"gate layer {layer} head {head} = {value:.4g}: raw-gate inference weights the "
                 f"adapter {times} what tanh-gate training did (upstream issue #39; "
                 f"threshold {TANH_MISMATCH_RATIO}x)",
                 "run inference with --gate tanh (as training did), or bake tanh into the gates",

@@ -256,7 +256,8 @@ def render_diff(report: DiffReport, *, show_all: bool = False) -> None:
             "" if t.rel_l2 is None else f"{t.rel_l2:.3e}",
             "adapter" if t.is_adapter else "",
         )
-    _print_names_table(table)
+    if shown:  # every tensor identical: the counts above say it all
+        _print_names_table(table)
     layers = Table(title="Per layer", title_justify="left")
     layers.add_column("layer", justify="right")
     statuses = [s for s, v in report.counts.items() if v]

@@ -431,7 +431,7 @@ def test_gate_tanh_mismatch(tmp_path):
     ad = adapter()
     ad["layers.3.attention.gate"][0, 1] = 1.5
     f = only(inspect(tmp_path, training(ad)), "GATE_TANH_MISMATCH", "warning")
-    assert "gate layer 3 head 1 = 1.500" in f.message
+    assert "gate layer 3 head 1 = 1.5:" in f.message
     assert "1.66x" in f.message
     assert f.evidence["ratio"] == pytest.approx(1.5 / math.tanh(1.5))
     assert (f.evidence["layer"], f.evidence["head"]) == (3, 1)
