@@ -25,21 +25,16 @@ from ckpt_doctor.families import detect_family, is_adapter_key, require_runs_her
 from ckpt_doctor.findings import Finding, exit_code_for
 from ckpt_doctor.handles import TensorHandle, from_torch
 from ckpt_doctor.reader import Checkpoint
+from ckpt_doctor.transforms import Transforms
 
 FORMATS = ("pth", "safetensors")
 # The gate function each family's upstream training applies (recorded for inference).
 TRAINING_GATE_FN = {"llama-adapter-v1": "tanh"}
 # What --dtype may cast the adapter to: floats only (an integer cast truncates gates to 0).
 CAST_DTYPES = ("float32", "float16", "bfloat16")
+
+
 # Metadata flag: the gates hold tanh(g) already (repair --bake-tanh), so raw inference is right.
-TANH_BAKED_KEY = "gate_tanh_baked"
-
-
-def tanh_baked(metadata: Mapping[str, str] | None) -> bool:
-    """Whether a file's metadata says its gates were baked with tanh already."""
-    return (metadata or {}).get(TANH_BAKED_KEY) == "true"
-
-
 @dataclass
 class Extraction:
     source: Path
@@ -129,11 +124,12 @@ def adapter_metadata(
     adapter: AdapterConfig | None,
     facts: ModelFacts,
     source: str,
-    baked: bool = False,
+    transforms: Transforms | None = None,
 ) -> dict[str, str]:
     """The safetensors metadata of an adapter file (one definition: extract and repair write
     it). ``tensors`` are the torch tensors written; their digest is what verify checks."""
     family = adapter.family.name if adapter is not None else ""
+    transforms = transforms or Transforms()
     metadata = {
         "format": "pt",
         "family": family,
@@ -143,14 +139,12 @@ def adapter_metadata(
         "dim": str(facts.dim or ""),
         "n_heads": str(facts.n_heads or ""),
         # Baked gates already hold tanh(g): raw inference then reproduces tanh training.
-        "gate_fn": "raw" if baked else TRAINING_GATE_FN.get(family, "raw"),
+        "gate_fn": "raw" if transforms.baked else TRAINING_GATE_FN.get(family, "raw"),
         "source": source,
         "sha256": tensor_digest(tensors),
         "tool": f"ckpt-doctor {__version__}",
     }
-    if baked:
-        metadata[TANH_BAKED_KEY] = "true"
-    return metadata
+    return {**metadata, **transforms.to_metadata()}  # so verify can redo them on the source
 
 
 def extract(
@@ -188,7 +182,10 @@ def extract(
     # adapter is extracted as asked, but never reported as a clean extraction.
     written = {name: from_torch(name, t) for name, t in out_tensors.items()}
     findings += content_findings(written, facts, adapter)
-    metadata = adapter_metadata(out_tensors, adapter=adapter, facts=facts, source=ckpt.path.name)
+    metadata = adapter_metadata(
+        out_tensors, adapter=adapter, facts=facts, source=ckpt.path.name,
+        transforms=Transforms(cast=dtype),
+    )  # fmt: skip
     write_atomically(out, lambda tmp: _save(out_tensors, tmp, fmt, metadata))
     return Extraction(
         ckpt.path,

@@ -12,12 +12,12 @@ import numpy as np
 from ckpt_doctor import checks, keys
 from ckpt_doctor.containers import subscripts
 from ckpt_doctor.diffing import DiffReport, Progress, diff_tensors
-from ckpt_doctor.extraction import tanh_baked
 from ckpt_doctor.facts import AdapterConfig, ModelFacts, adapter_config, model_facts
 from ckpt_doctor.families import is_adapter_key
 from ckpt_doctor.findings import SEVERITY_RANK, Finding, exit_code_for
 from ckpt_doctor.numerics import ValueScan, scan_values
 from ckpt_doctor.reader import Checkpoint, Entry
+from ckpt_doctor.transforms import tanh_baked
 
 # Files up to this size get every tensor's values scanned; larger ones only the adapter's
 # (what training changed) unless --deep, so inspect stays a seconds-long, metadata-only read.

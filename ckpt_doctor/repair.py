@@ -17,14 +17,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ckpt_doctor import keys
 from ckpt_doctor.atomic import check_destination, write_atomically
 from ckpt_doctor.checks import content_findings
 from ckpt_doctor.diffing import Progress, diff_tensors
 from ckpt_doctor.errors import RefusedError, UsageError
-from ckpt_doctor.extraction import adapter_metadata, output_format, tanh_baked
+from ckpt_doctor.extraction import adapter_metadata, output_format
 from ckpt_doctor.facts import AdapterConfig, ModelFacts, adapter_config, model_facts
 from ckpt_doctor.families import (
     detect_family,
@@ -33,9 +31,10 @@ from ckpt_doctor.families import (
     v1_gate_layers,
 )
 from ckpt_doctor.findings import Finding, exit_code_for
-from ckpt_doctor.handles import TensorHandle, from_array, from_torch
+from ckpt_doctor.handles import TensorHandle, from_torch
 from ckpt_doctor.inspection import FULL_SCAN_BYTES
 from ckpt_doctor.reader import Checkpoint
+from ckpt_doctor.transforms import Transforms, broadcast_gate, tanh_baked, tanh_gate
 from ckpt_doctor.units import human_bytes
 
 
@@ -112,8 +111,7 @@ def plan_repair(
                 hint="pass --base with params.json",
             )
         for name in scalar:
-            values = np.broadcast_to(tensors[name].array().reshape(1, 1, 1, 1), (1, heads, 1, 1))
-            tensors[name] = from_array(name, np.ascontiguousarray(values), tensors[name].dtype)
+            tensors[name] = from_torch(name, broadcast_gate(tensors[name].to_torch(), heads=heads))
         changes.append(Change("broadcast-gates", f"scalar [1] -> [1, {heads}, 1, 1]", scalar))
     if bake_tanh and gates and tanh_baked(ckpt.metadata):
         # tanh(tanh(g)) would under-weight the adapter: baking is done once.
@@ -123,14 +121,8 @@ def plan_repair(
             hint="use this file with raw-gate inference as it is; leave out --bake-tanh",
         )
     if bake_tanh and gates:
-        import torch
-
         for name in gates.values():
-            h = tensors[name]
-            # tanh in float64, rounded to the gate's own dtype: nothing else changes.
-            dtype = getattr(torch, h.dtype.name if h.is_float else "float32")
-            values = torch.from_numpy(np.tanh(h.values())).to(dtype).reshape(h.shape)
-            tensors[name] = from_torch(name, values)
+            tensors[name] = from_torch(name, tanh_gate(tensors[name].to_torch()))
         changes.append(
             Change("bake-tanh", "gates g -> tanh(g) for raw-gate inference", list(gates.values()))
         )
@@ -162,7 +154,15 @@ def repair(
     tensors, changes = plan_repair(
         ckpt, base=base, bake_tanh=bake_tanh, restore_base=restore_base, progress=progress
     )
-    baked = tanh_baked(ckpt.metadata) or any(c.kind == "bake-tanh" for c in changes)
+    # What the file records: the source's transforms plus this repair's (verify redoes them).
+    done = {c.kind for c in changes}
+    before = Transforms.from_metadata(ckpt.metadata)
+    transforms = replace(
+        before,
+        broadcast=before.broadcast or "broadcast-gates" in done,
+        baked=before.baked or "bake-tanh" in done,
+    )
+    baked = transforms.baked
     facts = _facts(tensors, ckpt, base)
     adapter = adapter_config(tensors, args=ckpt.args, metadata=ckpt.metadata)
     small = sum(h.nbytes for h in tensors.values()) <= FULL_SCAN_BYTES
@@ -179,7 +179,7 @@ def repair(
         ]
 
     def save(tmp: Path) -> None:
-        _save(tensors, tmp, fmt, ckpt, adapter=adapter, facts=facts, baked=baked)
+        _save(tensors, tmp, fmt, ckpt, adapter=adapter, facts=facts, transforms=transforms)
 
     write_atomically(out, save)
     size = out.stat().st_size
@@ -195,7 +195,7 @@ def _save(
     *,
     adapter: AdapterConfig | None,
     facts: ModelFacts,
-    baked: bool,
+    transforms: Transforms,
 ) -> None:
     import torch
 
@@ -210,7 +210,7 @@ def _save(
             {k: str(v) for k, v in (ckpt.args or {}).items() if k.startswith("adapter_")}
         )
         fresh = adapter_metadata(
-            state, adapter=adapter, facts=facts, source=ckpt.path.name, baked=baked
+            state, adapter=adapter, facts=facts, source=ckpt.path.name, transforms=transforms
         )
         save_file(state, str(path), metadata={**carried, **{k: v for k, v in fresh.items() if v}})
     else:

@@ -28,13 +28,14 @@ from ckpt_doctor.checks import (
 )
 from ckpt_doctor.diffing import DiffReport, Progress, diff_tensors
 from ckpt_doctor.errors import ModelLoadError
-from ckpt_doctor.extraction import tanh_baked
 from ckpt_doctor.facts import AdapterConfig, ModelFacts, adapter_config, model_facts
 from ckpt_doctor.families import v1_gate_layers
 from ckpt_doctor.findings import Finding, error_finding, exit_code_for, finding
+from ckpt_doctor.handles import TensorHandle
 from ckpt_doctor.inspection import FULL_SCAN_BYTES
 from ckpt_doctor.numerics import compare
 from ckpt_doctor.reader import Checkpoint
+from ckpt_doctor.transforms import Transforms, tanh_baked
 
 
 @dataclass(frozen=True)
@@ -86,9 +87,10 @@ def verify(
     report.checks.append(_reload(adapter, report))
     report.checks.append(_upstream_load(adapter, facts, config, report))
     report.checks.append(_values(adapter, tensors, facts, config, report))
+    transforms = Transforms.from_metadata(adapter.metadata)  # what verify redoes on --full
     if full is not None:
         source = full.canonical()
-        report.checks.append(_bit_exact(tensors, source, report))
+        report.checks.append(_bit_exact(tensors, source, report, transforms))
         diff = diff_tensors(source, base.canonical(), progress=progress)
         _add(
             report,
@@ -104,7 +106,7 @@ def verify(
     if full is not None and model is None:
         report.checks.append(Check("same logits", False, "not run: the strict load failed"))
     elif full is not None:
-        report.checks.append(_same_logits(model, base, full, report))
+        report.checks.append(_same_logits(model, base, full, report, transforms, set(tensors)))
     return report
 
 
@@ -196,15 +198,16 @@ def _values(
     return Check("values", True, detail + (f" (warnings: {', '.join(warnings)})" * bool(warnings)))
 
 
-def _bit_exact(tensors: dict, source: dict, report: VerifyReport) -> Check:
+def _bit_exact(tensors: dict, source: dict, report: VerifyReport, transforms: Transforms) -> Check:
+    """Each adapter tensor equals the source's, bit for bit, after the transforms the file's
+    metadata records (extract --dtype, repair's gate broadcast and tanh bake)."""
     missing = [n for n in tensors if n not in source]
-    differ = [
-        n
-        for n, h in tensors.items()
-        if n in source and (h.shape != source[n].shape or not compare(h, source[n]).identical)
-    ]
+    differ = [n for n, h in tensors.items() if n in source and not _same(h, source[n], transforms)]
     if not missing and not differ:
-        return Check("bit-exact", True, f"{len(tensors)} tensors identical to the source")
+        detail = f"{len(tensors)} tensors identical to the source"
+        if transforms:
+            detail += f" as transformed ({_described(transforms)})"
+        return Check("bit-exact", True, detail)
     # Only the parts that have something in them.
     parts = [
         f"{label}: {', '.join(names[:5])}" + (f" (+{len(names) - 5} more)" * (len(names) > 5))
@@ -227,6 +230,23 @@ def _bit_exact(tensors: dict, source: dict, report: VerifyReport) -> Check:
         ],
     )
     return Check("bit-exact", False, detail)
+
+
+def _same(h: TensorHandle, src: TensorHandle, transforms: Transforms) -> bool:
+    if not transforms:
+        return h.shape == src.shape and compare(h, src).identical
+    import torch
+
+    expected = transforms.apply(h.name, src.to_torch(), shape=h.shape)
+    got = h.to_torch()
+    return got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+def _described(transforms: Transforms) -> str:
+    parts = [f"cast to {transforms.cast}"] if transforms.cast else []
+    parts += ["scalar gates broadcast"] * transforms.broadcast
+    parts += ["tanh baked into the gates"] * transforms.baked
+    return ", ".join(parts)
 
 
 def _complete(tensors: dict, diff: DiffReport, full: Checkpoint, report: VerifyReport) -> Check:
@@ -278,7 +298,14 @@ def _loads(adapter: Checkpoint, base: Checkpoint, report: VerifyReport) -> tuple
     return Check("strict load", not errors, detail), model
 
 
-def _same_logits(model: Any, base: Checkpoint, full: Checkpoint, report: VerifyReport) -> Check:
+def _same_logits(
+    model: Any,
+    base: Checkpoint,
+    full: Checkpoint,
+    report: VerifyReport,
+    transforms: Transforms,
+    adapter_names: set[str],
+) -> Check:
     import torch
 
     from ckpt_doctor.generate import cpu_tuned
@@ -291,6 +318,14 @@ def _same_logits(model: Any, base: Checkpoint, full: Checkpoint, report: VerifyR
     except ModelLoadError as exc:  # --full does not fit the base: nothing to compare with
         _add(report, [error_finding(exc, check="same logits")])
         return Check("same logits", False, f"not run: --full does not load: {exc.message}")
+    if transforms:  # the full model's adapter transformed as the file's was, from its source
+        source = full.canonical()  # values (not the loaded copies: those are rounded already)
+        with torch.no_grad():
+            for name, param in f.named_parameters():
+                if name in adapter_names and name in source:
+                    src = source[name].to_torch()
+                    param.copy_(transforms.apply(name, src, shape=tuple(param.shape)))
+        f.prepare()  # the adapter K/V again, from the new values (both sides load raw gates)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, model.args.vocab_size, (3, 24), generator=g)  # no tokenizer needed
     # Same thread count and weight layout on both sides: bit-for-bit means the same GEMMs.

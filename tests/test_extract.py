@@ -449,3 +449,41 @@ def test_format_and_file_name_must_agree(tmp_path, name, fmt):
     with open_checkpoint(ckpt_path) as ckpt, pytest.raises(UsageError, match=f"--format {fmt}"):
         extract(ckpt, out, fmt=fmt)
     assert not out.exists()
+
+
+def _cli(*args: object) -> int:
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code in (0, 1), result.output
+    return result.exit_code
+
+
+@pytest.mark.parametrize("chain", ["cast", "bake", "broadcast"])
+def test_verify_redoes_the_transforms_the_file_records(tmp_path, chain):
+    """extract --dtype, repair --bake-tanh and repair's gate broadcast write files that are not
+    their source bit for bit; their metadata says why, and verify applies the same transforms
+    to --full before comparing: the tool's own output verifies clean, tensors and logits."""
+    base_dir, ckpt_path, adapter = world_with(tmp_path, scalar_gates=chain == "broadcast")
+    save_world(ckpt_path, adapter)
+    extracted = tmp_path / "adapter.safetensors"
+    cast = ["--dtype", "bfloat16"] if chain == "cast" else []
+    _cli("extract", ckpt_path, "--base", base_dir, "-o", extracted, *cast)
+    out = extracted
+    if chain != "cast":
+        out = tmp_path / "repaired.safetensors"
+        extra = ["--bake-tanh"] if chain == "bake" else ["--base", base_dir]
+        _cli("repair", extracted, "-o", out, *extra)
+    doc = run_verify(out, base_dir, ckpt_path)
+    checks = {c["name"]: c for c in doc["checks"]}
+    assert doc["code"] == 0 and doc["passed"] and doc["findings"] == [], doc
+    assert "as transformed" in checks["bit-exact"]["detail"]
+    assert doc["max_logit_diff"] == 0.0  # bit for bit against the transformed --full
+
+
+def test_verify_does_not_excuse_an_unrecorded_transform(tmp_path):
+    """A .pth cannot record the bake: its gates are then simply not the source's."""
+    base_dir, ckpt_path = world(tmp_path)
+    extracted, baked = tmp_path / "adapter.pth", tmp_path / "baked.pth"
+    _cli("extract", ckpt_path, "-o", extracted)
+    _cli("repair", extracted, "--bake-tanh", "-o", baked)
+    doc = run_verify(baked, base_dir, ckpt_path)
+    assert doc["code"] == 1 and "NOT_BIT_EXACT" in finding_ids(doc)
