@@ -33,6 +33,7 @@ from ckpt_doctor.findings import Finding, finding
 from ckpt_doctor.handles import TensorHandle
 from ckpt_doctor.model import ModelArgs, Transformer, ffn_hidden_size
 from ckpt_doctor.reader import Checkpoint
+from ckpt_doctor.transforms import tanh_baked
 
 LOAD_MODES = ("strict", "upstream")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -122,6 +123,11 @@ def load_model(
     config = None
     if extra is not None:
         config = adapter_config(extra.canonical(), args=extra.args, metadata=extra.metadata)
+    if gate_fn == "tanh" and extra is not None and tanh_baked(extra.metadata):
+        raise UsageError(  # tanh(tanh(g)) would under-weight the adapter
+            f"{extra.path} holds gates with tanh baked in; --gate tanh would apply it twice",
+            hint="use --gate raw with this file",
+        )
     if config is not None and load_as == "strict":  # upstream mode loads anything, as upstream
         require_runs_here(config.family, extra.path, command="the reference model")
     args = model_args(base, config, max_seq_len=max_seq_len)

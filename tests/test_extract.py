@@ -16,6 +16,7 @@ from ckpt_doctor import extraction
 from ckpt_doctor.cli import app
 from ckpt_doctor.errors import RefusedError, UsageError
 from ckpt_doctor.extraction import extract
+from ckpt_doctor.loading import load_model
 from ckpt_doctor.model import ModelArgs, Transformer
 from ckpt_doctor.reader import open_checkpoint
 from fixtures.make_fixtures import (
@@ -487,3 +488,14 @@ def test_verify_does_not_excuse_an_unrecorded_transform(tmp_path):
     _cli("repair", extracted, "--bake-tanh", "-o", baked)
     doc = run_verify(baked, base_dir, ckpt_path)
     assert doc["code"] == 1 and "NOT_BIT_EXACT" in finding_ids(doc)
+
+
+def test_baked_gates_refuse_a_second_tanh_at_load(tmp_path):
+    base_dir, ckpt_path = world(tmp_path)
+    extracted, baked = tmp_path / "adapter.safetensors", tmp_path / "baked.safetensors"
+    _cli("extract", ckpt_path, "-o", extracted)
+    _cli("repair", extracted, "--bake-tanh", "-o", baked)
+    with open_checkpoint(base_dir) as base, open_checkpoint(baked) as adapter:
+        with pytest.raises(UsageError, match="apply it twice"):
+            load_model(base, adapter=adapter, gate_fn="tanh")
+        load_model(base, adapter=adapter, gate_fn="raw")  # what the bake is for
