@@ -11,7 +11,6 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ckpt_doctor import keys
-from ckpt_doctor.diffing import DiffReport, TensorDiff
 from ckpt_doctor.facts import AdapterConfig, ModelFacts
 from ckpt_doctor.families import (
     TANH_MISMATCH_RATIO,
@@ -27,7 +26,8 @@ from ckpt_doctor.numerics import FP16_MAX, ValueScan, scan_values
 from ckpt_doctor.reader import Checkpoint
 
 
-def _names(items: Sequence[str], limit: int = 5) -> str:
+def short_list(items: Sequence[str], limit: int = 5) -> str:
+    """The first ``limit`` names, and how many more: what a finding message shows."""
     shown = ", ".join(items[:limit])
     return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
 
@@ -49,7 +49,7 @@ _SAVER = {"safetensors": "safetensors' save_file", "hf-sharded": "save_pretraine
 
 def check_empty(ckpt: Checkpoint) -> list[Finding]:
     if not ckpt.tensors:
-        held = _names(ckpt.top_level_keys) or "nothing"
+        held = short_list(ckpt.top_level_keys) or "nothing"
         saver = _SAVER.get(ckpt.format, "torch.save")
         return [
             finding(
@@ -63,7 +63,7 @@ def check_empty(ckpt: Checkpoint) -> list[Finding]:
         return [
             finding(
                 "EMPTY",
-                f"{len(zero)} tensor(s) have zero elements: {_names(zero)}",
+                f"{len(zero)} tensor(s) have zero elements: {short_list(zero)}",
                 "these tensors were saved before being allocated; re-save from a loaded model",
                 tensors=zero,
             )
@@ -89,9 +89,7 @@ def check_container(ckpt: Checkpoint) -> list[Finding]:
     ]
 
 
-def check_load_overlap(
-    ckpt: Checkpoint, model_names: set[str], *, severity: str | None = None
-) -> list[Finding]:
+def check_load_overlap(ckpt: Checkpoint, model_names: set[str]) -> list[Finding]:
     """What upstream's load_state_dict(strict=False) would do with the loaded object."""
     if not ckpt.tensors:
         return []
@@ -105,7 +103,7 @@ def check_load_overlap(
         finding(
             "LOAD_NOTHING",
             f"load_state_dict(strict=False) as upstream does would match 0 of the file's "
-            f"{len(seen)} top-level keys ({_names(seen)}) to the model's {len(model_names)} "
+            f"{len(seen)} top-level keys ({short_list(seen)}) to the model's {len(model_names)} "
             + (
                 "keys; every adapter gate keeps its zero init and the model runs as the plain base"
                 if any(is_adapter_key(n) for n in ckpt.canonical())
@@ -113,7 +111,6 @@ def check_load_overlap(
             ),
             "load the resolved state dict (unwrap the container, strip prefixes) or extract the "
             "adapter tensors into a flat file with upstream names",
-            severity=severity,  # type: ignore[arg-type]
             keys_seen=len(seen),
             matched=0,
             model_keys=len(model_names),
@@ -163,7 +160,7 @@ def check_values(scans: Mapping[str, ValueScan]) -> list[Finding]:
             finding(
                 "NONFINITE",
                 f"{total} non-finite values ({nans} NaN, {total - nans} Inf) in {len(bad)} "
-                f"tensor(s): {_names(bad)}",
+                f"tensor(s): {short_list(bad)}",
                 "training diverged before this save: use an earlier checkpoint, or lower the "
                 "learning rate / enable loss scaling and retrain",
                 tensors=bad,
@@ -177,8 +174,8 @@ def check_values(scans: Mapping[str, ValueScan]) -> list[Finding]:
             finding(
                 "FP16_OVERFLOW",
                 f"{sum(scans[n].beyond_fp16 for n in big)} finite values beyond the fp16 range "
-                f"(±{FP16_MAX:g}) in {_names(big)}; max |x| = {worst:.4g}; fp16 inference turns "
-                "them into Inf",
+                f"(±{FP16_MAX:g}) in {short_list(big)}; max |x| = {worst:.4g}; fp16 inference "
+                "turns them into Inf",
                 "run inference in bfloat16 or float32, or clamp/re-train these tensors",
                 tensors=big,
                 max_abs=worst,
@@ -238,7 +235,7 @@ def check_adapter(
         out.append(
             finding(
                 "ADAPTER_MISSING",
-                f"adapter tensors found ({_names(list(adapter.keys))}) but {part} is missing",
+                f"adapter tensors found ({short_list(list(adapter.keys))}) but {part} is missing",
                 "the adapter is incomplete: re-extract it from the training checkpoint",
             )
         )
@@ -301,7 +298,7 @@ def _per_layer_pairs(tensors: Mapping[str, TensorHandle], adapter: AdapterConfig
     return [
         finding(
             "ADAPTER_MISSING",
-            f"{adapter.family.name}: layers {_names([str(i) for i in lonely])} have a prompt "
+            f"{adapter.family.name}: layers {short_list([str(i) for i in lonely])} have a prompt "
             "without a gate or a gate without a prompt",
             "the adapter is incomplete: save it again from the trained model",
             layers=lonely,
@@ -341,7 +338,7 @@ def check_gates(
             finding(
                 "GATE_SHAPE",
                 f"{len(scalar)} of the {len(used)} {scope} gates are legacy scalars of shape [1] "
-                f"(layers {_names([str(i) for i in scalar])}); "
+                f"(layers {short_list([str(i) for i in scalar])}); "
                 f"the model has per-head gates [1, {heads or 'n_heads'}, 1, 1] and "
                 "load_state_dict raises on the size mismatch",
                 "broadcast each scalar gate to every head (repairable without retraining)",
@@ -424,85 +421,3 @@ def content_findings(
     family = adapter.family if adapter is not None else None
     gate_findings = check_gates(gates, facts, adapted, family=family, tanh_baked=tanh_baked)
     return [*check_values(scans), *gate_findings]
-
-
-def _rows_only(t: TensorDiff) -> bool:
-    shape, base = t.shape or (), t.base_shape or ()
-    return len(shape) == len(base) >= 1 and shape[1:] == base[1:] and shape[0] != base[0]
-
-
-def check_against_base(diff: DiffReport, *, n_base_keys: int) -> list[Finding]:
-    """BASE_MISMATCH / VOCAB_MISMATCH / MISSING_TENSORS / BASE_MODIFIED / DTYPE_CHANGED."""
-    out: list[Finding] = []
-    shape_changed = diff.with_status("shape_changed")
-    # A resized vocabulary changes rows only; another width means another model (BASE_MISMATCH).
-    vocab = [t for t in shape_changed if t.name in keys.VOCAB_KEYS and _rows_only(t)]
-    other = [t for t in shape_changed if t not in vocab]
-    shared = [t for t in diff.tensors if t.status not in ("added", "removed")]
-    if shared and len(other) * 2 > len(shared):
-        eg = other[0]
-        out.append(
-            finding(
-                "BASE_MISMATCH",
-                f"{len(other)} of {len(shared)} shared tensors differ in shape "
-                f"(e.g. {eg.name} {list(eg.shape or ())} vs base {list(eg.base_shape or ())}): "
-                "this base is not the model the checkpoint was trained from",
-                "pass the base weights the fine-tune started from (same size and version)",
-                tensors=[t.name for t in other],
-            )
-        )
-    for t in vocab:
-        rows, base_rows = (t.shape or (0,))[0], (t.base_shape or (0,))[0]
-        out.append(
-            finding(
-                "VOCAB_MISMATCH",
-                f"{t.name} has {rows} rows, the base has {base_rows}: the vocabulary was "
-                f"resized by {rows - base_rows:+d} tokens",
-                "use the fine-tuned embedding/output tensors and the tokenizer with the added "
-                "tokens; the base tokenizer cannot produce the new ids",
-                tensor=t.name,
-                rows=rows,
-                base_rows=base_rows,
-            )
-        )
-    removed = [t.name for t in diff.with_status("removed")]
-    present_base = n_base_keys - len(removed)
-    if removed and present_base * 2 >= n_base_keys:
-        out.append(
-            finding(
-                "MISSING_TENSORS",
-                f"{len(removed)} base tensor(s) are absent from this full checkpoint: "
-                f"{_names(removed)}",
-                "the save dropped them (filtered state dict?); load them from the base or re-save",
-                tensors=removed,
-            )
-        )
-    drifted = [t for t in diff.with_status("modified") if not t.is_adapter]
-    if drifted:
-        detail = ", ".join(
-            f"{t.name} (max |Δ| {t.max_abs:.3g}, rel L2 {t.rel_l2:.2e})" for t in drifted[:5]
-        )
-        out.append(
-            finding(
-                "BASE_MODIFIED",
-                f"{len(drifted)} frozen base tensor(s) differ from the base: {detail}"
-                + (f" (+{len(drifted) - 5} more)" if len(drifted) > 5 else ""),
-                "the adapter alone will not reproduce this model: keep these tensors with the "
-                "adapter, or restore them from the base if the drift is unwanted",
-                tensors=[t.name for t in drifted],
-            )
-        )
-    changed = diff.recast  # with or without a change of values (BASE_MODIFIED says which)
-    if changed:
-        pairs = sorted({f"{t.base_dtype}->{t.dtype}" for t in changed})
-        out.append(
-            finding(
-                "DTYPE_CHANGED",
-                f"{len(changed)} tensor(s) changed dtype from the base ({', '.join(pairs)}): "
-                f"{_names([t.name for t in changed])}",
-                "a dtype change alone keeps the values (up to rounding); any that also changed "
-                "value are listed under BASE_MODIFIED; cast back if the bytes matter",
-                tensors=[t.name for t in changed],
-            )
-        )
-    return out

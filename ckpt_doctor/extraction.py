@@ -17,7 +17,8 @@ from typing import Any
 
 from ckpt_doctor import __version__
 from ckpt_doctor.atomic import check_destination, write_atomically
-from ckpt_doctor.checks import check_against_base, content_findings
+from ckpt_doctor.base_checks import check_against_base
+from ckpt_doctor.checks import content_findings
 from ckpt_doctor.diffing import Progress, diff_tensors
 from ckpt_doctor.errors import RefusedError, UsageError
 from ckpt_doctor.facts import AdapterConfig, ModelFacts, adapter_config, model_facts

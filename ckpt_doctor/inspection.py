@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ckpt_doctor import checks, keys
+from ckpt_doctor.base_checks import check_against_base
 from ckpt_doctor.containers import subscripts
 from ckpt_doctor.diffing import DiffReport, Progress, diff_tensors
 from ckpt_doctor.facts import AdapterConfig, ModelFacts, adapter_config, model_facts
@@ -181,7 +182,7 @@ def inspect_checkpoint(
     if base is not None and base_tensors is not None:
         diff = diff_tensors(tensors, base_tensors, progress=progress)
         n_base = sum(1 for n in base_tensors if keys.is_base_key(n)) or len(base_tensors)
-        findings += checks.check_against_base(diff, n_base_keys=n_base)
+        findings += check_against_base(diff, n_base_keys=n_base)
 
     adapter_names = adapter.keys if adapter else ()
     return InspectReport(

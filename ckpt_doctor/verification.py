@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ckpt_doctor.base_checks import check_against_base
 from ckpt_doctor.checks import (
-    check_against_base,
     check_empty,
     content_findings,
     model_key_names,
