@@ -26,7 +26,6 @@ so the script is known to work before GPU time is spent on it.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -208,11 +207,11 @@ def speed(shape: dict, dtype, device, peak: float) -> tuple[list[dict], list[dic
 
 
 def fused_unchecked() -> Any:
-    """The fused kernels as the model calls them: inputs checked once, not on every call
-    (correctness() has run them checked)."""
-    from ckpt_doctor.kernels import gated_attention
+    """The fused kernels as the model calls them (model.ATTENTION): inputs checked once, not
+    on every call (correctness() has run them checked)."""
+    from ckpt_doctor.model import ATTENTION
 
-    return functools.partial(gated_attention, check=False)
+    return ATTENTION["fused"]
 
 
 def splits_sweep(shape: dict, dtype, device, peak: float) -> list[dict]:
