@@ -1,12 +1,11 @@
-"""Checks of a checkpoint against its base (SPEC section 6): BASE_MISMATCH, VOCAB_MISMATCH,
-MISSING_TENSORS, BASE_MODIFIED, DTYPE_CHANGED. Pure functions of a diffing.DiffReport."""
+"""Checks of a checkpoint against its base: BASE_MISMATCH, VOCAB_MISMATCH, MISSING_TENSORS,
+BASE_MODIFIED, BASE_ROUNDED, DTYPE_CHANGED. Pure functions of a diffing.DiffReport."""
 
 from __future__ import annotations
 
 from ckpt_doctor import keys
-from ckpt_doctor.checks import short_list
 from ckpt_doctor.diffing import DiffReport, TensorDiff
-from ckpt_doctor.findings import Finding, finding
+from ckpt_doctor.findings import Finding, finding, short_list
 
 
 def _rows_only(t: TensorDiff) -> bool:
@@ -73,6 +72,28 @@ def check_against_base(diff: DiffReport, *, n_base_keys: int) -> list[Finding]:
                 "the adapter alone will not reproduce this model: keep these tensors with the "
                 "adapter, or restore them from the base if the drift is unwanted",
                 tensors=[t.name for t in drifted],
+            )
+        )
+    # Saved in a narrower dtype: the values are the base's rounded (equal once cast) but not
+    # the base's. A model saved in bf16 runs a rounded base, which an adapter alone does not.
+    rounded = [
+        t for t in diff.with_status("dtype_changed") if not t.is_adapter and (t.n_diff or 0) > 0
+    ]
+    if rounded:
+        worst = max(rounded, key=lambda t: t.max_abs or 0.0)
+        pairs = sorted({f"{t.base_dtype}->{t.dtype}" for t in rounded})
+        out.append(
+            finding(
+                "BASE_ROUNDED",
+                f"{len(rounded)} frozen base tensor(s) were saved as {', '.join(pairs)}, which "
+                f"rounds their values (largest change: {worst.name}, max |Δ| "
+                f"{worst.max_abs or 0:.3g}, rel L2 {worst.rel_l2 or 0:.2e}): "
+                f"{short_list([t.name for t in rounded])}",
+                "the checkpoint runs a rounded copy of the base: base + adapter differs from it "
+                "by that rounding alone; use the base in its own dtype, or round it the same way",
+                tensors=[t.name for t in rounded],
+                dtypes={t.name: t.dtype for t in rounded},
+                max_abs=worst.max_abs,
             )
         )
     changed = diff.recast  # with or without a change of values (BASE_MODIFIED says which)

@@ -14,6 +14,7 @@ import click
 import typer
 
 from ckpt_doctor import __version__
+from ckpt_doctor.adapters import checkpoint_family
 from ckpt_doctor.diffing import Progress, diff_tensors
 from ckpt_doctor.errors import CkptDoctorError, InternalError, UsageError
 from ckpt_doctor.inspection import inspect_checkpoint
@@ -178,8 +179,11 @@ def diff(
             open_checkpoint(path, trust_pickle=trust_pickle) as ckpt,
             open_checkpoint(base, trust_pickle=trust_pickle) as base_ckpt,
         ):
+            family = checkpoint_family(ckpt)
             with _progress("diff") as progress:
-                report = diff_tensors(ckpt.canonical(), base_ckpt.canonical(), progress=progress)
+                report = diff_tensors(
+                    ckpt.canonical(), base_ckpt.canonical(), family=family, progress=progress
+                )
             _emit(as_json, report, lambda r: render.render_diff(r, show_all=show_all))
             return report.exit_code
 
@@ -342,7 +346,10 @@ def smoke_generate(
     prompt: PromptOpt = None,
     template: Annotated[str, typer.Option(help="Prompt template: alpaca or none.")] = "alpaca",
     max_new_tokens: Annotated[int, typer.Option(help="Stop a prompt after this many.")] = 128,
-    gate: Annotated[str, typer.Option(help="Gate function: raw (upstream) or tanh.")] = "raw",
+    gate: Annotated[
+        str | None,
+        typer.Option(help="Gate function: raw or tanh (default: the adapter family's own)."),
+    ] = None,
     load_as: Annotated[
         str, typer.Option(help="strict, or upstream (load_state_dict(strict=False)).")
     ] = "strict",

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ckpt_doctor.adapters import checkpoint_family
 from ckpt_doctor.errors import CkptDoctorError
-from ckpt_doctor.families import is_adapter_key, require_runs_here
+from ckpt_doctor.families import peft, require_runs_here
 from ckpt_doctor.findings import CATALOGUE, Finding, exit_code_for, finding
 from ckpt_doctor.generate import GenerationConfig
 from ckpt_doctor.inspection import inspect_checkpoint
@@ -37,12 +38,15 @@ CAUSES: dict[str, str | None] = {
     "MISSING_TENSORS": None,
     # No adapter to extract or load: outranks how it would (not) load.
     "ADAPTER_MISSING": None,
-    "KEY_PREFIX": "ckpt-doctor repair {path} -o fixed.pth",
-    "LOAD_NOTHING": "ckpt-doctor extract {path} --base {base} -o adapter.pth",
-    "GATE_SHAPE": "ckpt-doctor repair {path} --base {base} -o fixed.pth",  # when repairable
+    "KEY_PREFIX": "ckpt-doctor repair {path} -o fixed{ext}",
+    # Its own loader raises (a flat file where it reads ['model']): extract writes its layout.
+    "LOAD_FAILS": "ckpt-doctor extract {path} --base {base} -o adapter{ext}",
+    "LOAD_NOTHING": "ckpt-doctor extract {path} --base {base} -o adapter{ext}",
+    "GATE_SHAPE": "ckpt-doctor repair {path} --base {base} -o fixed{ext}",  # when repairable
     "ADAPTER_SHAPE": None,
     "ADAPTER_INERT": None,
-    "BASE_MODIFIED": "ckpt-doctor repair {path} --base {base} --restore-base -o fixed.pth",
+    "BASE_MODIFIED": "ckpt-doctor repair {path} --base {base} --restore-base -o fixed{ext}",
+    "BASE_ROUNDED": None,
     # safetensors: its metadata records the bake, so nothing bakes the gates twice.
     "GATE_TANH_MISMATCH": "ckpt-doctor repair {path} --bake-tanh -o fixed.safetensors",
     "FP16_OVERFLOW": None,
@@ -116,7 +120,8 @@ def diagnose(
         # Same rule as smoke-generate: no tokenizer, no A/B run, so say so up front.
         tokenizer_path = resolve_tokenizer(base, tokenizer_path)
         report = inspect_checkpoint(ckpt, base=base)
-        require_runs_here(report.adapter and report.adapter.family, path, command="diagnose")
+        family = checkpoint_family(ckpt)
+        require_runs_here(family, path, command="diagnose")
         findings = list(report.findings)
         if report.adapter is None and not any(f.id == "ADAPTER_MISSING" for f in findings):
             findings.append(
@@ -136,21 +141,22 @@ def diagnose(
     ids = {f.id for f in findings if f.severity != "info"}
     cause = next((c for c in CAUSES if c in ids), None)
     cause_finding = next((f for f in findings if f.id == cause), None)
-    fix = fix_command(cause_finding, path, base_path) if cause_finding else None
+    ext = "" if family is peft.ADAPTION_PROMPT else ".pth"  # a PEFT adapter is a directory
+    fix = fix_command(cause_finding, path, base_path, ext=ext) if cause_finding else None
     verdict = _verdict(cause, findings, arms, ckpt)
     # A non-eos outcome of A or B exits 1 even without a finding (SPEC section 5).
     code = max(exit_code_for(findings), 0 if _healthy(arms) else 1)
     return Diagnosis(path, cause, verdict, fix, findings, arms, code)
 
 
-def fix_command(cause: Finding, path: Path, base: Path) -> str | None:
+def fix_command(cause: Finding, path: Path, base: Path, *, ext: str = ".pth") -> str | None:
     """The command that fixes the root-cause finding, shell-quoted so that it runs as printed
     (paths with spaces or brackets); None where no command can fix the file itself, as for a
     gate shape that broadcasting cannot mend (evidence repairable=False)."""
     template = CAUSES.get(cause.id)
     if template is None or cause.evidence.get("repairable") is False:
         return None
-    return template.format(path=shlex.quote(str(path)), base=shlex.quote(str(base)))
+    return template.format(path=shlex.quote(str(path)), base=shlex.quote(str(base)), ext=ext)
 
 
 def _healthy(arms: list[Arm]) -> bool:
@@ -215,8 +221,17 @@ def _with_arm_evidence(findings: list[Finding], arms: list[Arm]) -> list[Finding
 
 
 def _adapter_only(ckpt: Checkpoint) -> Checkpoint:
-    tensors = {k: h for k, h in ckpt.canonical().items() if is_adapter_key(k)}
-    return Checkpoint(ckpt.path, ckpt.format, tensors, args=ckpt.args, metadata=ckpt.metadata)
+    """What extraction keeps: the tensors the family trains, under their canonical names."""
+    family = checkpoint_family(ckpt)
+    tensors = {k: h for k, h in ckpt.canonical().items() if family and family.is_trained(k)}
+    return Checkpoint(
+        ckpt.path,
+        ckpt.format,
+        tensors,
+        args=ckpt.args,
+        metadata=ckpt.metadata,
+        adapter_json=ckpt.adapter_json,
+    )
 
 
 def _smoke_arms(

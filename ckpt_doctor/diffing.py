@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckpt_doctor import keys
-from ckpt_doctor.families import is_adapter_key
 from ckpt_doctor.handles import TensorHandle
+
+if TYPE_CHECKING:
+    from ckpt_doctor.families import Family
 from ckpt_doctor.numerics import compare
 
 STATUSES = ("added", "removed", "modified", "identical", "shape_changed", "dtype_changed")
@@ -66,6 +68,7 @@ class DiffReport:
     tensors: list[TensorDiff]
     compared_bytes: int
     notes: list[str] = field(default_factory=list)
+    family: str | None = None  # the adapter family whose tensors are called out
 
     def with_status(self, *statuses: str) -> list[TensorDiff]:
         return [t for t in self.tensors if t.status in statuses]
@@ -105,6 +108,7 @@ class DiffReport:
             "counts": self.counts,
             "per_layer": [{"layer": r.layer, "counts": r.counts} for r in self.per_layer()],
             "adapter": [t.name for t in self.adapter],
+            "family": self.family,
             "compared_bytes": self.compared_bytes,
             "notes": self.notes,
         }
@@ -114,9 +118,11 @@ def diff_tensors(
     tensors: Mapping[str, TensorHandle],
     base: Mapping[str, TensorHandle],
     *,
+    family: Family | None = None,
     progress: Progress | None = None,
 ) -> DiffReport:
-    """Classify every name in either mapping; values compared in bounded chunks."""
+    """Classify every name in either mapping; values compared in bounded chunks. ``family``
+    (the checkpoint's adapter family) says which tensors are the adapter."""
     names = list(tensors) + [n for n in base if n not in tensors]
     shared = [n for n in names if n in tensors and n in base]
     total = sum(base[n].nbytes + tensors[n].nbytes for n in shared)
@@ -129,7 +135,7 @@ def diff_tensors(
             "base_shape": tuple(b.shape) if b else None,
             "dtype": _dtype_name(a) if a else None,
             "base_dtype": _dtype_name(b) if b else None,
-            "is_adapter": is_adapter_key(name),
+            "is_adapter": family is not None and family.is_trained(name),
         }
         if b is None:
             out.append(TensorDiff(name, "added", **common))
@@ -155,7 +161,7 @@ def diff_tensors(
         done += a.nbytes + b.nbytes
     if progress:
         progress(total, total, "")
-    return DiffReport(out, total)
+    return DiffReport(out, total, family=family.name if family is not None else None)
 
 
 def _dtype_name(h: TensorHandle) -> str:

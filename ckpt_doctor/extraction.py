@@ -1,10 +1,12 @@
-"""``extract``: pull the adapter out of a training checkpoint, for any model size.
+"""``extract``: pull the adapter out of a training checkpoint, for any model size and family.
 
-Which tensors are the adapter comes from the family's key rules and, with a base, from the diff:
-tensors absent from the base, and changed tensors the family trains. Frozen tensors that drifted
-are left out and reported (BASE_MODIFIED). Layer range and config come from ``args`` or shapes,
-never constants. Output: a flat ``.pth`` with upstream names (what upstream example.py loads)
-or ``.safetensors`` with metadata; written atomically, never empty, never over an input.
+Which tensors are the adapter comes from the family's data: every tensor it trains (v1's prompt
+and gates; v2's biases, scales and norms too; PEFT's adaption tensors). With a base, the diff
+adds the findings: frozen tensors that drifted are left out and reported (BASE_MODIFIED), as
+are tensors absent from the base that the family does not train (CLIP's, say). Layer range and
+config come from ``args``, adapter_config.json or shapes, never constants. The output has the
+family's own names and layout (layouts.py); written atomically, never empty, never over an
+input.
 """
 
 from __future__ import annotations
@@ -15,33 +17,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckpt_doctor import __version__
-from ckpt_doctor.atomic import check_destination, write_atomically
+from ckpt_doctor import __version__, keys, layouts
+from ckpt_doctor.adapters import AdapterConfig, checkpoint_adapter, checkpoint_family
 from ckpt_doctor.base_checks import check_against_base
 from ckpt_doctor.checks import content_findings
 from ckpt_doctor.diffing import Progress, diff_tensors
 from ckpt_doctor.errors import RefusedError, UsageError
-from ckpt_doctor.facts import AdapterConfig, ModelFacts, adapter_config, model_facts
-from ckpt_doctor.families import detect_family, is_adapter_key, require_runs_here
+from ckpt_doctor.facts import ModelFacts, model_facts
+from ckpt_doctor.families import UNKNOWN, Family, peft, require_runs_here
 from ckpt_doctor.findings import Finding, exit_code_for
 from ckpt_doctor.handles import TensorHandle, from_torch
 from ckpt_doctor.reader import Checkpoint
 from ckpt_doctor.transforms import Transforms
 
-FORMATS = ("pth", "safetensors")
-# The gate function each family's upstream training applies (recorded for inference).
-TRAINING_GATE_FN = {"llama-adapter-v1": "tanh"}
+FORMATS = layouts.FORMATS
 # What --dtype may cast the adapter to: floats only (an integer cast truncates gates to 0).
 CAST_DTYPES = ("float32", "float16", "bfloat16")
 
 
-# Metadata flag: the gates hold tanh(g) already (repair --bake-tanh), so raw inference is right.
 @dataclass
 class Extraction:
     source: Path
     output: Path
     format: str
-    taken: dict[str, str]  # name -> why it was taken
+    taken: dict[str, str]  # name as written -> why it was taken
     left: list[str]
     adapter: AdapterConfig
     facts: ModelFacts
@@ -70,38 +69,25 @@ class Extraction:
 
 
 def output_format(out: Path, fmt: str | None) -> str:
-    if fmt is None:
-        fmt = "safetensors" if out.suffix == ".safetensors" else "pth"
-    if fmt not in FORMATS:
-        raise UsageError(f"unknown format {fmt!r}", hint="use --format pth or safetensors")
-    # torch.load on safetensors bytes (or safe_open on a pickle) fails: the name must not lie.
-    if (fmt == "safetensors") != (out.suffix == ".safetensors"):
-        raise UsageError(
-            f"--format {fmt} but the output is named {out.name}",
-            hint="name a safetensors file *.safetensors and a pth file anything else",
-        )
-    return fmt
+    """The format of a flat adapter file named ``out`` (repair's output, v1 layout)."""
+    return layouts.destination(out, None, fmt).format
 
 
 def select_adapter(
-    ckpt: Checkpoint, *, base: Checkpoint | None = None, progress: Progress | None = None
+    ckpt: Checkpoint,
+    *,
+    family: Family | None,
+    base: Checkpoint | None = None,
+    progress: Progress | None = None,
 ) -> tuple[dict[str, str], list[str], list[Finding]]:
-    """(taken name -> reason, names left behind, findings about the base)."""
+    """(canonical name -> why taken, names left behind, findings about the base)."""
     tensors = ckpt.canonical()
-    family = detect_family(tensors)
-    # Its own library loads it by its own names (PEFT also wants adapter_config.json): a
-    # renamed flat copy would load nowhere.
-    require_runs_here(family, ckpt.path, command="extract")
-    taken = {n: f"{family.name} key" for n in family.adapter_keys(tensors)} if family else {}
+    why = f"trained by {family.name}" if family is not None else ""
+    taken = {n: why for n in family.trained_keys(tensors)} if family is not None else {}
     findings: list[Finding] = []
     if base is not None:
         base_tensors = base.canonical()
-        diff = diff_tensors(tensors, base_tensors, progress=progress)
-        for t in diff.tensors:
-            if t.status == "added" and t.name not in taken:
-                taken[t.name] = "absent from the base"
-            elif t.status == "modified" and is_adapter_key(t.name) and t.name not in taken:
-                taken[t.name] = "changed, trained by the family"
+        diff = diff_tensors(tensors, base_tensors, family=family, progress=progress)
         findings = check_against_base(diff, n_base_keys=len(base_tensors))
     left = [n for n in tensors if n not in taken]
     return taken, left, findings
@@ -130,6 +116,7 @@ def adapter_metadata(
     """The safetensors metadata of an adapter file (one definition: extract and repair write
     it). ``tensors`` are the torch tensors written; their digest is what verify checks."""
     family = adapter.family.name if adapter is not None else ""
+    gate = adapter.family.gate if adapter is not None else None
     transforms = transforms or Transforms()
     metadata = {
         "format": "pt",
@@ -139,8 +126,9 @@ def adapter_metadata(
         "n_layers": str(facts.n_layers or ""),
         "dim": str(facts.dim or ""),
         "n_heads": str(facts.n_heads or ""),
-        # Baked gates already hold tanh(g): raw inference then reproduces tanh training.
-        "gate_fn": "raw" if transforms.baked else TRAINING_GATE_FN.get(family, "raw"),
+        # The gate function training applied (baked gates already hold tanh(g): raw
+        # inference then reproduces tanh training).
+        "gate_fn": "raw" if transforms.baked or gate is None else gate.trained,
         "source": source,
         "sha256": tensor_digest(tensors),
         "tool": f"ckpt-doctor {__version__}",
@@ -158,49 +146,77 @@ def extract(
     force: bool = False,
     progress: Progress | None = None,
 ) -> Extraction:
-    fmt = output_format(out, fmt)
-    sources = [*ckpt.files, *(base.files if base else [])]
-    check_destination(out, force=force, sources=sources)
+    family = checkpoint_family(ckpt)
+    if family is UNKNOWN:  # which tensors are the adapter is exactly what is unknown
+        require_runs_here(family, ckpt.path, command="extract")
+    dest = layouts.destination(out, family, fmt)
+    layouts.check(dest, force=force, sources=[*ckpt.files, *(base.files if base else [])])
     if dtype is not None and dtype not in CAST_DTYPES:
         raise UsageError(
             f"--dtype {dtype!r} cannot hold an adapter",
             hint=f"use one of {', '.join(CAST_DTYPES)}, or leave --dtype out to keep dtypes",
         )
-    taken, left, findings = select_adapter(ckpt, base=base, progress=progress)
+    taken, left, findings = select_adapter(ckpt, family=family, base=base, progress=progress)
     tensors = ckpt.canonical()
-    adapter = adapter_config(tensors, args=ckpt.args, metadata=ckpt.metadata)
+    adapter = checkpoint_adapter(ckpt, family=family)
     if not taken or adapter is None:
         raise RefusedError(
-            f"{ckpt.path}: no adapter tensors to extract ({len(tensors)} tensors, none an "
-            "adapter key" + (" or absent from the base)" if base else ")"),
+            f"{ckpt.path}: no adapter tensors to extract ({len(tensors)} tensors, none trained "
+            "by a known adapter family)",
             code="ADAPTER_MISSING",
             hint="check this is the fine-tuned checkpoint; nothing was written",
         )
     base_facts = model_facts(base.canonical(), params=base.params) if base else None
     facts = model_facts(tensors, params=ckpt.params, fallback=base_facts)
-    out_tensors = {name: _materialise(tensors[name], dtype) for name in sorted(taken)}
+    own = own_names(ckpt, family)
+    out_tensors = {own[n]: _materialise(tensors[n], dtype) for n in sorted(taken)}
     # The checks inspect runs, on the values as written (after any cast): a NaN or inert
     # adapter is extracted as asked, but never reported as a clean extraction.
-    written = {name: from_torch(name, t) for name, t in out_tensors.items()}
+    written = {n: from_torch(n, out_tensors[own[n]]) for n in sorted(taken)}
     findings += content_findings(written, facts, adapter)
     metadata = adapter_metadata(
         out_tensors, adapter=adapter, facts=facts, source=ckpt.path.name,
         transforms=Transforms(cast=dtype),
     )  # fmt: skip
-    write_atomically(out, lambda tmp: _save(out_tensors, tmp, fmt, metadata))
+    config = peft_config(ckpt, adapter) if family is peft.ADAPTION_PROMPT else None
+    layouts.write(dest, family, out_tensors, metadata=metadata, peft_config=config)
     return Extraction(
         ckpt.path,
-        out,
-        fmt,
-        {n: taken[n] for n in sorted(taken)},
+        dest.path,
+        dest.format,
+        {own[n]: taken[n] for n in sorted(taken)},
         left,
         adapter,
         facts,
         metadata,
         input_bytes=sum(f.stat().st_size for f in ckpt.files),
-        output_bytes=out.stat().st_size,
+        output_bytes=sum(f.stat().st_size for f in dest.files),
         findings=findings,
     )
+
+
+def own_names(ckpt: Checkpoint, family: Family | None) -> dict[str, str]:
+    """Canonical name -> the name the family's own code expects (layouts.own_name)."""
+    return {(c := keys.canonical_name(n)): layouts.own_name(family, c, n) for n in ckpt.tensors}
+
+
+def peft_config(ckpt: Checkpoint, adapter: AdapterConfig) -> dict[str, object]:
+    """adapter_config.json for an extracted PEFT adaption prompt: the source's own config
+    where there is one (a Trainer checkpoint dir, an adapter dir), with the counts the tensors
+    have; PEFT builds its modules from this file."""
+    found = getattr(ckpt, "adapter_json", None) or {}
+    config: dict[str, object] = {
+        "peft_type": peft.PEFT_TYPE,
+        "task_type": "CAUSAL_LM",
+        "target_modules": "self_attn",
+        "inference_mode": True,
+        "base_model_name_or_path": None,
+        "revision": None,
+        **{k: v for k, v in found.items() if k not in ("adapter_len", "adapter_layers")},
+    }
+    config["adapter_len"] = adapter.adapter_len
+    config["adapter_layers"] = adapter.adapter_layer
+    return config
 
 
 def _materialise(handle: TensorHandle, dtype: str | None) -> Any:
@@ -224,14 +240,3 @@ def _materialise(handle: TensorHandle, dtype: str | None) -> Any:
             )
         t = cast
     return t.contiguous()
-
-
-def _save(tensors: dict[str, Any], path: Path, fmt: str, metadata: dict[str, str]) -> None:
-    import torch
-
-    if fmt == "safetensors":
-        from safetensors.torch import save_file
-
-        save_file(tensors, str(path), metadata=metadata)
-    else:
-        torch.save(tensors, path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -17,6 +18,9 @@ CATALOGUE: dict[str, Severity] = {
     "EMPTY": "error",
     "CONTAINER_NESTED": "info",
     "LOAD_NOTHING": "warning",
+    # The family's own loader raises on the file (a flat file where it indexes ['model'], a
+    # name it refuses): upstream cannot load it at all.
+    "LOAD_FAILS": "error",
     "KEY_PREFIX": "warning",
     "NONFINITE": "error",
     "FP16_OVERFLOW": "warning",
@@ -24,6 +28,8 @@ CATALOGUE: dict[str, Severity] = {
     "ADAPTER_INERT": "error",
     "ADAPTER_SHAPE": "error",
     "ADAPTER_CONFIG": "warning",
+    # Tensors that neither a base model nor any known adapter family explains.
+    "ADAPTER_UNKNOWN": "warning",
     "GATE_SHAPE": "error",
     "GATE_TANH_MISMATCH": "warning",
     "BASE_MISMATCH": "error",
@@ -31,6 +37,8 @@ CATALOGUE: dict[str, Severity] = {
     "MISSING_TENSORS": "error",
     "VOCAB_MISMATCH": "error",
     "DTYPE_CHANGED": "info",
+    # Base tensors saved in a narrower dtype whose rounding changed their values.
+    "BASE_ROUNDED": "warning",
     "OPTIMIZER_STATE": "info",
     "UNEXPECTED_KEYS": "warning",
     # verify's own failures (not in SPEC section 6): the evidence of a failed check.
@@ -62,6 +70,12 @@ class Finding:
             "hint": self.hint,
             "evidence": self.evidence,
         }
+
+
+def short_list(items: Sequence[str], limit: int = 5) -> str:
+    """The first ``limit`` names, and how many more: what a finding message shows."""
+    shown = ", ".join(items[:limit])
+    return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
 def finding(

@@ -9,13 +9,15 @@ from typing import Any
 
 import numpy as np
 
-from ckpt_doctor import checks, keys
+from ckpt_doctor import adapter_checks, checks, keys
+from ckpt_doctor.adapters import AdapterConfig, checkpoint_adapter, checkpoint_family
 from ckpt_doctor.base_checks import check_against_base
 from ckpt_doctor.containers import subscripts
 from ckpt_doctor.diffing import DiffReport, Progress, diff_tensors
-from ckpt_doctor.facts import AdapterConfig, ModelFacts, adapter_config, model_facts
-from ckpt_doctor.families import is_adapter_key
+from ckpt_doctor.facts import ModelFacts, model_facts
+from ckpt_doctor.families import Family
 from ckpt_doctor.findings import SEVERITY_RANK, Finding, exit_code_for
+from ckpt_doctor.load_checks import load_findings
 from ckpt_doctor.numerics import ValueScan, scan_values
 from ckpt_doctor.reader import Checkpoint, Entry
 from ckpt_doctor.transforms import tanh_baked
@@ -61,7 +63,7 @@ class InspectReport:
     gates: list[GateRow]
     entries: dict[str, Entry]
     args: dict[str, Any] | None
-    prefix: str | None
+    prefix: str | None  # wrapper segments / another family's prefix on the names ("module.")
     findings: list[Finding]
     scanned_tensors: int
     scanned_bytes: int
@@ -145,42 +147,35 @@ def inspect_checkpoint(
         if base is not None and base_tensors is not None
         else own_facts
     )
-    adapter = adapter_config(tensors, args=ckpt.args, metadata=ckpt.metadata)
+    family = checkpoint_family(ckpt)
+    adapter = checkpoint_adapter(ckpt, family=family)
     adapted = adapter.adapted_layers(facts.n_layers) if adapter else []
     gate_values = {
         i: tensors[k].values() for i, k in (adapter.gate_layers if adapter else {}).items()
     }
-    model_names = checks.model_key_names(facts, adapter)
 
-    to_scan = [
-        n
-        for n, h in tensors.items()
-        if h.is_float and (deep or ckpt.total_bytes <= FULL_SCAN_BYTES or is_adapter_key(n))
-    ]
+    def scanned(name: str) -> bool:
+        small = deep or ckpt.total_bytes <= FULL_SCAN_BYTES
+        return small or (family is not None and family.is_trained(name))
+
+    to_scan = [n for n, h in tensors.items() if h.is_float and scanned(n)]
     scans: dict[str, ValueScan] = {n: scan_values(tensors[n]) for n in to_scan}
 
     findings: list[Finding] = []
     findings += checks.check_empty(ckpt)
-    if adapter is None or adapter.family.runs_here:
-        findings += checks.upstream_load_findings(ckpt, model_names)
-    else:  # loaded by its own library (PEFT, litgpt), not upstream's load_state_dict
-        findings += checks.check_container(ckpt)
+    findings += load_findings(ckpt, family=family, facts=facts, adapter=adapter)
     findings += checks.check_values(scans)
-    findings += checks.check_adapter(
-        tensors, adapter, facts, expected=checks.adapter_expected(ckpt)
+    findings += adapter_checks.check_adapter(
+        tensors, adapter, facts, expected=adapter_checks.adapter_expected(ckpt.args)
     )
     # Baked gates (repair --bake-tanh) hold tanh(g): raw inference is what training did.
-    findings += checks.check_gates(
-        gate_values,
-        facts,
-        adapted,
-        family=adapter.family if adapter else None,
-        tanh_baked=tanh_baked(ckpt.metadata),
+    findings += adapter_checks.check_gates(
+        gate_values, facts, adapted, family=family, tanh_baked=tanh_baked(ckpt.metadata)
     )
     findings += checks.check_optimizer(ckpt)
     diff = None
     if base is not None and base_tensors is not None:
-        diff = diff_tensors(tensors, base_tensors, progress=progress)
+        diff = diff_tensors(tensors, base_tensors, family=family, progress=progress)
         n_base = sum(1 for n in base_tensors if keys.is_base_key(n)) or len(base_tensors)
         findings += check_against_base(diff, n_base_keys=n_base)
 
@@ -201,7 +196,7 @@ def inspect_checkpoint(
         gates=_gate_rows(gate_values, adapted),
         entries=ckpt.entries,
         args=ckpt.args,
-        prefix=ckpt.prefix.prefix if ckpt.prefix else None,
+        prefix=_foreign_prefix(ckpt, family),
         findings=sorted(findings, key=lambda f: -SEVERITY_RANK[f.severity]),
         scanned_tensors=len(scans),
         scanned_bytes=sum(tensors[n].nbytes for n in scans),
@@ -209,6 +204,12 @@ def inspect_checkpoint(
         diff=diff,
         notes=list(ckpt.notes),
     )
+
+
+def _foreign_prefix(ckpt: Checkpoint, family: Family | None) -> str | None:
+    rewrite = ckpt.prefix
+    own = family.loader.own_prefix if family is not None else ""
+    return " + ".join(rewrite.foreign(own)) or None if rewrite is not None else None
 
 
 def _dtype_rows(ckpt: Checkpoint) -> list[DtypeRow]:

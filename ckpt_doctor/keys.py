@@ -1,7 +1,8 @@
-"""Key-name facts, kept as data: Meta base names, adapter names, prefixes, nesting keys.
+"""Key-name facts, kept as data: Meta base names, wrapper segments, namespace prefixes, renames.
 
-Every other module asks this one which keys are adapter keys, how prefixes are stripped and
-which container keys hold a state dict, so each fact has exactly one definition.
+Every other module asks this one how a saved name becomes the name the analysis uses (the
+*canonical* name), which prefixes were on the way, and which keys are base keys, so each fact
+has exactly one definition. Which keys an adapter family trains lives in families/.
 """
 
 from __future__ import annotations
@@ -10,8 +11,22 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-# Prefixes seen in the wild, in the order they are stripped (they can stack: module._orig_mod.).
-KNOWN_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.", "base_model.model.", "llama.")
+# Segments that training wrappers insert into parameter names and that are never part of a
+# model's own names: DDP's leading "module.", torch.compile's "_orig_mod." (on the model or a
+# submodule), FSDP's and activation checkpointing's wrappers (anywhere, per layer too), and
+# fairscale's flatten-params wrapper.
+WRAPPER_SEGMENTS: tuple[str, ...] = (
+    "_orig_mod",
+    "_fsdp_wrapped_module",
+    "_checkpoint_wrapped_module",
+    "_fpw_module",
+)
+LEADING_WRAPPER = "module"  # DDP / DataParallel: only as leading segments (module.module. ...)
+
+# Prefixes that a family's own model puts in front of LLaMA's names: PEFT's wrapper and
+# LLaMA-Adapter v2 multimodal's ``self.llama``. On another family's file they stop names
+# matching (KEY_PREFIX); on their own family's file they are its naming.
+NAMESPACE_PREFIXES: tuple[str, ...] = ("base_model.model.", "llama.")
 
 # Container keys under which training scripts nest the state dict, most common first.
 NESTING_KEYS: tuple[str, ...] = ("model", "state_dict", "module", "model_state_dict")
@@ -61,7 +76,20 @@ HF_TO_META: tuple[tuple[str, str], ...] = (
         r"^model\.layers\.(\d+)\.post_attention_layernorm\.weight$",
         r"layers.\1.ffn_norm.weight",
     ),
+    # PEFT's adaption prompt lives on the attention module it wraps.
+    (
+        r"^model\.layers\.(\d+)\.self_attn\.adaption_(prompt|gate)$",
+        r"layers.\1.attention.adaption_\2",
+    ),
 )
+# Renames inside other namespaces, applied before HF_TO_META: PEFT's adaption prompt wraps each
+# LLaMA attention module as ``self_attn.model``; litgpt's adapter_v2 moves every frozen linear
+# weight to ``<linear>.linear.weight`` (its adapter_bias/adapter_scale sit beside it).
+WRAPPED_RENAMES: tuple[tuple[str, str], ...] = (
+    (r"^(model\.layers\.\d+\.self_attn)\.model\.", r"\1."),
+    (r"^((?:transformer\.h\.\d+\.\w+\.\w+)|lm_head)\.linear\.(weight|bias)$", r"\1.\2"),
+)
+_WRAPPED_COMPILED = tuple((re.compile(p), r) for p, r in WRAPPED_RENAMES)
 _HF_COMPILED = tuple((re.compile(p), r) for p, r in HF_TO_META)
 
 
@@ -117,37 +145,82 @@ def hf_to_meta(name: str) -> str | None:
     return None
 
 
+def unwrap(name: str) -> str:
+    """``name`` without wrapper segments (module., _orig_mod., _fsdp_wrapped_module., ...)."""
+    parts = name.split(".")
+    lead = 0
+    while lead < len(parts) - 1 and parts[lead] in (LEADING_WRAPPER, *WRAPPER_SEGMENTS):
+        lead += 1
+    kept = [p for p in parts[lead:-1] if p not in WRAPPER_SEGMENTS]
+    return ".".join([*kept, parts[-1]])
+
+
+def namespace_prefix(name: str) -> str:
+    """The namespace prefix an unwrapped name carries ("" when none)."""
+    return next((p for p in NAMESPACE_PREFIXES if name.startswith(p)), "")
+
+
+def model_name(name: str) -> str:
+    """The name in its own model's scheme (HF, Meta, litgpt...): wrappers and a namespace
+    prefix removed, wrapped modules renamed back; no mapping between schemes yet."""
+    name = unwrap(name)
+    name = name.removeprefix(namespace_prefix(name))
+    for pattern, repl in _WRAPPED_COMPILED:
+        name = pattern.sub(repl, name)
+    return name
+
+
+def canonical_name(name: str) -> str:
+    """The name the analysis uses: model_name, with HF LLaMA names mapped to Meta's. Names of
+    other models (litgpt) stay in their own scheme."""
+    name = model_name(name)
+    return hf_to_meta(name) or name
+
+
 @dataclass(frozen=True)
 class PrefixRewrite:
-    """Stripping `prefix` from the keys that carry it; overlap is measured after the rewrite."""
+    """What the saved names carry on top of canonical ones: wrapper segments and a namespace
+    prefix, each with how many keys carry it."""
 
-    prefix: str
-    keys_with_prefix: int
+    wrappers: dict[str, int]  # "module." / "_fsdp_wrapped_module." ... -> keys carrying it
+    namespace: dict[str, int]  # "llama." / "base_model.model." -> keys carrying it
     total_keys: int
+
+    def foreign(self, own_prefix: str = "") -> list[str]:
+        """What stops a family whose names start with ``own_prefix`` matching these keys."""
+        return [*self.wrappers, *(p for p in self.namespace if p != own_prefix)]
+
+    def keys_with(self, prefixes: Iterable[str]) -> int:
+        counts = {**self.wrappers, **self.namespace}
+        return max((counts[p] for p in prefixes if p in counts), default=0)
 
 
 def detect_prefix(names: Iterable[str]) -> PrefixRewrite | None:
-    """The known prefix (possibly stacked) carried by most keys, or None."""
+    """Wrapper segments and namespace prefixes found on any name (in the order they appear in
+    the names), or None."""
     names = list(names)
-    if not names:
+    wrappers: dict[str, int] = {}
+    namespace: dict[str, int] = {}
+    for n in names:
+        parts = n.split(".")[:-1]
+        lead = 0
+        while lead < len(parts) and parts[lead] == LEADING_WRAPPER:
+            lead += 1
+        seen = [LEADING_WRAPPER] if lead else []
+        seen += [p for p in dict.fromkeys(parts) if p in WRAPPER_SEGMENTS]
+        for segment in seen:
+            wrappers[segment + "."] = wrappers.get(segment + ".", 0) + 1
+        prefix = namespace_prefix(unwrap(n))
+        if prefix:
+            namespace[prefix] = namespace.get(prefix, 0) + 1
+    if not wrappers and not namespace:
         return None
-    stripped_total = ""
-    current = names
-    while True:
-        for p in KNOWN_PREFIXES:
-            with_p = [n for n in current if n.startswith(p)]
-            # Majority rule: a prefix on a few stray keys is not the naming scheme.
-            if len(with_p) * 2 > len(current):
-                stripped_total += p
-                current = [n[len(p) :] if n.startswith(p) else n for n in current]
-                break
-        else:
-            break
-    if not stripped_total:
-        return None
-    count = sum(1 for n in names if n.startswith(stripped_total))
-    return PrefixRewrite(stripped_total, count, len(names))
+    return PrefixRewrite(wrappers, namespace, len(names))
 
 
-def strip_prefix(name: str, prefix: str) -> str:
-    return name[len(prefix) :] if prefix and name.startswith(prefix) else name
+def own_name(name: str, own_prefix: str = "") -> str:
+    """The name a family's own code expects for a saved name: wrappers removed, and a namespace
+    prefix other than the family's own removed."""
+    name = unwrap(name)
+    prefix = namespace_prefix(name)
+    return name if prefix == own_prefix else name.removeprefix(prefix)

@@ -1,17 +1,20 @@
-"""Reference LLaMA with LLaMA-Adapter v1, in one readable file (SPEC section 3).
+"""Reference LLaMA with LLaMA-Adapter (v1, v2 chat, and PEFT's adaption prompt, which is v1's
+math with one raw gate per layer), in one readable file.
 
 Per adapted layer (the last ``adapter_layer`` of ``n_layers``), with x the normed input:
 
-    Q = RoPE(x Wq)   K = RoPE(x Wk)   V = x Wv
-    Ka = P Wk        Va = P Wv                        (frozen wk/wv; no RoPE on the prompt)
+    Q = RoPE(L_q(x))   K = RoPE(L_k(x))   V = L_v(x)
+    Ka = L_k(P)        Va = L_v(P)                    (frozen projections; no RoPE on the prompt)
     O = softmax_fp32(Q K^T / sqrt(hd) + causal) V + G * softmax_fp32(Q Ka^T / sqrt(hd)) Va
-    out = O Wo
+    out = L_o(O)
 
-The two softmaxes are independent: the adapter adds attention mass, it does not steal it. G is
-per head; ``gate_fn`` picks G = gate (upstream inference) or G = tanh(gate) (upstream training).
-With every gate 0 the output is exactly the base model's. Parameter names equal upstream's, so
-``load_state_dict`` behaves as it does for upstream example.py. The attention itself is
-kernels/reference.py (PyTorch) or, with set_attention("fused"), the Triton kernels beside it.
+where every linear is L(x) = W x, or, with LLaMA-Adapter v2's bias-scale tuning, W (x * scale)
++ bias. The two softmaxes are independent: the adapter adds attention mass, it does not steal
+it. G is per head; ``gate_fn`` picks G = gate or G = tanh(gate) (the family decides; v1 lets the
+user pick, see families/). With every gate 0 (and biases 0, scales 1) the output is exactly the
+base model's. Parameter names equal upstream's, so ``load_state_dict`` behaves as it does for
+upstream's own scripts. The attention itself is kernels/reference.py (PyTorch) or, with
+set_attention("fused"), the Triton kernels beside it.
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ class ModelArgs:
     max_seq_len: int = 512
     adapter_len: int = 0
     adapter_layer: int = 0
+    # LLaMA-Adapter v2 chat: every linear gets a learned bias and / or an input scale.
+    bias: bool = False
+    scale: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -75,7 +81,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()  # normalise in fp32, as upstream does
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        # A trained norm kept in fp32 (v2) scales in fp32 and comes back in x's dtype.
+        return (xf.type_as(x) * self.weight).type_as(x)
 
 
 def rope_table(head_dim: int, length: int, theta: float) -> torch.Tensor:
@@ -152,6 +159,27 @@ def lay_out(linears: list[Linear], *, column_major: bool) -> torch.Tensor | None
     return None
 
 
+def tuned(
+    module: nn.Module, names: tuple[str, ...], sizes: tuple[int, ...], args: ModelArgs
+) -> None:
+    """LLaMA-Adapter v2's per-linear ``<name>_bias`` [out] (zero-init) and ``<name>_scale`` [in]
+    (one-init), registered as upstream names them; None when the model has none."""
+    for name, (size_in, size_out) in zip(
+        names, zip(sizes[::2], sizes[1::2], strict=True), strict=True
+    ):
+        bias = nn.Parameter(torch.zeros(size_out)) if args.bias else None
+        scale = nn.Parameter(torch.ones(size_in)) if args.scale else None
+        module.register_parameter(f"{name}_bias", bias)
+        module.register_parameter(f"{name}_scale", scale)
+
+
+def project(module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """One linear of a block: W x, or W (x * scale) + bias where the model tunes them."""
+    scale, bias = getattr(module, f"{name}_scale"), getattr(module, f"{name}_bias")
+    out = getattr(module, name)(x if scale is None else x * scale)
+    return out if bias is None else out + bias
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -160,13 +188,16 @@ class Attention(nn.Module):
         self.wk = Linear(args.dim, args.dim)
         self.wv = Linear(args.dim, args.dim)
         self.wo = Linear(args.dim, args.dim)
+        tuned(self, ("wq", "wk", "wv", "wo"), (args.dim,) * 8, args)
         # Upstream gives every layer a gate (zero-init); only adapted layers use theirs.
         self.gate = nn.Parameter(torch.zeros(1, args.n_heads, 1, 1))
         self.wqkv: torch.Tensor | None = None  # [dim, 3*dim] when laid out column-major
         self.attend = gated_attention_reference  # or the fused kernels: set_attention()
 
     def lay_out(self, *, column_major: bool) -> None:
-        self.wqkv = lay_out([self.wq, self.wk, self.wv], column_major=column_major)
+        # Input scales differ per projection: only unscaled q/k/v share one GEMM.
+        fuse = column_major and self.wq_scale is None
+        self.wqkv = lay_out([self.wq, self.wk, self.wv], column_major=fuse)
         lay_out([self.wo], column_major=column_major)
 
     def forward(
@@ -182,8 +213,10 @@ class Attention(nn.Module):
         b, t, dim = x.shape
         if self.wqkv is not None:  # one GEMM over the fused column-major buffer
             q, k, v = (x @ self.wqkv).split(dim, dim=-1)
+            if self.wq_bias is not None:
+                q, k, v = q + self.wq_bias, k + self.wk_bias, v + self.wv_bias
         else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+            q, k, v = (project(self, w, x) for w in ("wq", "wk", "wv"))
         q = apply_rope(q.view(b, t, self.n_heads, self.head_dim), rope)
         k = apply_rope(k.view(b, t, self.n_heads, self.head_dim), rope)
         v = v.view(b, t, self.n_heads, self.head_dim)
@@ -197,33 +230,39 @@ class Attention(nn.Module):
         if adapter is not None:
             extra = {"adapter_k": adapter.k, "adapter_v": adapter.v, "gate": adapter.gate}
         out = self.attend(q.transpose(1, 2), cache_k[:b], cache_v[:b], start=start, **extra)
-        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+        return project(self, "wo", out.transpose(1, 2).reshape(b, t, -1))
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, args: ModelArgs) -> None:
         super().__init__()
+        dim, hidden = args.dim, args.ffn_hidden
         self.w1 = Linear(dim, hidden)
         self.w2 = Linear(hidden, dim)
         self.w3 = Linear(dim, hidden)
+        tuned(self, ("w1", "w2", "w3"), (dim, hidden, hidden, dim, dim, hidden), args)
         self.w13: torch.Tensor | None = None  # [dim, 2*hidden] when laid out column-major
 
     def lay_out(self, *, column_major: bool) -> None:
-        self.w13 = lay_out([self.w1, self.w3], column_major=column_major)
+        fuse = column_major and self.w1_scale is None
+        self.w13 = lay_out([self.w1, self.w3], column_major=fuse)
         lay_out([self.w2], column_major=column_major)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13 is not None:  # one GEMM over the fused column-major buffer
             gate, up = (x @ self.w13).chunk(2, dim=-1)
-            return self.w2(F.silu(gate) * up)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+            if self.w1_bias is not None:
+                gate, up = gate + self.w1_bias, up + self.w3_bias
+        else:
+            gate, up = project(self, "w1", x), project(self, "w3", x)
+        return project(self, "w2", F.silu(gate) * up)
 
 
 class Block(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.attention = Attention(args)
-        self.feed_forward = FeedForward(args.dim, args.ffn_hidden)
+        self.feed_forward = FeedForward(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
@@ -252,13 +291,15 @@ class Transformer(nn.Module):
         self.rope: torch.Tensor | None = None
         self.adapter_kv: dict[int, AdapterKV] = {}
 
-    def prepare(self, *, gate_fn: str = "raw") -> None:
-        """After weights are in place: the RoPE table and the adapter's K/V, once per load."""
+    def prepare(self, *, gate_fn: str = "raw", rounded: torch.dtype | None = None) -> None:
+        """After weights are in place: the RoPE table and the adapter's K/V, once per load. The
+        adapter enters here: ``gate_fn`` is its gate function, ``rounded`` a dtype its prompt
+        and gate pass through first (LLaMA-Adapter v2 calls .half() on both)."""
         a = self.args
         device = self.tok_embeddings.weight.device
         self.rope = rope_table(a.head_dim, a.max_seq_len * 2, a.rope_theta).to(device)
         with torch.no_grad():
-            self.adapter_kv = self.compute_adapter_kv(gate_fn=gate_fn)
+            self.adapter_kv = self.compute_adapter_kv(gate_fn=gate_fn, rounded=rounded)
 
     def set_attention(self, impl: str) -> None:
         """``reference`` (PyTorch, kernels/reference.py) or ``fused`` (the Triton kernels; the
@@ -287,8 +328,11 @@ class Transformer(nn.Module):
             layer.feed_forward.lay_out(column_major=column_major)
         lay_out([self.output], column_major=column_major)
 
-    def compute_adapter_kv(self, *, gate_fn: str) -> dict[int, AdapterKV]:
-        """Prompt K/V and gates of every adapted layer (differentiable: training calls it)."""
+    def compute_adapter_kv(
+        self, *, gate_fn: str, rounded: torch.dtype | None = None
+    ) -> dict[int, AdapterKV]:
+        """Prompt K/V (through the layer's own key / value projections, bias and scale
+        included) and gates of every adapted layer (differentiable: training calls it)."""
         a = self.args
         if not a.adapter_layer or not a.adapter_len:
             return {}
@@ -296,10 +340,13 @@ class Transformer(nn.Module):
         out = {}
         for j, i in enumerate(a.adapted_layers):
             attn = self.layers[i].attention
-            p = prompts[j].to(attn.wk.weight.dtype)
-            k = attn.wk(p).view(a.adapter_len, a.n_heads, a.head_dim).transpose(0, 1)
-            v = attn.wv(p).view(a.adapter_len, a.n_heads, a.head_dim).transpose(0, 1)
+            p = prompts[j] if rounded is None else prompts[j].to(rounded)
+            p = p.to(attn.wk.weight.dtype)
+            k = project(attn, "wk", p).view(a.adapter_len, a.n_heads, a.head_dim).transpose(0, 1)
+            v = project(attn, "wv", p).view(a.adapter_len, a.n_heads, a.head_dim).transpose(0, 1)
             gate = per_head_gate(attn.gate, a.n_heads, gate_fn=gate_fn)
+            if rounded is not None:
+                gate = gate.to(rounded).float()
             out[i] = AdapterKV(k.contiguous(), v.contiguous(), gate)
         return out
 

@@ -54,6 +54,8 @@ class Checkpoint:
     pickle_globals: list[str] = field(default_factory=list)
     tokenizer_path: Path | None = None
     notes: list[str] = field(default_factory=list)
+    # A PEFT adapter's adapter_config.json (in its directory, or beside the weights file).
+    adapter_json: dict[str, Any] | None = None
 
     @property
     def container_subscripts(self) -> str:
@@ -62,20 +64,30 @@ class Checkpoint:
 
     @property
     def prefix(self) -> keys.PrefixRewrite | None:
+        """Wrapper segments and namespace prefixes on the saved names (None: none)."""
         return keys.detect_prefix(self.tensors)
 
     def canonical(self) -> dict[str, TensorHandle]:
-        """Tensors under the names and in the layout the model uses: known prefixes stripped,
-        HF names mapped, HF's rotary row order of q/k undone."""
-        rewrite = self.prefix
+        """Tensors under the names and in the layout the analysis uses (keys.canonical_name):
+        wrapper segments and namespace prefixes removed, HF names mapped, HF's rotary row order
+        of q/k undone. Two saved names that end up the same name are refused."""
         out: dict[str, TensorHandle] = {}
+        saved: dict[str, str] = {}
         for name, handle in self.tensors.items():
-            name = keys.strip_prefix(name, rewrite.prefix) if rewrite else name
-            rotary = keys.hf_rotary(name)
+            canon = keys.canonical_name(name)
+            if canon in saved:
+                raise UnreadableError(
+                    f"{self.path}: tensors {saved[canon]!r} and {name!r} are both {canon!r} once "
+                    "wrappers and prefixes are removed; ckpt-doctor cannot tell which one the "
+                    "model uses",
+                    hint="save the model's own state dict once (unwrap DDP / FSDP / compile)",
+                )
+            saved[canon] = name
+            rotary = keys.hf_rotary(keys.model_name(name))
             if rotary is not None:
                 heads = functools.partial(self._hf_heads, rotary, handle)
                 handle = rotary_unpermuted(handle, heads)
-            out[keys.hf_to_meta(name) or name] = handle
+            out[canon] = handle
         return out
 
     def _hf_heads(self, which: str, handle: TensorHandle) -> int:
@@ -123,8 +135,23 @@ def open_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoi
             f"{path}: no such file or directory", hint="check the path (and the current dir)"
         )
     if path.is_dir():
-        return _open_dir(path, trust_pickle=trust_pickle)
-    return _open_file(path, trust_pickle=trust_pickle)
+        return _with_sidecars(_open_dir(path, trust_pickle=trust_pickle), path)
+    return _with_sidecars(_open_file(path, trust_pickle=trust_pickle), path.parent)
+
+
+def _with_sidecars(ckpt: Checkpoint, folder: Path) -> Checkpoint:
+    """The config files that travel with weights: a single Meta or HF weights file reads the
+    params.json / config.json beside it (the model's shape, HF's head count for its rotary
+    layout); a PEFT adapter its adapter_config.json."""
+    if ckpt.params is None and ckpt.format != "meta-dir":
+        if (folder / "params.json").is_file():
+            ckpt.params = _read_json(folder / "params.json")
+        elif (folder / "config.json").is_file():
+            ckpt.params = _hf_params(folder)
+    config = folder / "adapter_config.json"
+    if ckpt.adapter_json is None and config.is_file():
+        ckpt.adapter_json = _read_json(config)
+    return ckpt
 
 
 def _open_file(path: Path, *, trust_pickle: bool) -> Checkpoint:

@@ -171,11 +171,12 @@ def smoke_generate(
     load_as: str = "strict",
     dtype: str = "auto",
     device: str = "auto",
-    gate_fn: str = "raw",
+    gate_fn: str | None = None,
     attention: str = "auto",
 ) -> SmokeReport:
     config = config or GenerationConfig()
-    check_gate_fn(gate_fn)  # before the tokenizer and the weights load
+    if gate_fn is not None:
+        check_gate_fn(gate_fn)  # before the tokenizer and the weights load
     dev = resolve_device(device)
     attn = resolve_attention(attention, dev)
     tok_path = resolve_tokenizer(base, tokenizer_path)

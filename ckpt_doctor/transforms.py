@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ckpt_doctor.families import v1_gate_layers
+from ckpt_doctor.families.llama_adapter_v1 import FAMILY as V1
 
 if TYPE_CHECKING:
     import torch
@@ -57,7 +57,7 @@ class Transforms:
 
         if self.cast and t.is_floating_point():
             t = t.to(getattr(torch, self.cast))
-        if v1_gate_layers([name]):  # a gate
+        if V1.gate_layers([name]):  # a per-head gate (v1 and v2 name them alike)
             if self.broadcast and t.numel() == 1 and tuple(t.shape) != shape:
                 t = broadcast_gate(t, heads=shape[1])
             if self.baked:

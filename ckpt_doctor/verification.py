@@ -6,12 +6,14 @@
    no prefix, so its adapter tensors are really taken (CONTAINER_NESTED/LOAD_NOTHING/KEY_PREFIX);
 3. values: the checks inspect runs on values and gates (NONFINITE, ADAPTER_INERT, GATE_SHAPE..);
 4. bit-exact: with --full, each adapter tensor equals the source checkpoint's, bit for bit;
-5. complete: with --full, every tensor that differs from the base was extracted, or is a
-   drifted frozen tensor reported as BASE_MODIFIED;
+5. complete: with --full, every tensor the family trains was extracted; drifted frozen tensors
+   are reported as BASE_MODIFIED, frozen tensors rounded to a narrower dtype as BASE_ROUNDED;
 6. strict load: a strict load of base + adapter into the reference model has no error finding;
 7. same model: with --full, logits of base + adapter equal the full checkpoint's on a few
-   prompts (identical when the base did not drift).
-Every failed check comes with a finding that says why.
+   prompts (identical when the base did not drift; a rounded base is rounded the same way first).
+Every failed check comes with a finding that says why. Each family is checked by its own rules
+(its loader, its trained tensors); the checks the reference model cannot run for a family
+(LLaMA-Adapter v2 multimodal, litgpt) are reported as not run, with the reason.
 """
 
 from __future__ import annotations
@@ -19,23 +21,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ckpt_doctor.adapters import AdapterConfig, checkpoint_adapter, checkpoint_family
 from ckpt_doctor.base_checks import check_against_base
-from ckpt_doctor.checks import (
-    check_empty,
-    content_findings,
-    model_key_names,
-    upstream_load_findings,
-)
+from ckpt_doctor.checks import check_empty, content_findings
 from ckpt_doctor.diffing import DiffReport, Progress, diff_tensors
 from ckpt_doctor.errors import ModelLoadError
-from ckpt_doctor.facts import AdapterConfig, ModelFacts, adapter_config, model_facts
-from ckpt_doctor.families import v1_gate_layers
+from ckpt_doctor.facts import ModelFacts, model_facts
+from ckpt_doctor.families import UNKNOWN, Family, require_runs_here
 from ckpt_doctor.findings import Finding, error_finding, exit_code_for, finding
 from ckpt_doctor.handles import TensorHandle
 from ckpt_doctor.inspection import FULL_SCAN_BYTES
+from ckpt_doctor.load_checks import load_findings
 from ckpt_doctor.numerics import compare
 from ckpt_doctor.reader import Checkpoint
 from ckpt_doctor.transforms import Transforms, tanh_baked
+from ckpt_doctor.upstream_load import own_load
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class Check:
     name: str
     passed: bool
     detail: str
+    skipped: bool = False  # not run for this family (detail says why); neither pass nor fail
 
 
 @dataclass
@@ -50,10 +51,11 @@ class VerifyReport:
     checks: list[Check] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     max_logit_diff: float | None = None
+    family: str | None = None
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
+        return all(c.passed or c.skipped for c in self.checks)
 
     @property
     def exit_code(self) -> int:
@@ -63,6 +65,7 @@ class VerifyReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "passed": self.passed,
+            "family": self.family,
             "checks": [vars(c) for c in self.checks],
             "max_logit_diff": self.max_logit_diff,
             "findings": [f.to_json() for f in self.findings],
@@ -76,37 +79,44 @@ def verify(
     full: Checkpoint | None = None,
     progress: Progress | None = None,
 ) -> VerifyReport:
-    report = VerifyReport()
+    family = checkpoint_family(adapter)
+    if family is UNKNOWN:
+        require_runs_here(family, adapter.path, command="verify")
+    report = VerifyReport(family=family.name if family is not None else None)
     tensors = adapter.canonical()
     facts = model_facts(
         base.canonical(),
         params=base.params,
         fallback=model_facts(tensors, params=adapter.params),
     )
-    config = adapter_config(tensors, args=adapter.args, metadata=adapter.metadata)
+    config = checkpoint_adapter(adapter, family=family)
     report.checks.append(_reload(adapter, report))
-    report.checks.append(_upstream_load(adapter, facts, config, report))
+    report.checks.append(_upstream_load(adapter, family, facts, config, report))
     report.checks.append(_values(adapter, tensors, facts, config, report))
     transforms = Transforms.from_metadata(adapter.metadata)  # what verify redoes on --full
+    rounded: dict[str, str] = {}
     if full is not None:
         source = full.canonical()
         report.checks.append(_bit_exact(tensors, source, report, transforms))
-        diff = diff_tensors(source, base.canonical(), progress=progress)
-        _add(
-            report,
-            [
-                f
-                for f in check_against_base(diff, n_base_keys=len(base.tensors))
-                if f.id == "BASE_MODIFIED"
-            ],
-        )
-        report.checks.append(_complete(tensors, diff, full, report))
-    check, model = _loads(adapter, base, report)
+        diff = diff_tensors(source, base.canonical(), family=family, progress=progress)
+        about_base = check_against_base(diff, n_base_keys=len(base.tensors))
+        _add(report, [f for f in about_base if f.id in ("BASE_MODIFIED", "BASE_ROUNDED")])
+        rounded = next((f.evidence["dtypes"] for f in about_base if f.id == "BASE_ROUNDED"), {})
+        report.checks.append(_complete(tensors, diff, family, full, report))
+    if family is not None and not family.runs_here:
+        why = f"not run: the reference model does not run {family.name} ({family.refusal})"
+        report.checks.append(Check("strict load", False, why, skipped=True))
+        if full is not None:
+            report.checks.append(Check("same logits", False, why, skipped=True))
+        return report
+    check, model = _loads(adapter, base, report, rounded)
     report.checks.append(check)
     if full is not None and model is None:
         report.checks.append(Check("same logits", False, "not run: the strict load failed"))
     elif full is not None:
-        report.checks.append(_same_logits(model, base, full, report, transforms, set(tensors)))
+        report.checks.append(
+            _same_logits(model, base, full, report, transforms, set(tensors), rounded)
+        )
     return report
 
 
@@ -146,31 +156,44 @@ def _reload(adapter: Checkpoint, report: VerifyReport) -> Check:
 
 
 def _upstream_load(
-    adapter: Checkpoint, facts: ModelFacts, config: AdapterConfig | None, report: VerifyReport
+    adapter: Checkpoint,
+    family: Family | None,
+    facts: ModelFacts,
+    config: AdapterConfig | None,
+    report: VerifyReport,
 ) -> Check:
-    """How upstream example.py loads the file as saved, not as ckpt-doctor resolves it."""
-    model_names = model_key_names(facts, config)
-    found = upstream_load_findings(adapter, model_names)
+    """How the family's own code loads the file as saved, not as ckpt-doctor resolves it."""
+    found = load_findings(adapter, family=family, facts=facts, adapter=config)
     _add(report, found)
-    view = adapter.upstream_view()
-    matched = [k for k in view if k in model_names and view[k] is not None]
+    load = own_load(adapter, family=family, facts=facts, adapter=config)
+    if load.error is not None:
+        return Check("upstream load", False, f"{load.code} raises: {load.error} (LOAD_FAILS)")
+    detail = f"{load.code} takes {len(load.matched)} of the {len(load.seen)} names it is given"
     bad = [f.id for f in found if f.severity != "info"]
-    detail = (
-        f"load_state_dict(strict=False) on the file as saved takes {len(matched)} of its "
-        f"{len(view)} top-level keys"
-    )
     # strict=False still raises on a size mismatch: a legacy scalar gate crashes upstream
     # (the GATE_SHAPE finding comes from the value checks and the strict load).
     heads = facts.n_heads
-    shapes = {k: h.shape for k, h in view.items() if h is not None}
-    gates = v1_gate_layers(matched).values()
-    wrong = [k for k in gates if heads and shapes[k] != (1, heads, 1, 1)]
-    if wrong:
-        detail += f", but raises on the shape of {len(wrong)} gate(s)"
-        bad.append("GATE_SHAPE")
+    gate = family.gate if family is not None else None
+    if gate is not None and gate.shape == "heads" and heads and config is not None:
+        shapes = {n: adapter.tensors[n].shape for n in load.matched}
+        wrong = [
+            n
+            for n in load.matched
+            if keys_layer_gate(n, family) and tuple(shapes[n]) != (1, heads, 1, 1)
+        ]
+        if wrong:
+            detail += f", but raises on the shape of {len(wrong)} gate(s)"
+            bad.append("GATE_SHAPE")
     # An empty file loads nothing either (EMPTY says so).
-    passed = bool(matched) and not bad
+    passed = bool(load.matched) and not bad
     return Check("upstream load", passed, detail + (f" ({', '.join(bad)})" if bad else ""))
+
+
+def keys_layer_gate(saved: str, family: Family) -> bool:
+    """Whether a saved name is one of the family's per-layer gates."""
+    from ckpt_doctor import keys
+
+    return bool(family.gate_layers([keys.canonical_name(saved)]))
 
 
 def _values(
@@ -249,12 +272,21 @@ def _described(transforms: Transforms) -> str:
     return ", ".join(parts)
 
 
-def _complete(tensors: dict, diff: DiffReport, full: Checkpoint, report: VerifyReport) -> Check:
+def _complete(
+    tensors: dict, diff: DiffReport, family: Family | None, full: Checkpoint, report: VerifyReport
+) -> Check:
+    """Every tensor the family trains is in the adapter (without a family: every tensor that
+    differs from the base); frozen tensors that drifted are reported, not required."""
     drifted = {t.name for t in diff.with_status("modified") if not t.is_adapter}
-    needed = [t.name for t in diff.tensors if t.status in ("added", "modified")]
-    lost = [n for n in needed if n not in tensors and n not in drifted]
+    if family is not None:
+        needed = [t.name for t in diff.tensors if t.is_adapter and t.status != "removed"]
+    else:
+        needed = [t.name for t in diff.tensors if t.status in ("added", "modified")]
+        needed = [n for n in needed if n not in drifted]
+    lost = [n for n in needed if n not in tensors]
     if not lost:
-        detail = f"{len(needed) - len(drifted)} tensors differ from the base, all extracted"
+        trains = f"{family.name} trains" if family is not None else "differ from the base"
+        detail = f"{len(needed)} tensors {trains}, all extracted"
         if drifted:
             detail += f"; {len(drifted)} drifted frozen tensors reported"
         return Check("complete", True, detail)
@@ -264,8 +296,7 @@ def _complete(tensors: dict, diff: DiffReport, full: Checkpoint, report: VerifyR
         [
             finding(
                 "ADAPTER_MISSING",
-                f"{len(lost)} tensor(s) that {full.path} trained (absent from or changed "
-                f"against the base) are not in the adapter: {names}",
+                f"{len(lost)} tensor(s) that {full.path} trained are not in the adapter: {names}",
                 "re-extract the adapter from this checkpoint (ckpt-doctor extract --base)",
                 tensors=lost,
             )
@@ -281,13 +312,22 @@ def _file_dtype(base: Checkpoint) -> str:
     return emb.dtype.name if emb is not None and emb.is_float else "auto"
 
 
-def _loads(adapter: Checkpoint, base: Checkpoint, report: VerifyReport) -> tuple[Check, Any]:
-    """The strict load check and the model it built (None when the load raised)."""
+def _loads(
+    adapter: Checkpoint, base: Checkpoint, report: VerifyReport, rounded: dict[str, str]
+) -> tuple[Check, Any]:
+    """The strict load check and the model it built (None when the load raised). ``rounded``:
+    base tensors the full checkpoint holds in a narrower dtype (BASE_ROUNDED), rounded alike so
+    that the logits compare like for like."""
     from ckpt_doctor.loading import load_model
 
     try:
         model, load = load_model(
-            base, adapter=adapter, load_as="strict", dtype=_file_dtype(base), max_seq_len=64
+            base,
+            adapter=adapter,
+            load_as="strict",
+            dtype=_file_dtype(base),
+            max_seq_len=64,
+            base_rounding=rounded,
         )
     except ModelLoadError as exc:  # a failed check with its reason, not an abort
         _add(report, [error_finding(exc, check="strict load")])
@@ -295,6 +335,8 @@ def _loads(adapter: Checkpoint, base: Checkpoint, report: VerifyReport) -> tuple
     errors = [f for f in load.findings if f.severity == "error"]
     _add(report, load.findings)
     detail = f"{len(load.from_file)} of {load.model_keys} model keys from the adapter"
+    if rounded:
+        detail += f"; {len(rounded)} base tensors rounded as the checkpoint's were"
     return Check("strict load", not errors, detail), model
 
 
@@ -305,14 +347,16 @@ def _same_logits(
     report: VerifyReport,
     transforms: Transforms,
     adapter_names: set[str],
+    rounded: dict[str, str],
 ) -> Check:
     import torch
 
     from ckpt_doctor.generate import cpu_tuned
     from ckpt_doctor.loading import load_model
+    from ckpt_doctor.overlay import prompt_rounding
 
     try:
-        f, _ = load_model(
+        f, loaded = load_model(
             base, full=full, load_as="strict", dtype=_file_dtype(base), max_seq_len=64
         )
     except ModelLoadError as exc:  # --full does not fit the base: nothing to compare with
@@ -325,7 +369,8 @@ def _same_logits(
                 if name in adapter_names and name in source:
                     src = source[name].to_torch()
                     param.copy_(transforms.apply(name, src, shape=tuple(param.shape)))
-        f.prepare()  # the adapter K/V again, from the new values (both sides load raw gates)
+        # The adapter K/V again, from the new values, with the gate function both sides run.
+        f.prepare(gate_fn=loaded.gate_fn, rounded=prompt_rounding(loaded.family))
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, model.args.vocab_size, (3, 24), generator=g)  # no tokenizer needed
     # Same thread count and weight layout on both sides: bit-for-bit means the same GEMMs.
@@ -336,7 +381,10 @@ def _same_logits(
     report.max_logit_diff = diff
     drifted = any(x.id == "BASE_MODIFIED" for x in report.findings)
     if torch.equal(la, lf):
-        return Check("same logits", True, "base + adapter == full checkpoint, bit for bit")
+        detail = "base + adapter == full checkpoint, bit for bit"
+        if rounded:
+            detail += " (with the base rounded as the checkpoint's was: BASE_ROUNDED)"
+        return Check("same logits", True, detail)
     detail = f"max |logit diff| {diff:.3g} vs the full checkpoint"
     if drifted:
         # A drifted base explains the difference (the finding names the tensors), but the

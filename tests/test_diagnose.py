@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from ckpt_doctor.cli import app
 from ckpt_doctor.diagnosis import CAUSES, Diagnosis, diagnose, fix_command
 from ckpt_doctor.errors import CkptDoctorError, ModelLoadError, UnreadableError, UsageError
-from ckpt_doctor.families import is_adapter_key
+from ckpt_doctor.families import LLAMA_ADAPTER_V1
 from ckpt_doctor.findings import finding
 
 WORLD = Path(__file__).resolve().parents[1] / "fixtures" / "world"
@@ -71,7 +71,7 @@ def prompts() -> list[str]:
 def variants(tmp_path_factory) -> Variants:
     root = tmp_path_factory.mktemp("diagnose-variants")
     model = _load_training_checkpoint()["model"]
-    adapter = {k: v.clone() for k, v in model.items() if is_adapter_key(k)}
+    adapter = {k: v.clone() for k, v in model.items() if LLAMA_ADAPTER_V1.is_trained(k)}
     gates = _gate_names(adapter)
     assert adapter and len(gates) == 4  # the world: 4 layers, a gate each
     files: dict[str, Path] = {"nested": CKPT}
@@ -145,7 +145,9 @@ def _assert_cause(diagnosis: Diagnosis, cause: str, *, exit_code: int = 1) -> No
         assert diagnosis.fix is None
     else:
         # As the shell reads it (the paths are quoted where they need it): these words.
-        words = [w.format(path=diagnosis.path, base=BASE) for w in shlex.split(template)]
+        words = [
+            w.format(path=diagnosis.path, base=BASE, ext=".pth") for w in shlex.split(template)
+        ]
         assert shlex.split(diagnosis.fix) == words
 
 
@@ -376,7 +378,7 @@ class _Harmless:
 
 def test_diagnose_takes_trust_pickle_as_its_hint_says(tmp_path, prompts):
     model = _load_training_checkpoint()["model"]
-    adapter = {k: v.clone() for k, v in model.items() if is_adapter_key(k)}
+    adapter = {k: v.clone() for k, v in model.items() if LLAMA_ADAPTER_V1.is_trained(k)}
     path = tmp_path / "odd.pth"
     torch.save({"model": adapter, "extra": _Harmless()}, path)
     args = ["diagnose", str(path), "--base", str(BASE), "--max-new-tokens", "4", "--json"]

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from ckpt_doctor import numerics, render
 from ckpt_doctor.cli import app
 from ckpt_doctor.diffing import STATUSES, diff_tensors
+from ckpt_doctor.families import LLAMA_ADAPTER_V1
 from ckpt_doctor.handles import from_torch
 
 BASE = Path(__file__).resolve().parents[1] / "fixtures" / "tiny" / "base"
@@ -46,7 +47,7 @@ def test_every_status_is_classified():
         "recast": w.float(),
         "adapter_query.weight": torch.ones(2, 5),
     }
-    report = diff_tensors(handles(fine), handles(base))
+    report = diff_tensors(handles(fine), handles(base), family=LLAMA_ADAPTER_V1)
     status = {t.name: t.status for t in report.tensors}
     assert status == {
         "same": "identical",

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from ckpt_doctor import extraction
+from ckpt_doctor import extraction, layouts
 from ckpt_doctor.cli import app
 from ckpt_doctor.errors import RefusedError, UsageError
 from ckpt_doctor.extraction import extract
@@ -159,13 +159,13 @@ def test_failure_mid_write_leaves_no_output_and_input_untouched(tmp_path, monkey
     _, ckpt_path = world(tmp_path)
     before = digest(ckpt_path)
     out = tmp_path / f"a.{fmt}"
-    real_save = extraction._save
+    real_save = layouts._save
 
-    def crash(tensors, path, fmt_, metadata):
-        real_save(tensors, path, fmt_, metadata)  # bytes are on disk, then the crash comes
+    def crash(obj, path, fmt_, metadata):
+        real_save(obj, path, fmt_, metadata)  # bytes are on disk, then the crash comes
         raise OSError("disk full")
 
-    monkeypatch.setattr(extraction, "_save", crash)
+    monkeypatch.setattr(layouts, "_save", crash)
     with open_checkpoint(ckpt_path) as ckpt, pytest.raises(OSError, match="disk full"):
         extract(ckpt, out)
     assert not out.exists()

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from ckpt_doctor.cli import app
 from ckpt_doctor.errors import CkptDoctorError, UsageError
 from ckpt_doctor.extraction import extract
-from ckpt_doctor.families import is_adapter_key
+from ckpt_doctor.families import LLAMA_ADAPTER_V1
 from ckpt_doctor.generate import GenerationConfig
 from ckpt_doctor.inspection import inspect_checkpoint
 from ckpt_doctor.reader import open_checkpoint
@@ -50,7 +50,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("repair-variants")
     with torch.serialization.safe_globals([argparse.Namespace]):
         model = torch.load(CKPT, weights_only=True)["model"]
-    adapter = {k: v.clone() for k, v in model.items() if is_adapter_key(k)}
+    adapter = {k: v.clone() for k, v in model.items() if LLAMA_ADAPTER_V1.is_trained(k)}
     gates = [k for k in adapter if k.endswith("attention.gate")]
     files: dict[str, Path] = {}
 
@@ -326,7 +326,11 @@ def test_bake_tanh_into_pth_says_it_cannot_be_recorded(repaired):
 def test_bake_tanh_keeps_each_gate_dtype(tmp_path, dtype):
     """'Nothing else changes': fp16 / bf16 gates stay fp16 / bf16 (they came out float32)."""
     with open_checkpoint(CKPT) as ckpt:
-        flat = {k: h.to_torch().clone() for k, h in ckpt.canonical().items() if is_adapter_key(k)}
+        flat = {
+            k: h.to_torch().clone()
+            for k, h in ckpt.canonical().items()
+            if LLAMA_ADAPTER_V1.is_trained(k)
+        }
     gates = sorted(k for k in flat if k.endswith("attention.gate"))
     flat[gates[-1]].view(-1)[0] = 2.0
     flat = {k: v.to(dtype) if k in gates else v for k, v in flat.items()}

@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from ckpt_doctor.cli import app
-from ckpt_doctor.families import is_adapter_key
+from ckpt_doctor.families import LLAMA_ADAPTER_V1
 from ckpt_doctor.reader import open_checkpoint
 
 WORLD = Path(__file__).resolve().parents[1] / "fixtures" / "world"
@@ -31,7 +31,11 @@ def held_out() -> list[str]:
 def adapter_file(tmp_path_factory) -> Path:
     """The adapter tensors alone, flat, with upstream names (what extraction produces)."""
     with open_checkpoint(CKPT) as ckpt:
-        flat = {k: h.to_torch().clone() for k, h in ckpt.tensors.items() if is_adapter_key(k)}
+        flat = {
+            k: h.to_torch().clone()
+            for k, h in ckpt.tensors.items()
+            if LLAMA_ADAPTER_V1.is_trained(k)
+        }
     path = tmp_path_factory.mktemp("world") / "adapter.pth"
     torch.save(flat, path)
     return path

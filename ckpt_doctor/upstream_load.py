@@ -1,0 +1,99 @@
+"""What a family's own code does when it loads a file: which names its loader is given, which
+of those its model has, and whether it raises. The seed bug is this going wrong silently: a
+``load_state_dict(strict=False)`` that matches nothing leaves every gate at its zero init.
+
+Pure: names and shapes only.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from ckpt_doctor import keys
+from ckpt_doctor.adapters import AdapterConfig
+from ckpt_doctor.facts import ModelFacts
+from ckpt_doctor.families import LLAMA_ADAPTER_V1, Family, peft
+from ckpt_doctor.families.llama_adapter_v1 import QUERY_KEY, gate_key
+from ckpt_doctor.families.llama_adapter_v2 import CHAT, MULTIMODAL, VISUAL
+from ckpt_doctor.findings import short_list
+from ckpt_doctor.reader import Checkpoint
+
+_CHAT_SUFFIXES = tuple(
+    f"{module}.{w}_{kind}"
+    for module, ws in (("attention", "qkvo"), ("feed_forward", "123"))
+    for w in ws
+    for kind in ("bias", "scale")
+)
+_MM_BIASES = (
+    "attention.wq.bias",
+    "attention.wo.bias",
+    *(f"feed_forward.w{i}.bias" for i in (1, 2, 3)),
+)
+
+
+@dataclass(frozen=True)
+class OwnLoad:
+    family: Family
+    seen: list[str]  # the names its loader is given (a container's own keys for a nested file)
+    matched: list[str]  # those its model has
+    model_keys: int  # how many names its model has
+    error: str | None = None  # what its loader raises instead of loading
+    unexpected: list[str] = field(default_factory=list)
+
+    @property
+    def code(self) -> str:
+        return self.family.loader.code
+
+
+def model_names(family: Family, facts: ModelFacts, adapter: AdapterConfig | None) -> set[str]:
+    """The parameter names the family's own model has, as its loader matches them."""
+    n_layers = facts.n_layers or 0
+    base = keys.base_key_names(n_layers)
+    layers = range(n_layers)
+    if family is peft.ADAPTION_PROMPT:
+        adapted = adapter.adapted_layers(n_layers) if adapter is not None else []
+        return {peft.own_name(i, w) for i in adapted for w in ("prompt", "gate")}
+    if family is MULTIMODAL:
+        names = {f"llama.{n}" for n in base}
+        names |= {f"llama.layers.{i}.{s}" for i in layers for s in _MM_BIASES}
+        names |= {f"llama.{gate_key(i)}" for i in layers}
+        return names | {QUERY_KEY}
+    names = {*base, QUERY_KEY}
+    if family is CHAT:
+        names |= {f"layers.{i}.{s}" for i in layers for s in _CHAT_SUFFIXES}
+        # Upstream deletes the gates of the layers it does not adapt.
+        adapted = adapter.adapted_layers(n_layers) if adapter is not None else []
+        return names | {gate_key(i) for i in adapted}
+    return names | {gate_key(i) for i in layers}
+
+
+def own_load(
+    ckpt: Checkpoint, *, family: Family | None, facts: ModelFacts, adapter: AdapterConfig | None
+) -> OwnLoad:
+    """The file as its family's own code loads it (LLaMA-Adapter v1's example.py when the file
+    holds no adapter)."""
+    family = family or LLAMA_ADAPTER_V1
+    names = model_names(family, facts, adapter)
+    if family is MULTIMODAL:  # its model also holds the CLIP visual modules, whatever they are
+        names |= {n for n in ckpt.tensors if _visual(n)}
+    container = family.loader.container
+    nested = ckpt.container_path
+    if container is not None and (not nested or nested[0] != container):
+        where = f"top-level keys {short_list(ckpt.top_level_keys)}" if nested else "a flat file"
+        return OwnLoad(family, [], [], len(names), error=f"KeyError: {container!r} ({where})")
+    if nested and (container is None or len(nested) > 1):
+        # Its loader gets the container's own keys, which hold no tensors.
+        seen = list(ckpt.top_level_keys) if container is None else [nested[1]]
+        return OwnLoad(family, seen, [], len(names), unexpected=seen)
+    seen = list(ckpt.tensors)
+    matched = [n for n in seen if n in names]
+    unexpected = [n for n in seen if n not in names]
+    error = None
+    if unexpected and family.loader.unexpected == "raises":
+        error = f"it refuses unexpected keys: {short_list(unexpected)}"
+    return OwnLoad(family, seen, matched, len(names), error, unexpected)
+
+
+def _visual(name: str) -> bool:
+    return bool(re.fullmatch(VISUAL, name)) or name.startswith("clip.")
