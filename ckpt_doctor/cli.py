@@ -295,6 +295,35 @@ def repair(
 
 
 @app.command()
+def convert(
+    path: PathArg,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output file (v1) or directory (PEFT).")],
+    to: Annotated[str, typer.Option("--to", help="llama-adapter-v1 or peft-adaption-prompt.")],
+    base: Annotated[
+        Path | None,
+        typer.Option("--base", help="Base weights: layer/head counts, and a logits check."),
+    ] = None,
+    fmt: FormatOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Convert an adapter between families where the math is the same (v1 <-> PEFT)."""
+
+    def body() -> int:
+        from ckpt_doctor import render
+        from ckpt_doctor.convert import convert as run_convert
+
+        with ExitStack() as stack:
+            ckpt, base_ckpt = _open(stack, path, base, trust_pickle=trust_pickle)
+            result = run_convert(ckpt, out, to=to, base=base_ckpt, fmt=fmt, force=force)
+        _emit(as_json, result, render.render_conversion)
+        return result.exit_code
+
+    _run(as_json, body)
+
+
+@app.command()
 def diagnose(
     path: PathArg,
     base: Annotated[Path, typer.Option("--base", help="Base weights the fine-tune started from.")],

@@ -20,7 +20,7 @@ from ckpt_doctor.findings import SEVERITY_RANK, Finding, exit_code_for
 from ckpt_doctor.load_checks import load_findings
 from ckpt_doctor.numerics import ValueScan, scan_values
 from ckpt_doctor.reader import Checkpoint, Entry
-from ckpt_doctor.transforms import tanh_baked
+from ckpt_doctor.transforms import raw_matches_training
 
 # Files up to this size get every tensor's values scanned; larger ones only the adapter's
 # (what training changed) unless --deep, so inspect stays a seconds-long, metadata-only read.
@@ -170,7 +170,7 @@ def inspect_checkpoint(
     )
     # Baked gates (repair --bake-tanh) hold tanh(g): raw inference is what training did.
     findings += adapter_checks.check_gates(
-        gate_values, facts, adapted, family=family, tanh_baked=tanh_baked(ckpt.metadata)
+        gate_values, facts, adapted, family=family, tanh_baked=raw_matches_training(ckpt.metadata)
     )
     findings += checks.check_optimizer(ckpt)
     diff = None

@@ -29,7 +29,7 @@ from ckpt_doctor.findings import Finding
 from ckpt_doctor.handles import TensorHandle
 from ckpt_doctor.model import ModelArgs, Transformer, ffn_hidden_size
 from ckpt_doctor.reader import Checkpoint
-from ckpt_doctor.transforms import tanh_baked
+from ckpt_doctor.transforms import raw_matches_training
 
 LOAD_MODES = ("strict", "upstream")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -143,9 +143,10 @@ def load_model(
     if extra is not None:
         require_runs_here(family, extra.path, command="the reference model")
     gate_fn = run_gate_fn(family, gate_fn)
-    if gate_fn == "tanh" and extra is not None and tanh_baked(extra.metadata):
+    if gate_fn == "tanh" and extra is not None and raw_matches_training(extra.metadata):
         raise UsageError(  # tanh(tanh(g)) would under-weight the adapter
-            f"{extra.path} holds gates with tanh baked in; --gate tanh would apply it twice",
+            f"{extra.path} holds gates meant to be used raw (tanh baked in, or converted from "
+            "a family that trains them raw); --gate tanh would misweight them",
             hint="use --gate raw with this file",
         )
     bias, scale = overlay.tuning(extra.canonical() if extra is not None else {})

@@ -23,11 +23,13 @@ from rich.text import Text
 
 from ckpt_doctor.diffing import DiffReport
 from ckpt_doctor.errors import CkptDoctorError
+from ckpt_doctor.families import describe
 from ckpt_doctor.findings import Finding, error_finding
 from ckpt_doctor.inspection import InspectReport
 from ckpt_doctor.units import human_bytes, human_count
 
 if TYPE_CHECKING:  # these import torch, which inspect and diff must never pay for
+    from ckpt_doctor.convert import Conversion
     from ckpt_doctor.demo import DemoResult
     from ckpt_doctor.diagnosis import Diagnosis
     from ckpt_doctor.extraction import Extraction
@@ -179,12 +181,17 @@ def render_inspect(report: InspectReport) -> None:
         row("adapter", "none found")
     else:
         a = report.adapter
+        prompt = (
+            f"adapter_len {a.adapter_len}, adapter_layer {a.adapter_layer} (from {a.source})"
+            if a.has_prompt
+            else "no prompt"
+        )
         row(
             "adapter",
-            f"{a.family.name}: adapter_len {a.adapter_len}, adapter_layer {a.adapter_layer} "
-            f"(from {a.source}), {len(a.keys)} tensors, {human_bytes(report.adapter_bytes)}"
-            + ("" if a.family.runs_here else f"; {a.family.description}: recognised, but "
-               "smoke-generate and verify run llama-adapter-v1 only"),
+            f"{a.family.name}: {prompt}, {len(a.keys)} tensors, "
+            f"{human_bytes(report.adapter_bytes)}"
+            + ("" if a.family.runs_here else f"; the reference model does not run it: "
+               f"{a.family.refusal}"),
         )  # fmt: skip
     if report.prefix:
         row("key prefix", report.prefix)
@@ -213,11 +220,16 @@ def render_inspect(report: InspectReport) -> None:
 
 
 def gates_table(report: InspectReport) -> Table:
-    table = Table(
-        title="Adapter gates (adapted layers; G = g at raw inference, tanh(g) in training)",
-        title_justify="left",
+    family = report.adapter.family if report.adapter is not None else None
+    table = Table(title=f"Adapter gates (adapted layers; {describe(family)})", title_justify="left")
+    # tanh(g) is shown where some run applies it (v1 training, v2 always), not for raw gates.
+    tanh = (
+        family is None
+        or family.gate is None
+        or "tanh" in (family.gate.trained, family.gate.inference)
     )
-    for col in ("layer", "j", "shape", "g per head", "tanh(g) per head", "max|g|"):
+    columns = ("layer", "j", "shape", "g per head", *(("tanh(g) per head",) * tanh), "max|g|")
+    for col in columns:
         table.add_column(col, justify="right" if col in ("layer", "j", "max|g|") else "left")
     for r in report.gates:
         table.add_row(
@@ -225,7 +237,7 @@ def gates_table(report: InspectReport) -> Table:
             "" if r.prompt_index is None else str(r.prompt_index),
             str(list(r.shape)),
             " ".join(f"{v:+.3f}" for v in r.g),
-            " ".join(f"{v:+.3f}" for v in r.tanh_g),
+            *((" ".join(f"{v:+.3f}" for v in r.tanh_g),) * tanh),
             f"{max((abs(v) for v in r.g), default=0):.3f}",
         )
     return table
@@ -348,6 +360,26 @@ def render_extraction(result: Extraction) -> None:
     for why, names in reasons.items():
         shown = ", ".join(names[:6]) + (f" (+{len(names) - 6} more)" if len(names) > 6 else "")
         out.print(Text(f"  taken ({why}): {shown}"))
+    if result.findings:
+        render_findings(result.findings)
+
+
+def render_conversion(result: Conversion) -> None:
+    out.print(
+        Text.assemble(
+            ("converted", "bold"),
+            f" {result.source} ({result.source_family}) -> ",
+            (str(result.output), "green"),
+            f" ({result.target_family}, {len(result.tensors)} tensors)",
+        )
+    )
+    for note in result.notes:
+        out.print(Text(f"  {note}"))
+    if result.max_logit_diff is not None:
+        same = (
+            "identical" if result.max_logit_diff == 0 else f"max |diff| {result.max_logit_diff:.3g}"
+        )
+        out.print(Text(f"  logits of source and output on the base: {same}"))
     if result.findings:
         render_findings(result.findings)
 

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 CAST_KEY = "cast_dtype"
 BROADCAST_KEY = "gates_broadcast"
 TANH_BAKED_KEY = "gate_tanh_baked"
+# Gates converted from a family that trains them raw (PEFT, lit-llama): raw inference is what
+# their training did, whatever LLaMA-Adapter v1's own training would have applied.
+GATE_TRAINED_KEY = "gate_trained"
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,12 @@ class Transforms:
             if self.baked:
                 t = tanh_gate(t)
         return t
+
+
+def raw_matches_training(metadata: Mapping[str, str] | None) -> bool:
+    """Whether raw-gate inference is what the file's gates were trained for: tanh baked into
+    them, or converted from a family that trains raw gates."""
+    return tanh_baked(metadata) or (metadata or {}).get(GATE_TRAINED_KEY) == "raw"
 
 
 def tanh_baked(metadata: Mapping[str, str] | None) -> bool:

@@ -34,7 +34,7 @@ from ckpt_doctor.inspection import FULL_SCAN_BYTES
 from ckpt_doctor.load_checks import load_findings
 from ckpt_doctor.numerics import compare
 from ckpt_doctor.reader import Checkpoint
-from ckpt_doctor.transforms import Transforms, tanh_baked
+from ckpt_doctor.transforms import Transforms, raw_matches_training
 from ckpt_doctor.upstream_load import own_load
 
 
@@ -208,7 +208,7 @@ def _values(
         facts,
         config,
         scan_all=adapter.total_bytes <= FULL_SCAN_BYTES,
-        tanh_baked=tanh_baked(adapter.metadata),
+        tanh_baked=raw_matches_training(adapter.metadata),
     )
     _add(report, found)
     errors = sorted({f.id for f in found if f.severity == "error"})

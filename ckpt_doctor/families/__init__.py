@@ -22,6 +22,7 @@ from ckpt_doctor.families.gates import (
     TANH_MISMATCH_RATIO,
     apply_gate,
     check_gate_fn,
+    describe,
     raw_over_tanh,
     run_gate_fn,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "Prompt",
     "apply_gate",
     "check_gate_fn",
+    "describe",
     "detect_family",
     "family_named",
     "raw_over_tanh",

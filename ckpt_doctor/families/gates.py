@@ -42,6 +42,17 @@ def raw_over_tanh(g: float) -> float:
     return 1.0 if g == 0 else g / math.tanh(g)
 
 
+def describe(family: Family | None) -> str:
+    """The family's gate functions in words (what inspect's gate table says)."""
+    gate = family.gate if family is not None else None
+    if gate is None:
+        return "no gate"
+    name = {"raw": "g", "tanh": "tanh(g)"}
+    if gate.trained == gate.inference:
+        return f"G = {name[gate.inference]} in training and inference"
+    return f"G = {name[gate.inference]} at raw inference, {name[gate.trained]} in training"
+
+
 def run_gate_fn(family: Family | None, requested: str | None) -> str:
     """The gate function a run applies: the family's own inference function unless the user
     picked one (``--gate``), which only a family whose upstream disagrees with itself allows."""
