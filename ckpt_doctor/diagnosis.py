@@ -296,7 +296,7 @@ def _verdict(cause: str | None, findings: list[Finding], arms: list[Arm], ckpt: 
             f"loaded 0 of the model's {upstream.model_keys} keys because the weights are "
             f"nested under checkpoint{where}"
         ]
-    if upstream.error:
+    if upstream.error and cause != "LOAD_FAILS":  # LOAD_FAILS's message says it already
         parts.append(f"upstream's load fails: {upstream.error}")
     elif _comparable(upstream, alone) and upstream.generated == alone.generated:
         parts.append("generations identical to the base alone")

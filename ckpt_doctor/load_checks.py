@@ -9,6 +9,7 @@ from ckpt_doctor import keys
 from ckpt_doctor.adapters import AdapterConfig
 from ckpt_doctor.facts import ModelFacts
 from ckpt_doctor.families import UNKNOWN, Family
+from ckpt_doctor.families.llama_adapter_v2 import MULTIMODAL
 from ckpt_doctor.findings import Finding, finding, short_list
 from ckpt_doctor.reader import Checkpoint
 from ckpt_doctor.upstream_load import OwnLoad, model_names, own_load
@@ -45,6 +46,10 @@ def check_container(ckpt: Checkpoint, family: Family | None) -> list[Finding]:
     where = ckpt.container_subscripts
     others = [f"{k} ({e.summary})" for k, e in ckpt.entries.items()]
     own = family is not None and ckpt.container_path == (family.loader.container,)
+    # The family's own file layout ({'model': ...}, v2 multimodal's 'config' beside it) is
+    # nothing to report; a training checkpoint's optimizer, epoch and args are.
+    if (own and set(ckpt.entries) <= {"config"} and family is MULTIMODAL) or (own and not others):
+        return []
     hint = (
         f"{family.name} keeps its weights under checkpoint{where} and its own loader reads them "
         "there; extracting the adapter drops the other entries"

@@ -29,7 +29,7 @@ from ckpt_doctor.findings import Finding
 from ckpt_doctor.handles import TensorHandle
 from ckpt_doctor.model import ModelArgs, Transformer, ffn_hidden_size
 from ckpt_doctor.reader import Checkpoint
-from ckpt_doctor.transforms import raw_matches_training
+from ckpt_doctor.transforms import raw_matches_training, tanh_baked
 
 LOAD_MODES = ("strict", "upstream")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -144,11 +144,13 @@ def load_model(
         require_runs_here(family, extra.path, command="the reference model")
     gate_fn = run_gate_fn(family, gate_fn)
     if gate_fn == "tanh" and extra is not None and raw_matches_training(extra.metadata):
-        raise UsageError(  # tanh(tanh(g)) would under-weight the adapter
-            f"{extra.path} holds gates meant to be used raw (tanh baked in, or converted from "
-            "a family that trains them raw); --gate tanh would misweight them",
-            hint="use --gate raw with this file",
+        why = (
+            "tanh baked in; --gate tanh would apply it twice"  # tanh(tanh(g)) under-weights
+            if tanh_baked(extra.metadata)
+            else "trained raw (converted from a family that trains raw gates); --gate tanh "
+            "would misweight them"
         )
+        raise UsageError(f"{extra.path} holds gates with {why}", hint="use --gate raw")
     bias, scale = overlay.tuning(extra.canonical() if extra is not None else {})
     args = model_args(base, config, max_seq_len=max_seq_len, bias=bias, scale=scale)
     base_tensors = base.canonical()

@@ -386,7 +386,10 @@ def render_conversion(result: Conversion) -> None:
 
 def render_verify(report: VerifyReport) -> None:
     for c in report.checks:
-        mark = Text("pass", "green") if c.passed else Text("FAIL", "bold red")
+        if c.skipped:
+            mark = Text("skip", "dim")
+        else:
+            mark = Text("pass", "green") if c.passed else Text("FAIL", "bold red")
         out.print(Text.assemble(mark, f"  {c.name:<12} {c.detail}"))
     out.print("[green]verified[/]" if report.passed else "[bold red]verification failed[/]")
     if report.findings:

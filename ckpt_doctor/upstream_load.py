@@ -15,12 +15,12 @@ from ckpt_doctor.adapters import AdapterConfig
 from ckpt_doctor.facts import ModelFacts
 from ckpt_doctor.families import LLAMA_ADAPTER_V1, Family, peft
 from ckpt_doctor.families.llama_adapter_v1 import QUERY_KEY, gate_key
-from ckpt_doctor.families.llama_adapter_v2 import CHAT, MULTIMODAL, VISUAL
+from ckpt_doctor.families.llama_adapter_v2 import CHAT, MM_LORA, MULTIMODAL, VISUAL
 from ckpt_doctor.findings import short_list
 from ckpt_doctor.reader import Checkpoint
 
 _CHAT_SUFFIXES = tuple(
-    f"{module}.{w}_{kind}"
+    f"{module}.w{w}_{kind}"
     for module, ws in (("attention", "qkvo"), ("feed_forward", "123"))
     for w in ws
     for kind in ("bias", "scale")
@@ -75,8 +75,8 @@ def own_load(
     holds no adapter)."""
     family = family or LLAMA_ADAPTER_V1
     names = model_names(family, facts, adapter)
-    if family is MULTIMODAL:  # its model also holds the CLIP visual modules, whatever they are
-        names |= {n for n in ckpt.tensors if _visual(n)}
+    if family is MULTIMODAL:
+        names |= _multimodal_extras(ckpt)
     container = family.loader.container
     nested = ckpt.container_path
     if container is not None and (not nested or nested[0] != container):
@@ -95,5 +95,14 @@ def own_load(
     return OwnLoad(family, seen, matched, len(names), error, unexpected)
 
 
-def _visual(name: str) -> bool:
-    return bool(re.fullmatch(VISUAL, name)) or name.startswith("clip.")
+def _multimodal_extras(ckpt: Checkpoint) -> set[str]:
+    """v2 multimodal's model also holds the CLIP visual modules (whatever their size), and
+    LoRA + new_gate when its released file's config says w_lora (a training checkpoint is the
+    model's own state, so what it holds the model has)."""
+    names = {n for n in ckpt.tensors if re.fullmatch(VISUAL, n) or n.startswith("clip.")}
+    config = ckpt.entries.get("config")
+    w_lora = config is None or bool((config.value or {}).get("w_lora"))
+    if w_lora:
+        lora = MM_LORA.replace(r"layers\.", r"llama\.layers\.")
+        names |= {n for n in ckpt.tensors if re.fullmatch(lora, n) or n.endswith(".new_gate")}
+    return names

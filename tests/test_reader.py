@@ -17,6 +17,8 @@ from fixtures.make_fixtures import (
     TinyConfig,
     adapter_tensors,
     base_state_dict,
+    hf_name,
+    hf_rotary_order,
     save_hf_sharded,
     save_legacy,
     save_safetensors,
@@ -301,31 +303,6 @@ def test_hf_sharded_pickle_dir(tmp_path, base):
         assert_same(ckpt, base)
 
 
-# Written out here rather than taken from keys.HF_TO_META, which is what is under test.
-_HF_GLOBAL = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
-_HF_LAYER = {
-    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-    "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}  # fmt: skip
-
-
-def _hf_name(meta: str) -> str:
-    stem = meta.removesuffix(".weight")
-    if stem in _HF_GLOBAL:
-        return _HF_GLOBAL[stem] + ".weight"
-    _, layer, rest = stem.split(".", 2)
-    return f"model.layers.{layer}.{_HF_LAYER[rest]}.weight"
-
-
-def _hf_rotary_order(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """What HF's convert_llama_weights_to_hf does to wq / wk rows."""
-    rows, cols = w.shape
-    return w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
 def test_hf_rotary_row_order_is_undone(tmp_path):
     """An HF-layout copy of the world base (HF names, q/k rows in HF's rotary order,
     config.json) reads back as the Meta base, bit for bit: the same model, not a silently
@@ -338,8 +315,8 @@ def test_hf_rotary_row_order_is_undone(tmp_path):
     hf = {}
     for name, value in meta.items():
         if name.split(".")[-2] in ("wq", "wk"):
-            value = _hf_rotary_order(value, heads)
-        hf[_hf_name(name)] = value.contiguous()
+            value = hf_rotary_order(value, heads)
+        hf[hf_name(name)] = value.contiguous()
     hf_dir = tmp_path / "hf"
     hf_dir.mkdir()
     save_safetensors(hf, hf_dir / "model.safetensors")
