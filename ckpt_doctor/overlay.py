@@ -84,7 +84,9 @@ def _into_model(
     gates (written into ``state``); returns the remaining tensors and the names it took."""
     if family is not peft.ADAPTION_PROMPT or config is None:
         return src, []
-    prompts, gates = config.prompt_layers, config.gate_layers
+    # Only what the file gave (an own-loader overlay passes the names its loader matched).
+    prompts = {i: k for i, k in config.prompt_layers.items() if k in src}
+    gates = {i: k for i, k in config.gate_layers.items() if k in src}
     n_layers, n_heads = args.n_layers, args.n_heads
     if prompts and list(prompts) != list(range(n_layers - len(prompts), n_layers)):
         raise ModelLoadError(
@@ -125,9 +127,7 @@ def _own_loader(
     report.unexpected = list(load.unexpected)
     canonical = extra.canonical()
     picked = {keys.canonical_name(n): canonical[keys.canonical_name(n)] for n in load.matched}
-    picked, taken = _into_model(
-        report.family, picked, report.adapter, report.args.n_heads, tensor, state
-    )
+    picked, taken = _into_model(report.family, picked, report.adapter, report.args, tensor, state)
     report.from_file += taken
     for name, handle in picked.items():
         if name == QUERY_KEY and not report.args.adapter_layer:
