@@ -146,7 +146,7 @@ def test_peft_verify_against_its_trainer_checkpoint(files):
 
 def test_peft_names_its_loader_cannot_match_are_the_seed_bug(tmp_path, files):
     bare = files["peft_bare"].parent
-    code, doc = run("inspect", bare)
+    _, doc = run("inspect", bare)
     assert doc["adapter"]["family"] == "peft-adaption-prompt"
     assert "LOAD_NOTHING" in {f["id"] for f in doc["findings"]}
     prompts = [x for p in PROMPTS for x in ("--prompt", p)]
