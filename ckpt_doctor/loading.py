@@ -88,13 +88,15 @@ def model_args(
             f"{base.path}: cannot tell the model's {', '.join(missing)}",
             hint="pass a base with params.json (Meta) or config.json (HF) beside the weights",
         )
-    kv_heads = (base.params or {}).get("n_kv_heads")
-    if isinstance(kv_heads, int) and kv_heads != facts.n_heads:
+    params = base.params or {}
+    unlike = _not_llama(params, facts.n_heads, facts.dim)
+    if unlike:
         raise UsageError(
-            f"{base.path}: {kv_heads} key/value heads for {facts.n_heads} query heads "
-            "(grouped-query attention); the reference model runs LLaMA-1 style attention only",
+            f"{base.path}: {unlike}; the reference model runs LLaMA's own architecture only, so "
+            "its tokens would not be this model's",
             hint="inspect, diff, extract and verify's static checks still work on this base",
         )
+    theta = params.get("rope_theta", 10000.0)
     ffn = facts.ffn_hidden or ffn_hidden_size(facts.dim or 0, facts.multiple_of or 256)
     a_len = adapter.adapter_len if adapter and adapter.adapter_len else 0
     a_layer = adapter.adapter_layer if adapter and adapter.adapter_layer else 0
@@ -107,12 +109,33 @@ def model_args(
         vocab_size=facts.vocab_size or 0,
         ffn_hidden=ffn,
         norm_eps=facts.norm_eps or 1e-5,
+        rope_theta=float(theta),
         max_seq_len=max_seq_len,
         adapter_len=a_len,
         adapter_layer=a_layer,
         bias=bias,
         scale=scale,
     )
+
+
+def _not_llama(params: Mapping[str, Any], heads: int | None, dim: int | None) -> str:
+    """What in a base's config makes it another architecture than the reference model's ("" if
+    nothing): grouped-query attention, scaled RoPE, biases, another activation or head size."""
+    kv_heads = params.get("n_kv_heads")
+    if isinstance(kv_heads, int) and kv_heads != heads:
+        return f"{kv_heads} key/value heads for {heads} query heads (grouped-query attention)"
+    if params.get("rope_scaling") or params.get("use_scaled_rope"):
+        return f"scaled RoPE ({params.get('rope_scaling') or 'use_scaled_rope'})"
+    if params.get("attention_bias") or params.get("mlp_bias"):
+        return "biases in its attention / MLP projections"
+    if params.get("hidden_act", "silu") != "silu":
+        return f"activation {params['hidden_act']} (LLaMA's is SiLU)"
+    head_dim = params.get("head_dim")
+    if head_dim and heads and dim and head_dim * heads != dim:
+        return f"head_dim {head_dim} x {heads} heads != hidden size {dim}"
+    if params.get("model_type", "llama") not in ("llama",):
+        return f"model_type {params['model_type']}"
+    return ""
 
 
 def load_model(

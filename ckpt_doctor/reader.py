@@ -408,8 +408,26 @@ def _hf_params(path: Path) -> dict[str, Any] | None:
         "vocab_size": "vocab_size",
         "norm_eps": "rms_norm_eps",
         "ffn_hidden": "intermediate_size",
+        "head_dim": "head_dim",
+        "hidden_act": "hidden_act",
+        "attention_bias": "attention_bias",
+        "mlp_bias": "mlp_bias",
+        "model_type": "model_type",
     }
-    return {k: c[v] for k, v in mapping.items() if v in c}
+    params = {k: c[v] for k, v in mapping.items() if v in c}
+    # transformers 5 writes rope_parameters {rope_theta, rope_type}; 4.x rope_theta and
+    # rope_scaling beside it.
+    rope = c.get("rope_parameters") if isinstance(c.get("rope_parameters"), dict) else {}
+    theta = rope.get("rope_theta", c.get("rope_theta"))
+    if theta is not None:
+        params["rope_theta"] = theta
+    scaling = c.get("rope_scaling") or {}
+    kind = rope.get("rope_type") or (
+        scaling.get("rope_type") or scaling.get("type") if isinstance(scaling, dict) else None
+    )
+    if kind not in (None, "default"):
+        params["rope_scaling"] = kind
+    return params
 
 
 def _read_json(path: Path) -> dict[str, Any]:
