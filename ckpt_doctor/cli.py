@@ -179,7 +179,7 @@ def diff(
             open_checkpoint(path, trust_pickle=trust_pickle) as ckpt,
             open_checkpoint(base, trust_pickle=trust_pickle) as base_ckpt,
         ):
-            family = checkpoint_family(ckpt)
+            family = checkpoint_family(ckpt.borrow_params(base_ckpt))
             with _progress("diff") as progress:
                 report = diff_tensors(
                     ckpt.canonical(), base_ckpt.canonical(), family=family, progress=progress

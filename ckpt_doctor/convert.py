@@ -82,7 +82,7 @@ def convert(
     target = family_named(to)
     if target is None or target.name not in TARGETS:
         raise UsageError(f"cannot convert to {to!r}", hint=f"--to one of {', '.join(TARGETS)}")
-    family = checkpoint_family(ckpt)
+    family = checkpoint_family(ckpt.borrow_params(base))
     config = checkpoint_adapter(ckpt, family=family)
     if family is None or config is None:
         raise RefusedError(

@@ -146,7 +146,7 @@ def extract(
     force: bool = False,
     progress: Progress | None = None,
 ) -> Extraction:
-    family = checkpoint_family(ckpt)
+    family = checkpoint_family(ckpt.borrow_params(base))
     if family is UNKNOWN:  # which tensors are the adapter is exactly what is unknown
         require_runs_here(family, ckpt.path, command="extract")
     dest = layouts.destination(out, family, fmt)

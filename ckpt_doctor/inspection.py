@@ -139,7 +139,7 @@ def inspect_checkpoint(
     progress: Progress | None = None,
 ) -> InspectReport:
     """Summarise a checkpoint and run every check that needs no generation."""
-    tensors = ckpt.canonical()
+    tensors = ckpt.borrow_params(base).canonical()
     own_facts = model_facts(tensors, params=ckpt.params)
     base_tensors = base.canonical() if base is not None else None
     facts = (

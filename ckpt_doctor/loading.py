@@ -161,6 +161,8 @@ def load_model(
         raise UsageError("give --adapter or --full, not both", hint="pick the file to test")
     device = torch.device(device)
     extra = adapter or full
+    if extra is not None:
+        extra.borrow_params(base)
     family = checkpoint_family(extra) if extra is not None else None
     config = checkpoint_adapter(extra, family=family) if extra is not None else None
     if extra is not None:

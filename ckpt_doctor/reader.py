@@ -111,6 +111,14 @@ class Checkpoint:
             return dict.fromkeys(self.top_level_keys)
         return dict(self.tensors)
 
+    def borrow_params(self, base: Checkpoint | None) -> Checkpoint:
+        """A fine-tune without a config of its own has its base's shape: take the base's
+        params (HF's head count for its rotary layout, the layer count...)."""
+        if self.params is None and base is not None and base.params is not None:
+            self.params = dict(base.params)
+            self.notes.append(f"model config taken from the base ({base.path})")
+        return self
+
     @property
     def total_bytes(self) -> int:
         return sum(h.nbytes for h in self.tensors.values())

@@ -202,7 +202,7 @@ def repair(
     force: bool = False,
     progress: Progress | None = None,
 ) -> RepairReport:
-    family = checkpoint_family(ckpt)
+    family = checkpoint_family(ckpt.borrow_params(base))
     if family is UNKNOWN:
         require_runs_here(family, ckpt.path, command="repair")
     dest = layouts.destination(out, family, fmt)

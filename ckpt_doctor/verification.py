@@ -79,7 +79,9 @@ def verify(
     full: Checkpoint | None = None,
     progress: Progress | None = None,
 ) -> VerifyReport:
-    family = checkpoint_family(adapter)
+    family = checkpoint_family(adapter.borrow_params(base))
+    if full is not None:
+        full.borrow_params(base)
     if family is UNKNOWN:
         require_runs_here(family, adapter.path, command="verify")
     report = VerifyReport(family=family.name if family is not None else None)

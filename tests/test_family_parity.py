@@ -108,3 +108,29 @@ def test_peft_on_the_meta_base_and_converted_to_v1(tmp_path):
     assert result.max_logit_diff == 0.0 and not result.findings
     report = _generate("meta-base", str(out), "adapter")
     assert [r.generated_ids for r in report.results] == want
+
+
+@pytest.mark.parametrize("full", ["pytorch_model.bin", "model.safetensors"])
+def test_peft_adapter_verifies_against_a_full_peft_state_dict(tmp_path, full):
+    """A PeftModel's full state dict (no config.json beside it: the base's config serves),
+    extracted back into PEFT's own adapter files, bit for bit, and verified."""
+    from ckpt_doctor.extraction import extract
+    from ckpt_doctor.verification import verify
+
+    source = FAMILIES / "peft-full" / full
+    out = tmp_path / "adapter"
+    with open_checkpoint(source) as ckpt, open_checkpoint(FAMILIES / "hf-base") as base:
+        extract(ckpt, out, base=base)
+    got = load_file(str(out / "adapter_model.safetensors"))
+    want = load_file(str(FAMILIES / "peft-adaption-prompt" / "adapter_model.safetensors"))
+    assert set(got) == set(want)
+    # The full state dict holds the adapter in the model's fp16, PEFT's own file in fp32.
+    assert all(torch.equal(got[k], want[k].to(got[k].dtype)) for k in want)
+    with (
+        open_checkpoint(FAMILIES / "peft-adaption-prompt") as adapter,
+        open_checkpoint(FAMILIES / "hf-base") as base,
+        open_checkpoint(source) as ckpt,
+    ):
+        report = verify(adapter, base=base, full=ckpt)
+    checks = {c.name: c for c in report.checks}
+    assert checks["complete"].passed and checks["strict load"].passed

@@ -166,3 +166,40 @@ def test_multimodal_is_refused_with_the_reason(files, command):
     else:
         code, doc = run("diagnose", files["mm"], "--base", BASE)
     assert code == 2 and "CLIP" in doc["error"]["message"]
+
+
+def test_fsdp_wrapped_world_checkpoint_loads_its_adapter(tmp_path):
+    """The world's training checkpoint as FSDP + activation checkpointing name it: a strict
+    smoke run finds every adapter key (not 0) and generates what the clean file does."""
+    import argparse
+
+    from tests.test_families import _fsdp
+
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(ff.WORLD / "checkpoint-4.pth", weights_only=True)
+    ckpt["model"] = {_fsdp(k): v for k, v in ckpt["model"].items()}
+    wrapped = save_zip(ckpt, tmp_path / "fsdp.pth")
+    _, clean = smoke("--full", ff.WORLD / "checkpoint-4.pth")
+    _, doc = smoke("--full", wrapped)
+    assert doc["load"]["matched"] == clean["load"]["matched"] == 44
+    assert generated(doc) == generated(clean)
+
+
+@pytest.mark.parametrize(
+    ("config", "said"),
+    [
+        ({"num_key_value_heads": 2}, "grouped-query"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "scaled RoPE"),
+        ({"attention_bias": True}, "biases"),
+    ],
+)
+def test_a_base_of_another_architecture_is_refused(tmp_path, files, config, said):
+    """Never run another architecture as LLaMA: grouped-query attention, scaled RoPE, biased
+    projections are refused with the reason."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "model.safetensors").write_bytes((files["hf"] / "model.safetensors").read_bytes())
+    (hf / "config.json").write_text(json.dumps({**hf_config(CFG), **config}))
+    (hf / "tokenizer.model").write_bytes((ff.WORLD / "tokenizer.model").read_bytes())
+    code, doc = run("smoke-generate", "--base", hf, "--prompt", "hi", "--max-new-tokens", 2)
+    assert code == 2 and said in doc["error"]["message"]
