@@ -26,7 +26,15 @@ from ckpt_doctor.adapters import AdapterConfig, checkpoint_adapter, checkpoint_f
 from ckpt_doctor.errors import RefusedError, UsageError
 from ckpt_doctor.extraction import adapter_metadata, peft_config
 from ckpt_doctor.facts import ModelFacts, model_facts
-from ckpt_doctor.families import LLAMA_ADAPTER_V1, Family, family_named, litgpt, peft
+from ckpt_doctor.families import (
+    LLAMA_ADAPTER_V1,
+    UNKNOWN,
+    Family,
+    family_named,
+    litgpt,
+    peft,
+    require_runs_here,
+)
 from ckpt_doctor.families.llama_adapter_v1 import QUERY_KEY, gate_key
 from ckpt_doctor.findings import Finding, exit_code_for, finding
 from ckpt_doctor.reader import Checkpoint, open_checkpoint
@@ -83,6 +91,8 @@ def convert(
     if target is None or target.name not in TARGETS:
         raise UsageError(f"cannot convert to {to!r}", hint=f"--to one of {', '.join(TARGETS)}")
     family = checkpoint_family(ckpt.borrow_params(base))
+    if family is UNKNOWN:
+        require_runs_here(family, ckpt.path, command="convert")
     config = checkpoint_adapter(ckpt, family=family)
     if family is None or config is None:
         raise RefusedError(

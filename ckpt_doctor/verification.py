@@ -31,7 +31,7 @@ from ckpt_doctor.families import UNKNOWN, Family, require_runs_here
 from ckpt_doctor.findings import Finding, error_finding, exit_code_for, finding
 from ckpt_doctor.handles import TensorHandle
 from ckpt_doctor.inspection import FULL_SCAN_BYTES
-from ckpt_doctor.load_checks import load_findings
+from ckpt_doctor.load_checks import applies, load_findings
 from ckpt_doctor.numerics import compare
 from ckpt_doctor.reader import Checkpoint
 from ckpt_doctor.transforms import Transforms, raw_matches_training
@@ -167,6 +167,9 @@ def _upstream_load(
     """How the family's own code loads the file as saved, not as ckpt-doctor resolves it."""
     found = load_findings(adapter, family=family, facts=facts, adapter=config)
     _add(report, found)
+    if not applies(adapter, family) and family is not None:
+        why = f"not checked: ckpt-doctor does not model {family.name}'s own model names"
+        return Check("upstream load", False, why, skipped=True)
     load = own_load(adapter, family=family, facts=facts, adapter=config)
     if load.error is not None:
         return Check("upstream load", False, f"{load.code} raises: {load.error} (LOAD_FAILS)")
