@@ -304,3 +304,30 @@ def test_ahead_of_time_signatures_specialise_as_the_jit_does():
     assert got["sig"]["K"] == "*fp16" and got["sig"]["START"] == "i32"
     assert {"Q", "K", "V", "Part", "Lse", "s_kt", "s_kh", "H"} <= set(got["marked"])
     assert not {"START", "CHUNK", "SPLITS"} & set(got["marked"])
+
+
+FAMILIES = Path(__file__).resolve().parents[1] / "fixtures" / "families"
+
+
+@pytest.mark.parametrize(
+    ("base", "adapter"),
+    [("meta-base", "v2-chat-prompts/adapter.pth"), ("hf-base", "peft-adaption-prompt")],
+)
+def test_fused_path_runs_v2_chat_and_peft_to_their_own_codes_tokens(one_thread, base, adapter):
+    """The fused kernels cover the other families the model runs (v2 chat's tanh gates and
+    bias/scale projections, PEFT's raw scalar gates): upstream's / PEFT's own tokens."""
+    expected = json.loads((FAMILIES / "expected.json").read_text())
+    run = expected["runs"]["v2-chat-prompts" if "v2" in adapter else "peft-adaption-prompt"]
+    results = run["results"][:2]
+    args = ["smoke-generate", "--base", str(FAMILIES / base), "--adapter", str(FAMILIES / adapter)]
+    args += ["--attention", "fused", "--no-cuda-graph", "--dtype", "float32", "--json"]
+    args += [
+        "--max-new-tokens",
+        "24",
+        *(a for r in results for a in ("--prompt", r["instruction"])),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code in (0, 1), result.output
+    doc = json.loads(result.stdout)
+    assert doc["attention"] == "fused"
+    assert [r["generated_ids"] for r in doc["results"]] == [r["generated_ids"] for r in results]
