@@ -6,6 +6,7 @@ None of these generate text or load the model; each returns a list of findings w
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -94,28 +95,38 @@ def check_load_overlap(ckpt: Checkpoint, model_names: set[str]) -> list[Finding]
     if not ckpt.tensors:
         return []
     seen = list(ckpt.upstream_view())
-    matched = [k for k in seen if k in model_names]
-    if matched:
+    if any(k in model_names for k in seen):
         return []
-    # Say what each number counts: the file's top-level keys here, the model's keys in
-    # loading's report of an actual load (44 vs 5 must not read as a contradiction).
-    return [
-        finding(
-            "LOAD_NOTHING",
-            f"load_state_dict(strict=False) as upstream does would match 0 of the file's "
-            f"{len(seen)} top-level keys ({short_list(seen)}) to the model's {len(model_names)} "
-            + (
-                "keys; every adapter gate keeps its zero init and the model runs as the plain base"
-                if any(is_adapter_key(n) for n in ckpt.canonical())
-                else "keys; the model keeps the weights it had before (for a base: random ones)"
-            ),
-            "load the resolved state dict (unwrap the container, strip prefixes) or extract the "
-            "adapter tensors into a flat file with upstream names",
-            keys_seen=len(seen),
-            matched=0,
-            model_keys=len(model_names),
+    return [load_nothing(ckpt, model_keys=len(model_names))]
+
+
+def load_nothing(ckpt: Checkpoint, *, model_keys: int) -> Finding:
+    """LOAD_NOTHING, the one message for it: inspect and diagnose predict it from the key
+    names, a smoke run with --load-as upstream sees it happen; the same fact, the same error
+    (loading the file as upstream does gives the plain base model)."""
+    seen = list(ckpt.upstream_view())
+    # Say what each number counts: the model's keys vs the file's top-level keys.
+    message = (
+        f"upstream's load_state_dict(strict=False) takes 0 of the model's {model_keys} keys "
+        f"from this file: none of the file's {len(seen)} top-level keys ({short_list(seen)}) "
+        "is a model key; "
+        + (
+            "every adapter gate keeps its zero init and the model runs as the plain base"
+            if any(is_adapter_key(n) for n in ckpt.canonical())
+            else "the model keeps the weights it had before (for a base: random ones)"
         )
-    ]
+    )
+    # A prefix is cured by stripping it; a container by taking the tensors out.
+    if ckpt.prefix is not None and not ckpt.container_path:
+        hint = f"strip the prefix: ckpt-doctor repair {shlex.quote(str(ckpt.path))} -o fixed.pth"
+    else:
+        hint = (
+            "load the adapter tensors themselves: extract them into a flat file with upstream "
+            "names (ckpt-doctor extract), or load the file with --load-as strict"
+        )
+    return finding(
+        "LOAD_NOTHING", message, hint, keys_seen=len(seen), matched=0, model_keys=model_keys
+    )
 
 
 def upstream_load_findings(ckpt: Checkpoint, model_names: set[str]) -> list[Finding]:

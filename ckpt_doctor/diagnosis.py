@@ -182,21 +182,13 @@ def _arm_error_finding(arm: Arm) -> Finding:
 
 
 def _with_arm_evidence(findings: list[Finding], arms: list[Arm]) -> list[Finding]:
-    """Static findings plus what the arms showed: LOAD_NOTHING as an error once arm A loaded
-    the file that way (SPEC), the errors and the symptoms of the arms that should have
-    worked."""
+    """Static findings plus what the arms showed: LOAD_NOTHING when arm A loaded nothing and
+    the static checks did not predict it, the errors and the symptoms of the arms that should
+    have worked."""
     upstream = arms[0]
     if upstream.error is None and upstream.matched == 0:
         loaded = next((f for f in upstream.findings if f.id == "LOAD_NOTHING"), None)
-        static = next((f for f in findings if f.id == "LOAD_NOTHING"), None)
-        if static is not None:
-            smoke_run = (
-                f"; the smoke run loaded it that way: 0 of the model's {upstream.model_keys} "
-                "keys matched"
-            )
-            escalated = replace(static, severity="error", message=static.message + smoke_run)
-            findings = [escalated if f is static else f for f in findings]
-        elif loaded is not None:
+        if loaded is not None and not any(f.id == "LOAD_NOTHING" for f in findings):
             findings = [*findings, loaded]
     for arm in arms:
         if arm.name == ARM_BASE:

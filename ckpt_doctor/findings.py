@@ -16,7 +16,9 @@ CATALOGUE: dict[str, Severity] = {
     "UNSAFE_PICKLE": "error",
     "EMPTY": "error",
     "CONTAINER_NESTED": "info",
-    "LOAD_NOTHING": "warning",
+    # An error wherever it is found: predicted from the key names (inspect, diagnose, verify)
+    # or seen in a load (smoke-generate --load-as upstream), the model runs as the plain base.
+    "LOAD_NOTHING": "error",
     "KEY_PREFIX": "warning",
     "NONFINITE": "error",
     "FP16_OVERFLOW": "warning",

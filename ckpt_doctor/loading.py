@@ -12,7 +12,6 @@ map of the file, so no second full copy of the weights is ever in memory.
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -209,24 +208,9 @@ def _overlay_upstream(
         state[name] = tensor(handle)
         report.from_file.append(name)
     if not report.from_file:
-        report.findings.append(
-            finding(
-                "LOAD_NOTHING",
-                f"loaded 0 of the model's {len(expected)} keys from {extra.path} with "
-                f"load_state_dict(strict=False): none of the file's {len(raw)} top-level keys "
-                f"({', '.join(list(raw)[:5])}{', ...' if len(raw) > 5 else ''}) is a model "
-                "key; every gate keeps its zero init and the model runs as the plain base",
-                # A prefix is cured by stripping it; a container by taking the tensors out.
-                f"strip the prefix: ckpt-doctor repair {shlex.quote(str(extra.path))} -o fixed.pth"
-                if extra.prefix is not None and not extra.container_path
-                else "load the adapter tensors themselves: extract them into a flat file with "
-                "upstream names, or pass the file with --load-as strict",
-                severity="error",
-                matched=0,
-                keys_seen=len(raw),
-                model_keys=len(expected),
-            )
-        )
+        from ckpt_doctor.checks import load_nothing
+
+        report.findings.append(load_nothing(extra, model_keys=len(expected)))
 
 
 def _overlay_strict(

@@ -232,8 +232,9 @@ def test_container_nested(tmp_path, key):
 
 
 def test_load_nothing_for_training_checkpoint(tmp_path):
-    f = only(inspect(tmp_path, training()), "LOAD_NOTHING", "warning")
-    assert "0 of the file's 5 top-level keys" in f.message
+    f = only(inspect(tmp_path, training()), "LOAD_NOTHING", "error")
+    assert "0 of the model's 44 keys" in f.message
+    assert "none of the file's 5 top-level keys" in f.message
     assert "model, optimizer, epoch, scaler, args" in f.message
     # what is counted is named: the file's keys vs the model's (44 for the tiny config)
     assert "the model's 44 keys" in f.message
@@ -569,7 +570,8 @@ def test_upstream_training_checkpoint_with_base(tmp_path, files):
     path, base = files(tmp_path)
     report = inspect_path(path, base=base)
     assert ids(report) == {"CONTAINER_NESTED", "LOAD_NOTHING", "OPTIMIZER_STATE"}
-    assert not [f for f in report.findings if f.severity == "error"]
+    # loading nothing as upstream does is the one error (an error wherever it is found)
+    assert [f.id for f in report.findings if f.severity == "error"] == ["LOAD_NOTHING"]
     assert report.exit_code == 1
     assert report.adapter.source == "args"
     assert (report.adapter.adapter_len, report.adapter.adapter_layer) == (4, 2)
