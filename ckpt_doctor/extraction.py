@@ -19,6 +19,7 @@ from ckpt_doctor import __version__
 from ckpt_doctor.atomic import check_destination, write_atomically
 from ckpt_doctor.base_checks import check_against_base
 from ckpt_doctor.checks import content_findings
+from ckpt_doctor.choices import canonical_dtype
 from ckpt_doctor.diffing import Progress, diff_tensors
 from ckpt_doctor.errors import RefusedError, UsageError
 from ckpt_doctor.facts import AdapterConfig, ModelFacts, adapter_config, model_facts
@@ -161,6 +162,7 @@ def extract(
     fmt = output_format(out, fmt)
     sources = [*ckpt.files, *(base.files if base else [])]
     check_destination(out, force=force, sources=sources)
+    dtype = None if dtype is None else canonical_dtype(dtype)  # bf16, fp16, half, fp32
     if dtype is not None and dtype not in CAST_DTYPES:
         raise UsageError(
             f"--dtype {dtype!r} cannot hold an adapter",

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ckpt_doctor import keys
+from ckpt_doctor.choices import DTYPES, LOAD_MODES, canonical_dtype
 from ckpt_doctor.errors import ModelLoadError, UsageError
 from ckpt_doctor.facts import AdapterConfig, adapter_config, model_facts
 from ckpt_doctor.families import (
@@ -31,11 +32,9 @@ from ckpt_doctor.families import (
 from ckpt_doctor.findings import Finding, finding
 from ckpt_doctor.handles import TensorHandle
 from ckpt_doctor.model import ModelArgs, Transformer, ffn_hidden_size
+from ckpt_doctor.progress import Progress
 from ckpt_doctor.reader import Checkpoint
 from ckpt_doctor.transforms import tanh_baked
-
-LOAD_MODES = ("strict", "upstream")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -67,6 +66,7 @@ class LoadReport:
 
 def resolve_dtype(name: str, *, device: torch.device, file_dtype: str) -> torch.dtype:
     """``auto``: the file's dtype on a GPU, float32 on the CPU (fp16 matmuls crawl there)."""
+    name = canonical_dtype(name)  # bf16, fp16, half, fp32
     if name not in DTYPES:
         raise UsageError(f"unknown dtype {name!r}", hint=f"use one of {', '.join(DTYPES)}")
     if name == "auto":
@@ -110,8 +110,10 @@ def load_model(
     device: str | torch.device = "cpu",
     gate_fn: str = "raw",
     max_seq_len: int = 512,
+    progress: Progress | None = None,
 ) -> tuple[Transformer, LoadReport]:
-    """Build the model from ``base`` plus an adapter-only file or a full checkpoint."""
+    """Build the model from ``base`` plus an adapter-only file or a full checkpoint.
+    ``progress`` hears the bytes of every tensor as it is made (the file's bytes, read or cast)."""
     if load_as not in LOAD_MODES:
         raise UsageError(f"unknown --load-as {load_as!r}", hint="use strict or upstream")
     if adapter is not None and full is not None:
@@ -142,8 +144,15 @@ def load_model(
     source = "base only" if extra is None else f"{'adapter' if adapter else 'full'} {extra.path}"
     dtype_name = str(torch_dtype).removeprefix("torch.")
     report = LoadReport(load_as, source, args, dtype_name, gate_fn, len(expected), adapter=config)
+    # The bytes to make: the base's model tensors and, at most, all of the extra file's.
+    total = sum(base_tensors[n].nbytes for n in expected if not is_adapter_key(n))
+    total += sum(h.nbytes for h in extra.canonical().values()) if extra is not None else 0
+    done = [0]
 
     def tensor(h: TensorHandle) -> torch.Tensor:
+        if progress is not None:
+            done[0] += h.nbytes
+            progress("loading weights", done[0], total, "bytes")
         t = h.to_torch().to(device=device, dtype=torch_dtype)
         # BLAS kernels pick code paths by alignment; a weight mapped at an odd file offset
         # (safetensors aligns to 8 bytes) would give last-bit-different logits than the same
@@ -163,6 +172,8 @@ def load_model(
     model.load_state_dict(state, assign=True, strict=True)
     model.eval()
     model.prepare(gate_fn=gate_fn)
+    if progress is not None:
+        progress("loading weights", total, total, "bytes")
     return model, report
 
 
