@@ -11,7 +11,9 @@
 6. strict load: a strict load of base + adapter into the reference model has no error finding;
 7. same model: with --full, logits of base + adapter equal the full checkpoint's on a few
    prompts (identical when the base did not drift).
-Every failed check comes with a finding that says why.
+Every failed check comes with a finding that says why. Without --full, bit-exact, complete and
+same logits cannot run: they are listed as not run, and the verdict is "partially verified"
+(exit 0 when every check that ran passed: no finding says anything is wrong).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ckpt_doctor.checks import (
     model_key_names,
     upstream_load_findings,
 )
-from ckpt_doctor.diffing import DiffReport, Progress, diff_tensors
+from ckpt_doctor.diffing import DiffReport, diff_tensors
 from ckpt_doctor.errors import ModelLoadError
 from ckpt_doctor.facts import AdapterConfig, ModelFacts, adapter_config, model_facts
 from ckpt_doctor.families import v1_gate_layers
@@ -34,6 +36,7 @@ from ckpt_doctor.findings import Finding, error_finding, exit_code_for, finding
 from ckpt_doctor.handles import TensorHandle
 from ckpt_doctor.inspection import FULL_SCAN_BYTES
 from ckpt_doctor.numerics import compare
+from ckpt_doctor.progress import Progress, as_bytes, prefixed
 from ckpt_doctor.reader import Checkpoint
 from ckpt_doctor.transforms import Transforms, tanh_baked
 
@@ -43,6 +46,18 @@ class Check:
     name: str
     passed: bool
     detail: str
+    ran: bool = True  # False: could not run (no --full); neither a pass nor a failure
+
+    @property
+    def status(self) -> str:
+        return "not run" if not self.ran else "pass" if self.passed else "fail"
+
+    def to_json(self) -> dict[str, Any]:
+        return {**vars(self), "status": self.status}
+
+
+def not_run(name: str) -> Check:
+    return Check(name, False, "not run: needs --full, the checkpoint it was extracted from", False)
 
 
 @dataclass
@@ -53,7 +68,21 @@ class VerifyReport:
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
+        """Every check that ran passed (see ``verdict`` for the ones that could not run)."""
+        return all(c.passed for c in self.checks if c.ran)
+
+    @property
+    def not_run(self) -> list[str]:
+        return [c.name for c in self.checks if not c.ran]
+
+    @property
+    def verdict(self) -> str:
+        if not self.passed:
+            return "verification failed"
+        if self.not_run:
+            n = len(self.not_run)
+            return f"partially verified: {n} check{'s' * (n != 1)} need{'s' * (n == 1)} --full"
+        return "verified"
 
     @property
     def exit_code(self) -> int:
@@ -63,7 +92,9 @@ class VerifyReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "passed": self.passed,
-            "checks": [vars(c) for c in self.checks],
+            "verdict": self.verdict,
+            "not_run": self.not_run,
+            "checks": [c.to_json() for c in self.checks],
             "max_logit_diff": self.max_logit_diff,
             "findings": [f.to_json() for f in self.findings],
         }
@@ -76,6 +107,7 @@ def verify(
     full: Checkpoint | None = None,
     progress: Progress | None = None,
 ) -> VerifyReport:
+    """The checks above; ``progress`` hears the comparison with the base and the model loads."""
     report = VerifyReport()
     tensors = adapter.canonical()
     facts = model_facts(
@@ -91,7 +123,8 @@ def verify(
     if full is not None:
         source = full.canonical()
         report.checks.append(_bit_exact(tensors, source, report, transforms))
-        diff = diff_tensors(source, base.canonical(), progress=progress)
+        compared = as_bytes(progress, "complete: comparing --full with the base")
+        diff = diff_tensors(source, base.canonical(), progress=compared)
         _add(
             report,
             [
@@ -101,12 +134,19 @@ def verify(
             ],
         )
         report.checks.append(_complete(tensors, diff, full, report))
-    check, model = _loads(adapter, base, report)
+    else:
+        report.checks += [not_run("bit-exact"), not_run("complete")]
+    check, model = _loads(adapter, base, report, prefixed(progress, "strict load: "))
     report.checks.append(check)
-    if full is not None and model is None:
+    if full is None:
+        report.checks.append(not_run("same logits"))
+    elif model is None:
         report.checks.append(Check("same logits", False, "not run: the strict load failed"))
-    elif full is not None:
-        report.checks.append(_same_logits(model, base, full, report, transforms, set(tensors)))
+    else:
+        logits = prefixed(progress, "same logits: ")
+        report.checks.append(
+            _same_logits(model, base, full, report, transforms, set(tensors), logits)
+        )
     return report
 
 
@@ -281,13 +321,20 @@ def _file_dtype(base: Checkpoint) -> str:
     return emb.dtype.name if emb is not None and emb.is_float else "auto"
 
 
-def _loads(adapter: Checkpoint, base: Checkpoint, report: VerifyReport) -> tuple[Check, Any]:
+def _loads(
+    adapter: Checkpoint, base: Checkpoint, report: VerifyReport, progress: Progress | None
+) -> tuple[Check, Any]:
     """The strict load check and the model it built (None when the load raised)."""
     from ckpt_doctor.loading import load_model
 
     try:
         model, load = load_model(
-            base, adapter=adapter, load_as="strict", dtype=_file_dtype(base), max_seq_len=64
+            base,
+            adapter=adapter,
+            load_as="strict",
+            dtype=_file_dtype(base),
+            max_seq_len=64,
+            progress=progress,
         )
     except ModelLoadError as exc:  # a failed check with its reason, not an abort
         _add(report, [error_finding(exc, check="strict load")])
@@ -305,6 +352,7 @@ def _same_logits(
     report: VerifyReport,
     transforms: Transforms,
     adapter_names: set[str],
+    progress: Progress | None = None,
 ) -> Check:
     import torch
 
@@ -313,7 +361,12 @@ def _same_logits(
 
     try:
         f, _ = load_model(
-            base, full=full, load_as="strict", dtype=_file_dtype(base), max_seq_len=64
+            base,
+            full=full,
+            load_as="strict",
+            dtype=_file_dtype(base),
+            max_seq_len=64,
+            progress=prefixed(progress, "--full: "),
         )
     except ModelLoadError as exc:  # --full does not fit the base: nothing to compare with
         _add(report, [error_finding(exc, check="same logits")])
@@ -330,8 +383,14 @@ def _same_logits(
     prompts = torch.randint(3, model.args.vocab_size, (3, 24), generator=g)  # no tokenizer needed
     # Same thread count and weight layout on both sides: bit-for-bit means the same GEMMs.
     with torch.inference_mode(), cpu_tuned(model, 3), cpu_tuned(f, 3):
+        if progress is not None:
+            progress("forward passes", 0, 2, "steps")
         la = model(prompts, 0, model.new_cache(3, 24), all_logits=True)
+        if progress is not None:
+            progress("forward passes", 1, 2, "steps")
         lf = f(prompts, 0, f.new_cache(3, 24), all_logits=True)
+        if progress is not None:
+            progress("forward passes", 2, 2, "steps")
     diff = float((la - lf).abs().max())
     report.max_logit_diff = diff
     drifted = any(x.id == "BASE_MODIFIED" for x in report.findings)
