@@ -1,4 +1,4 @@
-"""Checks of a checkpoint against its base (SPEC section 6): BASE_MISMATCH, VOCAB_MISMATCH,
+"""Checks of a checkpoint against its base (docs/findings.md): BASE_MISMATCH, VOCAB_MISMATCH,
 MISSING_TENSORS, BASE_MODIFIED, DTYPE_CHANGED. Pure functions of a diffing.DiffReport."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Static checks: pure functions from checkpoint facts to findings (SPEC section 6).
+"""Static checks: pure functions from checkpoint facts to findings (docs/findings.md).
 
 None of these generate text or load the model; each returns a list of findings with evidence
 (names, numbers) and a hint that says what to do.

@@ -1,4 +1,4 @@
-"""The findings catalogue (SPEC section 6): stable ids, their severities, and the record type."""
+"""The findings catalogue (docs/findings.md): stable ids, their severities, and the record type."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ CATALOGUE: dict[str, Severity] = {
     "DTYPE_CHANGED": "info",
     "OPTIMIZER_STATE": "info",
     "UNEXPECTED_KEYS": "warning",
-    # verify's own failures (not in SPEC section 6): the evidence of a failed check.
+    # verify's own failures: the evidence of a failed check.
     "SHA256_MISMATCH": "error",  # tensors differ from the sha256 in the file's metadata
     "NOT_BIT_EXACT": "error",  # adapter tensors differ from (or are absent in) --full's
     "LOGITS_DIFFER": "error",  # base + adapter does not reproduce --full's logits
@@ -82,5 +82,5 @@ def error_finding(exc: CkptDoctorError, **evidence: Any) -> Finding:
 
 
 def exit_code_for(findings: list[Finding]) -> int:
-    """SPEC section 5: 1 when any warning or error finding is present, else 0."""
+    """The exit-code rule: 1 when any warning or error finding is present, else 0."""
     return 1 if any(f.severity in ("warning", "error") for f in findings) else 0

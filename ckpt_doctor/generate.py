@@ -1,4 +1,4 @@
-"""Batched generation that tells eos from loop from max tokens (SPEC section 4).
+"""Batched generation that tells eos from loop from max tokens (docs/generation.md).
 
 Prompts of different lengths decode together the way upstream example.py does: prefill the
 shortest prompt length, then step one position at a time, forcing each row's own prompt tokens
@@ -22,7 +22,7 @@ from ckpt_doctor.progress import Progress
 from ckpt_doctor.tokenizer import TEMPLATES, Tokenizer, format_prompt
 
 SMALL_MODEL_DIM = 512
-# How a generation ends (SPEC section 4), plus NaN/Inf logits: the one list of outcomes.
+# How a generation ends (eos, a loop, the token limit) or NaN/Inf logits: the one list.
 OUTCOMES = ("eos", "loop", "max_tokens", "nonfinite")
 
 

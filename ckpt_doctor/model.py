@@ -1,4 +1,4 @@
-"""Reference LLaMA with LLaMA-Adapter v1, in one readable file (SPEC section 3).
+"""Reference LLaMA with LLaMA-Adapter v1, in one readable file (docs/model.md).
 
 Per adapted layer (the last ``adapter_layer`` of ``n_layers``), with x the normed input:
 

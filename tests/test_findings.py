@@ -1,6 +1,6 @@
-"""Every inspect finding of SPEC section 6: one case that must raise it, one that must not.
+"""Every inspect finding of the catalogue (docs/findings.md): one case that raises it, one not.
 
-Each raising case checks the id, the severity the spec gives it, and that the message carries
+Each raising case checks the id, the severity the catalogue gives it, and that the message carries
 the evidence (a tensor name or a number). Variants are built from the fixture functions in
 tmp_path: copy a dict, mutate it, save it.
 """
