@@ -105,12 +105,17 @@ def run_demo(
 
 
 def _shown(path: Path) -> Path:
-    """The world as a path relative to the working directory when it lies below it, so the
-    demo prints fixtures/world/... as a person would type it."""
+    """The world as a person would type it: relative to the working directory when it lies
+    below it (or below a fixtures/ link there), else as given."""
+    cwd = Path.cwd()
     try:
-        return path.resolve().relative_to(Path.cwd())
+        return path.resolve().relative_to(cwd.resolve())
     except ValueError:
-        return path
+        pass
+    linked = Path("fixtures") / path.name
+    if (cwd / linked).is_dir() and (cwd / linked).resolve() == path.resolve():
+        return linked
+    return path
 
 
 def _held_out(path: Path) -> tuple[list[str], list[str] | None]:

@@ -66,16 +66,16 @@ def demo_summary(result: DemoResult) -> str:
     """The demo's last line: did the story hold, and how right are the cured answers."""
     if not result.story_holds:
         return "the demo story did not hold on this machine (see above)"
-    parts = ["eos is back: the adapter was never loaded, now it is"]
+    line = "eos is back: the adapter was never loaded, now it is."
+    right = []
     if result.correct is not None:
-        parts.append(f"{result.correct} of these {len(result.after.results)} answers are right")
+        right.append(f"{result.correct} of these {len(result.after.results)}")
     if result.accuracy is not None:
         a = result.accuracy
-        parts.append(
-            f"on all {a['prompts']} held-out prompts of the world {a['correct']} are "
-            "(manifest.json)"
+        right.append(
+            f"{a['correct']} of the world's {a['prompts']} held-out prompts (manifest.json)"
         )
-    return "; ".join(parts) + "."
+    return line + (f" Right answers: {'; '.join(right)}." if right else "")
 
 
 def outcome_counts(results: list[Any]) -> str:

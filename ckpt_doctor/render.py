@@ -82,12 +82,11 @@ class _Count(ProgressColumn):
     """done / total in the step's unit: bytes in KiB / MiB / GiB, tokens and steps as counts."""
 
     def render(self, task: Any) -> Text:
-        unit = task.fields.get("unit", "")
-        done, total = int(task.completed), None if task.total is None else int(task.total)
+        unit, done, total = task.fields.get("unit", ""), int(task.completed), task.total
         if unit == "bytes":
             text = human_bytes(done) + ("" if total is None else f" / {human_bytes(total)}")
         else:
-            text = f"{done}" + ("" if total is None else f"/{total}") + f" {unit}"
+            text = f"{done}" + ("" if total is None else f"/{int(total)}") + f" {unit}"
         return Text(text, "progress.download")
 
 
@@ -161,18 +160,9 @@ def render_inspect(report: InspectReport) -> None:
             f"{d.tensors} tensors, {human_count(d.parameters)} params, {human_bytes(d.bytes)}",
         )
     f = report.facts
-    model = ", ".join(
-        f"{k} {v}"
-        for k, v in (
-            ("dim", f.dim),
-            ("layers", f.n_layers),
-            ("heads", f.n_heads),
-            ("vocab", f.vocab_size),
-            ("ffn", f.ffn_hidden),
-        )
-        if v is not None
-    )
-    row("model", model or "unknown")
+    sizes = zip(("dim", "layers", "heads", "vocab", "ffn"), (f.dim, f.n_layers, f.n_heads,
+                f.vocab_size, f.ffn_hidden), strict=True)  # fmt: skip
+    row("model", ", ".join(f"{k} {v}" for k, v in sizes if v is not None) or "unknown")
     if report.adapter is None:
         row("adapter", "none found")
     else:
@@ -294,11 +284,11 @@ OUTCOME_STYLE = {"eos": "green", "loop": "bold red", "max_tokens": "yellow", "no
 LOOP_MARK = "»"
 
 
-def _labelled(*rows: tuple[str | Text, str | Text], style: str = "") -> None:
+def _labelled(*rows: tuple[str | Text, str | Text]) -> None:
     """Label / value rows: a value too long for one line wraps under itself, not under the
     label, and a label never runs into its value."""
     grid = Table.grid(padding=(0, 1))
-    grid.add_column(no_wrap=True, style=style)
+    grid.add_column(no_wrap=True)
     grid.add_column(overflow="fold")
     for label, value in rows:
         grid.add_row(label, Text(value) if isinstance(value, str) else value)
@@ -498,7 +488,10 @@ def render_demo(result: DemoResult) -> None:
 
 
 def render_quiet(report: Any) -> None:
-    """--quiet: the findings and the one line that says how it ended, nothing else."""
+    """--quiet: the findings and the one line that says how it ended (and the tensor list
+    inspect --tensors asked for), nothing else."""
+    if isinstance(report, InspectReport) and report.tensor_list is not None:
+        _tensor_list(report)
     if getattr(report, "findings", None):
         render_findings(report.findings)
     line = quiet_line(report)
