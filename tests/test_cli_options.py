@@ -253,3 +253,53 @@ def test_torch_stays_unloaded_for_inspect_help():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     assert torch.__version__  # the test suite itself has torch
+
+
+def test_wrapped_lines_keep_their_indent(tmp_path):
+    out = tmp_path / ("a-rather-long-directory-name-" * 2) / "adapter.safetensors"
+    out.parent.mkdir()
+    result = run("extract", WORLD / "checkpoint-4.pth", "--base", WORLD / "base", "-o", out)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("extracted "))
+    value_column = len("extracted ")
+    continued = lines[first + 1]
+    assert continued[:value_column].strip() == "" and continued[value_column] != " "
+    assert max(map(len, lines)) <= 80
+
+
+@pytest.mark.parametrize(
+    ("args", "header"),
+    [
+        (["--full", WORLD / "checkpoint-4.pth"], "text"),  # every prompt ends in eos
+        (["--full", WORLD / "checkpoint-4.pth", "--load-as", "upstream"], "text (» loop)"),
+    ],
+)
+def test_the_loop_column_title_says_only_what_is_shown(args, header):
+    result = run(
+        "smoke-generate", "--base", WORLD / "base", *args, "--prompt", "Name the opposite of up.",
+        "--max-new-tokens", "40", columns=120,
+    )  # fmt: skip
+    assert result.exit_code in (0, 1), result.output
+    titles = next(line for line in result.stdout.splitlines() if "┃ prompt" in line)
+    assert titles.split("┃")[-2].strip() == header
+    assert ("»" in result.stdout) == (header != "text")
+
+
+def test_on_a_terminal_the_loop_is_underlined(monkeypatch, capsys):
+    """A forced terminal: the repeating part is underlined (no » marker) and the title says so."""
+    from rich.console import Console
+
+    from ckpt_doctor import render
+    from ckpt_doctor.generate import Result
+    from ckpt_doctor.loops import Loop
+
+    term = Console(force_terminal=True, width=100, highlight=False, emoji=False)
+    monkeypatch.setattr(render, "out", term)
+    looped = Result("p", [1], generated_ids=[5] * 40, outcome="loop", text="dog " * 40)
+    looped.loop, looped.loop_char = Loop(1, 0, 40.0), 0
+    assert render._text_header([looped]) == "text (repeating part underlined)"
+    marked = render._marked_text(looped)
+    assert "»" not in marked.plain and any("underline" in str(s.style) for s in marked.spans)
+    done = Result("p", [1], generated_ids=[5], outcome="eos", text="dog.")
+    assert render._text_header([done]) == "text"
