@@ -13,15 +13,15 @@ One ~134M-parameter LLaMA-Adapter v1 model with random fp32 weights is written i
   same prompts and gates, and a manual greedy loop with its ``DynamicCache``.
 
 What PEFT's adaption prompt computes (read from peft/tuners/adaption_prompt/{layer,utils,model}.py,
-peft 0.21.2), against SPEC section 3:
+peft 0.21.2), against the reference math (docs/model.md):
 
 - Adapted layers: ``parents[-adapter_layers:]``, the top layers in order, so PEFT's j-th adapted
   layer is layer ``n_layers - adapter_layers + j``, the same rows of adapter_query as upstream.
 - Prompt keys/values: ``k_proj(adaption_prompt)``, ``v_proj(adaption_prompt)`` with the frozen
-  projections and NO RoPE on them (as SPEC). Queries are recomputed (``q_proj`` again, then RoPE
+  projections and NO RoPE on them (as ours). Queries are recomputed (``q_proj`` again, then RoPE
   from the layer's ``position_embeddings``): the same RoPE'd Q as the base attention.
-- Scores ``Q Ka^T / sqrt(head_dim)`` (as SPEC), softmax in fp32 over the prompt only, a softmax
-  independent of the causal one (as SPEC), cast back to the query dtype.
+- Scores ``Q Ka^T / sqrt(head_dim)`` (as ours), softmax in fp32 over the prompt only, a softmax
+  independent of the causal one (as ours), cast back to the query dtype.
 - Gate: ``adaption_gate`` multiplies the probabilities raw (no tanh), a scalar per layer (shape
   [1]), so it matches ckpt-doctor's ``gate_fn="raw"`` only when all heads share one gate value.
 - Output: ``o_proj(base) + o_proj(adapter)`` instead of ``o_proj(base + adapter)``: equal up to
@@ -31,7 +31,7 @@ peft 0.21.2), against SPEC section 3:
   transformers >= 4.48), k_proj and v_proj of the prompt, and a second o_proj; ckpt-doctor
   computes the prompt K/V once per load and applies wo once. transformers' DynamicCache also
   grows by torch.cat every step, where ckpt-doctor writes into a preallocated cache.
-So PEFT's math is SPEC's with ``gate_fn=raw`` and per-head gates all equal; parity is checked on
+So PEFT's math is ours with ``gate_fn=raw`` and per-head gates all equal; parity is checked on
 exactly that setting, plus all gates 0 against ckpt-doctor's plain base.
 
 Only the decode steps are timed (the prefill is not), median over repeats, sides alternating.

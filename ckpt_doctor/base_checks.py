@@ -1,5 +1,6 @@
-"""Checks of a checkpoint against its base: BASE_MISMATCH, VOCAB_MISMATCH, MISSING_TENSORS,
-BASE_MODIFIED, BASE_ROUNDED, DTYPE_CHANGED. Pure functions of a diffing.DiffReport."""
+"""Checks of a checkpoint against its base (docs/findings.md): BASE_MISMATCH, VOCAB_MISMATCH,
+MISSING_TENSORS, BASE_MODIFIED, BASE_ROUNDED, DTYPE_CHANGED. Pure functions of a
+diffing.DiffReport."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Static checks of a checkpoint's contents: EMPTY, NONFINITE, FP16_OVERFLOW, OPTIMIZER_STATE,
-and content_findings, the checks extract / verify / repair run on what they write.
+"""Static checks of a checkpoint's contents (docs/findings.md): EMPTY, NONFINITE,
+FP16_OVERFLOW, OPTIMIZER_STATE, and content_findings, the checks extract / verify / repair run
+on what they write.
 
 None of these generate text or load the model; each returns a list of findings with evidence
 (names, numbers) and a hint that says what to do. The adapter's own checks are in

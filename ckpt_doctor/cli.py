@@ -6,7 +6,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -15,9 +15,41 @@ import typer
 
 from ckpt_doctor import __version__
 from ckpt_doctor.adapters import checkpoint_family
-from ckpt_doctor.diffing import Progress, diff_tensors
+from ckpt_doctor.choices import CONVERT_TARGETS
+from ckpt_doctor.diffing import diff_tensors
 from ckpt_doctor.errors import CkptDoctorError, InternalError, UsageError
 from ckpt_doctor.inspection import inspect_checkpoint
+from ckpt_doctor.options import (
+    AttentionOpt,
+    BaseOpt,
+    CastOpt,
+    Command,
+    CudaGraphOpt,
+    DebugOpt,
+    DeepOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    FormatOpt,
+    GateOpt,
+    Group,
+    JsonOpt,
+    LoadAsOpt,
+    OutOpt,
+    PathArg,
+    PromptOpt,
+    QuietOpt,
+    ReportOpt,
+    SeedOpt,
+    TemperatureOpt,
+    TemplateOpt,
+    TensorsOpt,
+    TokenizerOpt,
+    TopPOpt,
+    TrustOpt,
+    generation_config,
+)
+from ckpt_doctor.progress import Progress, as_bytes
 from ckpt_doctor.reader import Checkpoint, open_checkpoint
 
 app = typer.Typer(
@@ -26,37 +58,13 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's plain help: it wraps every text at the terminal width; rich's panels cut option
+    # names and help words with an ellipsis at 80 columns.
+    rich_markup_mode=None,
+    cls=Group,
 )
 
-_state = {"debug": False}
-
-PathArg = Annotated[Path, typer.Argument(help="Checkpoint file or directory (Meta, HF).")]
-BaseOpt = Annotated[
-    Path | None, typer.Option("--base", help="Base weights (file or Meta / HF directory).")
-]
-DtypeOpt = Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-OutOpt = Annotated[Path, typer.Option("-o", "--out", help="Output .pth or .safetensors.")]
-FormatOpt = Annotated[
-    str | None, typer.Option("--format", help="pth or safetensors (default: by suffix).")
-]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing OUT.")]
-TokenizerOpt = Annotated[
-    Path | None,
-    typer.Option("--tokenizer", help="tokenizer.model or .json (default: beside the base)."),
-]
-PromptOpt = Annotated[
-    list[str] | None, typer.Option("--prompt", help="An instruction; repeat for more.")
-]
-TrustOpt = Annotated[
-    bool,
-    typer.Option(
-        "--trust-pickle",
-        help="Unpickle globals outside the allowlist. Runs code from the file: only for files "
-        "you trust.",
-    ),
-]
+_state = {"debug": False, "quiet": False}
 
 
 def _version(value: bool) -> None:
@@ -67,15 +75,21 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    debug: Annotated[
-        bool, typer.Option("--debug", help="Show full tracebacks (or CKPT_DOCTOR_DEBUG=1).")
-    ] = False,
+    debug: DebugOpt = False,
+    quiet: QuietOpt = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show version.")
     ] = False,
 ) -> None:
     # Set on every invocation (tests run many in one process).
     _state["debug"] = debug or os.environ.get("CKPT_DOCTOR_DEBUG", "") not in ("", "0")
+    _state["quiet"] = quiet
+
+
+def _common(debug: bool, quiet: bool) -> None:
+    """--debug and --quiet given after the command name, as well as before it."""
+    _state["debug"] = _state["debug"] or debug
+    _state["quiet"] = _state["quiet"] or quiet
 
 
 def _run(as_json: bool, body: Callable[[], int]) -> None:
@@ -124,43 +138,54 @@ def _emit(as_json: bool, report: Any, show: Callable[[Any], None]) -> None:
 
     if as_json:
         render.print_json(report.to_json())
+    elif _state["quiet"]:
+        render.render_quiet(report)
     else:
         show(report)
 
 
-def _progress(label: str) -> AbstractContextManager[Progress | None]:
-    """A progress bar on stderr when a person is watching; nothing in pipes and tests."""
+def _progress() -> AbstractContextManager[Progress | None]:
+    """Progress on stderr when a person is watching it (a terminal) and did not ask for
+    --quiet; nothing in pipes, logs and tests (stdout, --json's included, is never touched)."""
     from ckpt_doctor import render
 
-    return render.progress_bar(label) if sys.stderr.isatty() else nullcontext(None)
+    return render.progress_view(enabled=sys.stderr.isatty() and not _state["quiet"])
 
 
-@app.command()
+@app.command(cls=Command, short_help="What a checkpoint is, holds, and what is wrong with it.")
 def inspect(
     path: PathArg,
     base: BaseOpt = None,
     as_json: JsonOpt = False,
     trust_pickle: TrustOpt = False,
-    deep: Annotated[
-        bool, typer.Option("--deep", help="Scan every tensor's values, not just the adapter's.")
-    ] = False,
+    deep: DeepOpt = False,
+    tensors: TensorsOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Say what a checkpoint is, what is inside, and what is wrong with it."""
+    _common(debug, quiet)
 
     def body() -> int:
         from ckpt_doctor import render
 
         with ExitStack() as stack:
             ckpt, base_ckpt = _open(stack, path, base, trust_pickle=trust_pickle)
-            with _progress("comparing with base") as progress:
-                report = inspect_checkpoint(ckpt, base=base_ckpt, deep=deep, progress=progress)
+            with _progress() as progress:
+                report = inspect_checkpoint(
+                    ckpt,
+                    base=base_ckpt,
+                    deep=deep,
+                    progress=as_bytes(progress, "comparing with base"),
+                    tensors_glob=tensors,
+                )
             _emit(as_json, report, render.render_inspect)
             return report.exit_code
 
     _run(as_json, body)
 
 
-@app.command()
+@app.command(cls=Command, short_help="Classify every tensor against the base.")
 def diff(
     path: PathArg,
     base: Annotated[Path, typer.Option("--base", help="Base weights to diff against.")],
@@ -169,8 +194,12 @@ def diff(
     show_all: Annotated[
         bool, typer.Option("--all", help="List identical tensors in the table too.")
     ] = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
-    """Classify every tensor against the base: added, removed, modified, identical, ..."""
+    """Classify every tensor against the base: added, removed, modified, identical, shape or
+    dtype changed."""
+    _common(debug, quiet)
 
     def body() -> int:
         from ckpt_doctor import render
@@ -180,9 +209,12 @@ def diff(
             open_checkpoint(base, trust_pickle=trust_pickle) as base_ckpt,
         ):
             family = checkpoint_family(ckpt.borrow_params(base_ckpt))
-            with _progress("diff") as progress:
+            with _progress() as progress:
                 report = diff_tensors(
-                    ckpt.canonical(), base_ckpt.canonical(), family=family, progress=progress
+                    ckpt.canonical(),
+                    base_ckpt.canonical(),
+                    family=family,
+                    progress=as_bytes(progress, "diff"),
                 )
             _emit(as_json, report, lambda r: render.render_diff(r, show_all=show_all))
             return report.exit_code
@@ -190,20 +222,21 @@ def diff(
     _run(as_json, body)
 
 
-@app.command()
+@app.command(cls=Command, short_help="Extract the adapter into a flat file upstream loads.")
 def extract(
     path: PathArg,
     out: OutOpt,
     base: BaseOpt = None,
     fmt: FormatOpt = None,
-    dtype: Annotated[
-        str | None, typer.Option("--dtype", help="Cast the adapter (default: keep dtypes).")
-    ] = None,
+    dtype: CastOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     trust_pickle: TrustOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Extract the adapter tensors into a flat file that upstream example.py loads."""
+    _common(debug, quiet)
 
     def body() -> int:
         from ckpt_doctor import render
@@ -211,7 +244,7 @@ def extract(
 
         with ExitStack() as stack:
             ckpt, base_ckpt = _open(stack, path, base, trust_pickle=trust_pickle)
-            with _progress("comparing with base") as progress:
+            with _progress() as progress:
                 result = run_extract(
                     ckpt,
                     out,
@@ -219,7 +252,7 @@ def extract(
                     fmt=fmt,
                     dtype=dtype,
                     force=force,
-                    progress=progress,
+                    progress=as_bytes(progress, "comparing with base"),
                 )
         _emit(as_json, result, render.render_extraction)
         return result.exit_code
@@ -227,7 +260,7 @@ def extract(
     _run(as_json, body)
 
 
-@app.command()
+@app.command(cls=Command, short_help="Prove an extracted adapter exact, complete, loadable.")
 def verify(
     adapter: Annotated[Path, typer.Argument(help="The extracted adapter file.")],
     base: Annotated[Path, typer.Option("--base", help="Base weights the adapter goes on.")],
@@ -236,8 +269,12 @@ def verify(
     ] = None,
     as_json: JsonOpt = False,
     trust_pickle: TrustOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
-    """Prove an adapter is bit-exact, complete and loadable (and equals --full's model)."""
+    """Prove an adapter loadable and sound; with --full also bit-exact, complete and the same
+    model (without it those three checks cannot run: the verdict says so, exit 0)."""
+    _common(debug, quiet)
 
     def body() -> int:
         from ckpt_doctor import render
@@ -245,7 +282,7 @@ def verify(
 
         with ExitStack() as stack:
             opened = _open(stack, adapter, base, full, trust_pickle=trust_pickle)
-            with _progress("comparing with base") as progress:
+            with _progress() as progress:
                 report = run_verify(opened[0], base=opened[1], full=opened[2], progress=progress)
         _emit(as_json, report, render.render_verify)
         return report.exit_code
@@ -253,7 +290,7 @@ def verify(
     _run(as_json, body)
 
 
-@app.command()
+@app.command(cls=Command, short_help="Write a fixed copy and list every change.")
 def repair(
     path: PathArg,
     out: OutOpt,
@@ -268,8 +305,11 @@ def repair(
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     trust_pickle: TrustOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Write a fixed copy: unwrap, strip prefixes, broadcast gates; list every change."""
+    _common(debug, quiet)
 
     def body() -> int:
         from ckpt_doctor import render
@@ -277,7 +317,7 @@ def repair(
 
         with ExitStack() as stack:
             ckpt, base_ckpt = _open(stack, path, base, trust_pickle=trust_pickle)
-            with _progress("comparing with base") as progress:
+            with _progress() as progress:
                 report = run_repair(
                     ckpt,
                     out,
@@ -286,7 +326,7 @@ def repair(
                     restore_base=restore_base,
                     fmt=fmt,
                     force=force,
-                    progress=progress,
+                    progress=as_bytes(progress, "comparing with base"),
                 )
         _emit(as_json, report, render.render_repair)
         return report.exit_code
@@ -294,11 +334,16 @@ def repair(
     _run(as_json, body)
 
 
-@app.command()
+@app.command(cls=Command, short_help="Convert an adapter between families, where exact.")
 def convert(
     path: PathArg,
     out: Annotated[Path, typer.Option("-o", "--out", help="Output file (v1) or directory (PEFT).")],
-    to: Annotated[str, typer.Option("--to", help="llama-adapter-v1 or peft-adaption-prompt.")],
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to", click_type=click.Choice(CONVERT_TARGETS), help="The family to convert into."
+        ),
+    ],
     base: Annotated[
         Path | None,
         typer.Option("--base", help="Base weights: layer/head counts, and a logits check."),
@@ -323,41 +368,62 @@ def convert(
     _run(as_json, body)
 
 
-@app.command()
+@app.command(cls=Command, short_help="Find why a checkpoint misbehaves, and the fix.")
 def diagnose(
     path: PathArg,
     base: Annotated[Path, typer.Option("--base", help="Base weights the fine-tune started from.")],
     tokenizer: TokenizerOpt = None,
     prompt: PromptOpt = None,
+    template: TemplateOpt = "alpaca",
     max_new_tokens: Annotated[int, typer.Option(help="Per prompt, per smoke arm.")] = 64,
+    gate: GateOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
+    attention: AttentionOpt = "auto",
+    cuda_graph: CudaGraphOpt = True,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = 0,
+    report: ReportOpt = None,
     as_json: JsonOpt = False,
     trust_pickle: TrustOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Find the root cause of a misbehaving checkpoint and the command that fixes it."""
+    _common(debug, quiet)
 
     def body() -> int:
         from ckpt_doctor import render
         from ckpt_doctor.diagnosis import diagnose as run_diagnose
+        from ckpt_doctor.report import check_report_path, write_report
 
-        result = run_diagnose(
-            path,
-            base,
-            tokenizer_path=tokenizer,
-            prompts=prompt,
-            max_new_tokens=max_new_tokens,
-            trust_pickle=trust_pickle,
-            dtype=dtype,
-            device=device,
-        )
+        check_report_path(report, inputs=[path, base])
+        config = generation_config(max_new_tokens, template, temperature, top_p, seed, cuda_graph)
+        with _progress() as progress:
+            result = run_diagnose(
+                path,
+                base,
+                tokenizer_path=tokenizer,
+                prompts=prompt,
+                trust_pickle=trust_pickle,
+                dtype=dtype,
+                device=device,
+                config=config,
+                gate_fn=gate,
+                attention=attention,
+                progress=progress,
+            )
+        write_report(report, result)
         _emit(as_json, result, render.render_diagnosis)
         return result.exit_code
 
     _run(as_json, body)
 
 
-@app.command("smoke-generate")
+@app.command(
+    "smoke-generate", cls=Command, short_help="Generate; tell eos from loop from max tokens."
+)
 def smoke_generate(
     base: Annotated[Path, typer.Option("--base", help="Base weights (Meta / HF directory).")],
     adapter: Annotated[
@@ -366,80 +432,69 @@ def smoke_generate(
     full: Annotated[
         Path | None, typer.Option("--full", help="Full / training checkpoint to load.")
     ] = None,
-    tokenizer: Annotated[
-        Path | None,
-        typer.Option(
-            "--tokenizer", help="tokenizer.model / tokenizer.json (default: beside base)."
-        ),
-    ] = None,
+    tokenizer: TokenizerOpt = None,
     prompt: PromptOpt = None,
-    template: Annotated[str, typer.Option(help="Prompt template: alpaca or none.")] = "alpaca",
+    template: TemplateOpt = "alpaca",
     max_new_tokens: Annotated[int, typer.Option(help="Stop a prompt after this many.")] = 128,
-    gate: Annotated[
-        str | None,
-        typer.Option(help="Gate function: raw or tanh (default: the adapter family's own)."),
-    ] = None,
-    load_as: Annotated[
-        str, typer.Option(help="strict, or upstream (load_state_dict(strict=False)).")
-    ] = "strict",
+    gate: GateOpt = None,
+    load_as: LoadAsOpt = "strict",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
-    attention: Annotated[str, typer.Option(help="auto, reference or fused.")] = "auto",
-    cuda_graph: Annotated[
-        bool,
-        typer.Option(
-            "--cuda-graph/--no-cuda-graph", help="On CUDA, replay each decode step as a graph."
-        ),
-    ] = True,
-    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    attention: AttentionOpt = "auto",
+    cuda_graph: CudaGraphOpt = True,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = 0,
+    report: ReportOpt = None,
     as_json: JsonOpt = False,
     trust_pickle: TrustOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Generate with the reference model and tell eos from loop from max tokens."""
+    _common(debug, quiet)
 
     def body() -> int:
         from ckpt_doctor import render
-        from ckpt_doctor.generate import GenerationConfig
+        from ckpt_doctor.report import check_report_path, write_report
         from ckpt_doctor.smoke import smoke_generate as run_smoke
 
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            template=template,
-            cuda_graph=cuda_graph,
-        )
+        check_report_path(report, inputs=[p for p in (base, adapter, full) if p])
+        config = generation_config(max_new_tokens, template, temperature, top_p, seed, cuda_graph)
         with ExitStack() as stack:
             opened = _open(stack, base, adapter, full, trust_pickle=trust_pickle)
-            report = run_smoke(
-                opened[0],
-                adapter=opened[1],
-                full=opened[2],
-                tokenizer_path=tokenizer,
-                prompts=prompt,
-                config=config,
-                load_as=load_as,
-                dtype=dtype,
-                device=device,
-                gate_fn=gate,
-                attention=attention,
-            )
-        _emit(as_json, report, render.render_smoke)
-        return report.exit_code
+            with _progress() as progress:
+                result = run_smoke(
+                    opened[0],
+                    adapter=opened[1],
+                    full=opened[2],
+                    tokenizer_path=tokenizer,
+                    prompts=prompt,
+                    config=config,
+                    load_as=load_as,
+                    dtype=dtype,
+                    device=device,
+                    gate_fn=gate,
+                    attention=attention,
+                    progress=progress,
+                )
+        write_report(report, result)
+        _emit(as_json, result, render.render_smoke)
+        return result.exit_code
 
     _run(as_json, body)
 
 
-@app.command()
+@app.command(cls=Command, short_help="The whole story on the bundled fixture world.")
 def demo(
     world: Annotated[
         Path | None, typer.Option("--world", help="Fixture world dir (default: fixtures/world).")
     ] = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """The whole story on the bundled fixtures: loop, diagnose, extract, verify, eos."""
+    _common(debug, quiet)
 
     def body() -> int:
         import tempfile
@@ -448,8 +503,12 @@ def demo(
         from ckpt_doctor.demo import WORLD, run_demo
 
         with tempfile.TemporaryDirectory(prefix="ckpt-doctor-demo-") as tmp:
-            result = run_demo(Path(tmp), world=world or WORLD)
-            render.render_demo(result)
+            with _progress() as progress:
+                result = run_demo(Path(tmp), world=world or WORLD, progress=progress)
+            if _state["quiet"]:
+                render.render_quiet(result)
+            else:
+                render.render_demo(result)
         return result.exit_code
 
     _run(False, body)
@@ -465,7 +524,8 @@ def main() -> None:
         if "--json" in sys.argv[1:]:
             from ckpt_doctor import render
 
-            hint = "see ckpt-doctor COMMAND --help"
+            ctx = getattr(exc, "ctx", None)  # the command being parsed, when click knows it
+            hint = f"see {ctx.command_path if ctx else 'ckpt-doctor'} --help"
             render.print_json(render.error_json(UsageError(exc.format_message(), hint=hint)))
         exc.show()
         sys.exit(exc.exit_code)

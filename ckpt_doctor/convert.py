@@ -23,6 +23,7 @@ import numpy as np
 
 from ckpt_doctor import __version__, layouts
 from ckpt_doctor.adapters import AdapterConfig, checkpoint_adapter, checkpoint_family
+from ckpt_doctor.choices import CONVERT_TARGETS
 from ckpt_doctor.errors import RefusedError, UsageError
 from ckpt_doctor.extraction import adapter_metadata, peft_config
 from ckpt_doctor.facts import ModelFacts, model_facts
@@ -40,7 +41,7 @@ from ckpt_doctor.findings import Finding, exit_code_for, finding
 from ckpt_doctor.reader import Checkpoint, open_checkpoint
 from ckpt_doctor.transforms import GATE_TRAINED_KEY
 
-TARGETS = (LLAMA_ADAPTER_V1.name, peft.ADAPTION_PROMPT.name)
+TARGETS = CONVERT_TARGETS
 _NOT_CONVERTIBLE = {
     "litgpt": litgpt.LITGPT_ADAPTER.refusal,
     "llama-adapter-v2-chat": "v2 tunes a bias and an input scale on every linear and the norms "

@@ -4,8 +4,9 @@ Arms of the smoke run: A, the file as upstream example.py loads it (strict=False
 adapter tensors on the base (what extraction gives); C, the base alone. Their outcomes and
 whether A's generations equal C's are the behavioural evidence for the verdict. A and B are
 expected to end at eos; when they do not, their NONFINITE / LOOP / NO_EOS findings join the
-diagnosis (C, the base, is not expected to stop). LOAD_NOTHING becomes an error once arm A
-has actually loaded the file that way. An arm that should work (A or B) but raised becomes
+diagnosis (C, the base, is not expected to stop). Each arm keeps its per-prompt results (text,
+token ids, outcome, P(eos) per step) for the tables and reports. An arm that should work (A or
+B) but raised becomes
 a finding of its error's code; when every arm raised the same error (a tokenizer that cannot be
 read, say), nothing was diagnosed and that error is raised as it is.
 """
@@ -21,8 +22,9 @@ from ckpt_doctor.adapters import checkpoint_family
 from ckpt_doctor.errors import CkptDoctorError
 from ckpt_doctor.families import peft, require_runs_here
 from ckpt_doctor.findings import CATALOGUE, Finding, exit_code_for, finding
-from ckpt_doctor.generate import GenerationConfig
-from ckpt_doctor.inspection import inspect_checkpoint
+from ckpt_doctor.generate import GenerationConfig, Result
+from ckpt_doctor.inspection import GateRow, inspect_checkpoint
+from ckpt_doctor.progress import Progress, as_bytes, prefixed
 from ckpt_doctor.reader import Checkpoint, open_checkpoint
 from ckpt_doctor.smoke import resolve_tokenizer
 
@@ -74,9 +76,16 @@ class Arm:
     error_code: str | None = None  # the raised error's code; None when it ran or was not run
     error_hint: str | None = None
     findings: list[Finding] = field(default_factory=list)  # the arm's smoke findings
+    results: list[Result] = field(default_factory=list)  # per prompt, as smoke-generate's
+    gates: dict[int, list[float]] = field(default_factory=dict)  # the gate values it ran with
 
     def to_json(self) -> dict[str, Any]:
-        return {**vars(self), "findings": [f.to_json() for f in self.findings]}
+        return {
+            **vars(self),
+            "findings": [f.to_json() for f in self.findings],
+            "results": [r.to_json() for r in self.results],
+            "gates": {str(layer): g for layer, g in self.gates.items()},
+        }
 
 
 @dataclass
@@ -88,14 +97,18 @@ class Diagnosis:
     findings: list[Finding]
     arms: list[Arm] = field(default_factory=list)
     exit_code: int = 0
+    gates: list[GateRow] = field(default_factory=list)  # the file's, as inspect reads them
+    base_path: Path | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "path": str(self.path),
+            "base": None if self.base_path is None else str(self.base_path),
             "root_cause": self.root_cause,
             "verdict": self.verdict,
             "fix": self.fix,
             "arms": [a.to_json() for a in self.arms],
+            "gates": [r.to_json() for r in self.gates],
             "findings": [f.to_json() for f in self.findings],
         }
 
@@ -110,7 +123,15 @@ def diagnose(
     trust_pickle: bool = False,
     dtype: str = "auto",
     device: str = "auto",
+    config: GenerationConfig | None = None,
+    gate_fn: str = "raw",
+    attention: str = "auto",
+    progress: Progress | None = None,
 ) -> Diagnosis:
+    """Static findings, the three smoke arms, the root cause and its fix. ``config`` (template,
+    sampling, CUDA graph; default greedy with ``max_new_tokens``), ``gate_fn`` and ``attention``
+    are smoke-generate's generation options, the same for every arm."""
+    config = config or GenerationConfig(max_new_tokens=max_new_tokens)
     try:
         ckpt = open_checkpoint(path, trust_pickle=trust_pickle)
     except CkptDoctorError as exc:
@@ -119,7 +140,8 @@ def diagnose(
     with ckpt, open_checkpoint(base_path, trust_pickle=trust_pickle) as base:
         # Same rule as smoke-generate: no tokenizer, no A/B run, so say so up front.
         tokenizer_path = resolve_tokenizer(base, tokenizer_path)
-        report = inspect_checkpoint(ckpt, base=base)
+        check = as_bytes(progress, "checking against the base")
+        report = inspect_checkpoint(ckpt, base=base, progress=check)
         family = checkpoint_family(ckpt)
         require_runs_here(family, path, command="diagnose")
         findings = list(report.findings)
@@ -134,9 +156,9 @@ def diagnose(
             )
         run = {
             "tokenizer_path": tokenizer_path, "prompts": prompts, "dtype": dtype,
-            "device": device, "config": GenerationConfig(max_new_tokens=max_new_tokens),
+            "device": device, "config": config, "gate_fn": gate_fn, "attention": attention,
         }  # fmt: skip
-        arms = _smoke_arms(ckpt, base, run, adapter=report.adapter is not None)
+        arms = _smoke_arms(ckpt, base, run, adapter=report.adapter is not None, progress=progress)
     findings = _with_arm_evidence(findings, arms)
     ids = {f.id for f in findings if f.severity != "info"}
     cause = next((c for c in CAUSES if c in ids), None)
@@ -144,9 +166,9 @@ def diagnose(
     ext = "" if family is peft.ADAPTION_PROMPT else ".pth"  # a PEFT adapter is a directory
     fix = fix_command(cause_finding, path, base_path, ext=ext) if cause_finding else None
     verdict = _verdict(cause, findings, arms, ckpt)
-    # A non-eos outcome of A or B exits 1 even without a finding (SPEC section 5).
+    # A non-eos outcome of A or B exits 1 even without a finding (the exit-code contract).
     code = max(exit_code_for(findings), 0 if _healthy(arms) else 1)
-    return Diagnosis(path, cause, verdict, fix, findings, arms, code)
+    return Diagnosis(path, cause, verdict, fix, findings, arms, code, report.gates, base_path)
 
 
 def fix_command(cause: Finding, path: Path, base: Path, *, ext: str = ".pth") -> str | None:
@@ -188,21 +210,13 @@ def _arm_error_finding(arm: Arm) -> Finding:
 
 
 def _with_arm_evidence(findings: list[Finding], arms: list[Arm]) -> list[Finding]:
-    """Static findings plus what the arms showed: LOAD_NOTHING as an error once arm A loaded
-    the file that way (SPEC), the errors and the symptoms of the arms that should have
-    worked."""
+    """Static findings plus what the arms showed: LOAD_NOTHING when arm A loaded nothing and
+    the static checks did not predict it, the errors and the symptoms of the arms that should
+    have worked."""
     upstream = arms[0]
     if upstream.error is None and upstream.matched == 0:
         loaded = next((f for f in upstream.findings if f.id == "LOAD_NOTHING"), None)
-        static = next((f for f in findings if f.id == "LOAD_NOTHING"), None)
-        if static is not None:
-            smoke_run = (
-                f"; the smoke run loaded it that way: 0 of the model's {upstream.model_keys} "
-                "keys matched"
-            )
-            escalated = replace(static, severity="error", message=static.message + smoke_run)
-            findings = [escalated if f is static else f for f in findings]
-        elif loaded is not None:
+        if loaded is not None and not any(f.id == "LOAD_NOTHING" for f in findings):
             findings = [*findings, loaded]
     for arm in arms:
         if arm.name == ARM_BASE:
@@ -235,10 +249,15 @@ def _adapter_only(ckpt: Checkpoint) -> Checkpoint:
 
 
 def _smoke_arms(
-    ckpt: Checkpoint, base: Checkpoint, run: dict[str, Any], *, adapter: bool
+    ckpt: Checkpoint,
+    base: Checkpoint,
+    run: dict[str, Any],
+    *,
+    adapter: bool,
+    progress: Progress | None = None,
 ) -> list[Arm]:
     """The three arms, each a smoke_generate with ``run``'s settings (tokenizer, prompts,
-    dtype, device, generation config)."""
+    dtype, device, generation config, gate function, attention)."""
     from ckpt_doctor.smoke import smoke_generate
 
     plans: dict[str, dict[str, Any] | None] = {
@@ -249,14 +268,15 @@ def _smoke_arms(
     }
     arms = []
     raised: list[CkptDoctorError] = []
-    for name, kwargs in plans.items():
+    for k, (name, kwargs) in enumerate(plans.items(), 1):
         arm = Arm(name)
         arms.append(arm)
         if kwargs is None:
             arm.error = "not run: the file holds no adapter tensors"
             continue
+        shown = prefixed(progress, f"arm {k}/{len(plans)} ({name}): ")
         try:
-            smoke = smoke_generate(base, **run, **kwargs)
+            smoke = smoke_generate(base, **run, **kwargs, progress=shown)
         except CkptDoctorError as exc:
             arm.error = f"[{exc.code}] {exc.message}"
             arm.error_code, arm.error_hint = exc.code, exc.hint
@@ -265,6 +285,7 @@ def _smoke_arms(
             for r in smoke.results:
                 arm.outcomes[r.outcome] = arm.outcomes.get(r.outcome, 0) + 1
             arm.generated = [r.generated_ids for r in smoke.results]
+            arm.results, arm.gates = smoke.results, smoke.gates
             arm.matched = len(smoke.load.from_file)
             arm.model_keys = smoke.load.model_keys
             arm.findings = smoke.findings

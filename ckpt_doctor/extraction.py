@@ -21,6 +21,7 @@ from ckpt_doctor import __version__, keys, layouts
 from ckpt_doctor.adapters import AdapterConfig, checkpoint_adapter, checkpoint_family
 from ckpt_doctor.base_checks import check_against_base
 from ckpt_doctor.checks import content_findings
+from ckpt_doctor.choices import canonical_dtype
 from ckpt_doctor.diffing import Progress, diff_tensors
 from ckpt_doctor.errors import RefusedError, UsageError
 from ckpt_doctor.facts import ModelFacts, model_facts
@@ -151,6 +152,7 @@ def extract(
         require_runs_here(family, ckpt.path, command="extract")
     dest = layouts.destination(out, family, fmt)
     layouts.check(dest, force=force, sources=[*ckpt.files, *(base.files if base else [])])
+    dtype = None if dtype is None else canonical_dtype(dtype)  # bf16, fp16, half, fp32
     if dtype is not None and dtype not in CAST_DTYPES:
         raise UsageError(
             f"--dtype {dtype!r} cannot hold an adapter",

@@ -1,4 +1,4 @@
-"""The findings catalogue (SPEC section 6): stable ids, their severities, and the record type."""
+"""The findings catalogue (docs/findings.md): stable ids, their severities, and the record type."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ CATALOGUE: dict[str, Severity] = {
     "UNSAFE_PICKLE": "error",
     "EMPTY": "error",
     "CONTAINER_NESTED": "info",
-    "LOAD_NOTHING": "warning",
+    # An error wherever it is found: predicted from the key names (inspect, diagnose, verify)
+    # or seen in a load (smoke-generate --load-as upstream), the model runs as the plain base.
+    "LOAD_NOTHING": "error",
     # The family's own loader raises on the file (a flat file where it indexes ['model'], a
     # name it refuses): upstream cannot load it at all.
     "LOAD_FAILS": "error",
@@ -41,7 +43,7 @@ CATALOGUE: dict[str, Severity] = {
     "BASE_ROUNDED": "warning",
     "OPTIMIZER_STATE": "info",
     "UNEXPECTED_KEYS": "warning",
-    # verify's own failures (not in SPEC section 6): the evidence of a failed check.
+    # verify's own failures: the evidence of a failed check.
     "SHA256_MISMATCH": "error",  # tensors differ from the sha256 in the file's metadata
     "NOT_BIT_EXACT": "error",  # adapter tensors differ from (or are absent in) --full's
     "LOGITS_DIFFER": "error",  # base + adapter does not reproduce --full's logits
@@ -94,5 +96,5 @@ def error_finding(exc: CkptDoctorError, **evidence: Any) -> Finding:
 
 
 def exit_code_for(findings: list[Finding]) -> int:
-    """SPEC section 5: 1 when any warning or error finding is present, else 0."""
+    """The exit-code rule: 1 when any warning or error finding is present, else 0."""
     return 1 if any(f.severity in ("warning", "error") for f in findings) else 0

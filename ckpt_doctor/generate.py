@@ -1,4 +1,4 @@
-"""Batched generation that tells eos from loop from max tokens (SPEC section 4).
+"""Batched generation that tells eos from loop from max tokens (docs/generation.md).
 
 Prompts of different lengths decode together the way upstream example.py does: prefill the
 shortest prompt length, then step one position at a time, forcing each row's own prompt tokens
@@ -18,10 +18,11 @@ import torch
 from ckpt_doctor.errors import UsageError
 from ckpt_doctor.loops import Loop, LoopDetector
 from ckpt_doctor.model import KVCache, Transformer
+from ckpt_doctor.progress import Progress
 from ckpt_doctor.tokenizer import TEMPLATES, Tokenizer, format_prompt
 
 SMALL_MODEL_DIM = 512
-# How a generation ends (SPEC section 4), plus NaN/Inf logits: the one list of outcomes.
+# How a generation ends (eos, a loop, the token limit) or NaN/Inf logits: the one list.
 OUTCOMES = ("eos", "loop", "max_tokens", "nonfinite")
 
 
@@ -199,14 +200,20 @@ def generate(
     instructions: list[str],
     *,
     config: GenerationConfig | None = None,
+    progress: Progress | None = None,
 ) -> list[Result]:
-    """Generate for every instruction in one batch; an outcome per prompt."""
+    """Generate for every instruction in one batch; an outcome per prompt. ``progress`` hears
+    the tokens after every step (a finished prompt counts its whole budget)."""
     with cpu_tuned(model, len(instructions)):
-        return _generate(model, tokenizer, instructions, config or GenerationConfig())
+        return _generate(model, tokenizer, instructions, config or GenerationConfig(), progress)
 
 
 def _generate(
-    model: Transformer, tokenizer: Tokenizer, instructions: list[str], config: GenerationConfig
+    model: Transformer,
+    tokenizer: Tokenizer,
+    instructions: list[str],
+    config: GenerationConfig,
+    progress: Progress | None = None,
 ) -> list[Result]:
     device = model.tok_embeddings.weight.device
     ids = prompt_ids(tokenizer, instructions, config)
@@ -269,6 +276,8 @@ def _generate(
             elif len(r.generated_ids) >= config.max_new_tokens:
                 done[i] = True
         tokens[:, pos] = torch.tensor(column, device=device)
+        if progress is not None:
+            _report(progress, results, done, config.max_new_tokens)
         if all(done):
             break
     for r in results:
@@ -276,3 +285,11 @@ def _generate(
         if r.loop is not None:
             r.loop_char = len(tokenizer.decode(r.generated_ids[: r.loop.start]))
     return results
+
+
+def _report(progress: Progress, results: list[Result], done: list[bool], budget: int) -> None:
+    """Tokens so far of every prompt's budget; a finished prompt has used all of its own."""
+    finished = sum(done)
+    made = sum(budget if d else len(r.generated_ids) for r, d in zip(results, done, strict=True))
+    task = f"generating {len(results)} prompt{'s' * (len(results) != 1)} ({finished} finished)"
+    progress(task, made, budget * len(results), "tokens")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,33 @@ class GateRow:
     g: list[float]
     tanh_g: list[float]
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "prompt_index": self.prompt_index,
+            "shape": list(self.shape),
+            "g": self.g,
+            "tanh_g": self.tanh_g,
+        }
+
+
+@dataclass(frozen=True)
+class TensorRow:
+    """One tensor as the file stores it (inspect --tensors)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "bytes": self.bytes,
+        }
+
 
 @dataclass(frozen=True)
 class InspectReport:
@@ -70,6 +98,7 @@ class InspectReport:
     base_path: Path | None = None
     diff: DiffReport | None = None
     notes: list[str] = field(default_factory=list)
+    tensor_list: list[TensorRow] | None = None  # inspect --tensors [GLOB]; None: not asked
 
     @property
     def exit_code(self) -> int:
@@ -97,16 +126,7 @@ class InspectReport:
                 "bytes": self.adapter_bytes,
                 "adapted_layers": self.adapted_layers,
             },
-            "gates": [
-                {
-                    "layer": r.layer,
-                    "prompt_index": r.prompt_index,
-                    "shape": list(r.shape),
-                    "g": r.g,
-                    "tanh_g": r.tanh_g,
-                }
-                for r in self.gates
-            ],
+            "gates": [r.to_json() for r in self.gates],
             "entries": {
                 k: {"kind": e.kind, "summary": e.summary, "bytes": e.tensor_bytes}
                 for k, e in self.entries.items()
@@ -117,6 +137,9 @@ class InspectReport:
             "base": str(self.base_path) if self.base_path else None,
             "diff_counts": self.diff.counts if self.diff else None,
             "notes": self.notes,
+            "tensor_list": None
+            if self.tensor_list is None
+            else [t.to_json() for t in self.tensor_list],
             "findings": [f.to_json() for f in self.findings],
         }
 
@@ -137,8 +160,10 @@ def inspect_checkpoint(
     base: Checkpoint | None = None,
     deep: bool = False,
     progress: Progress | None = None,
+    tensors_glob: str | None = None,
 ) -> InspectReport:
-    """Summarise a checkpoint and run every check that needs no generation."""
+    """Summarise a checkpoint and run every check that needs no generation; with
+    ``tensors_glob`` also list the tensors whose names match it (``*`` for all)."""
     tensors = ckpt.borrow_params(base).canonical()
     own_facts = model_facts(tensors, params=ckpt.params)
     base_tensors = base.canonical() if base is not None else None
@@ -203,6 +228,7 @@ def inspect_checkpoint(
         base_path=base.path if base is not None else None,
         diff=diff,
         notes=list(ckpt.notes),
+        tensor_list=None if tensors_glob is None else tensor_rows(ckpt, tensors_glob),
     )
 
 
@@ -210,6 +236,15 @@ def _foreign_prefix(ckpt: Checkpoint, family: Family | None) -> str | None:
     rewrite = ckpt.prefix
     own = family.loader.own_prefix if family is not None else ""
     return " + ".join(rewrite.foreign(own)) or None if rewrite is not None else None
+
+
+def tensor_rows(ckpt: Checkpoint, pattern: str = "*") -> list[TensorRow]:
+    """The file's tensors (names as stored, in file order) whose name matches the glob."""
+    return [
+        TensorRow(name, h.shape, h.dtype.name, h.nbytes)
+        for name, h in ckpt.tensors.items()
+        if fnmatch.fnmatchcase(name, pattern)
+    ]
 
 
 def _dtype_rows(ckpt: Checkpoint) -> list[DtypeRow]:

@@ -8,7 +8,7 @@ import shlex
 from ckpt_doctor import keys
 from ckpt_doctor.adapters import AdapterConfig
 from ckpt_doctor.facts import ModelFacts
-from ckpt_doctor.families import UNKNOWN, Family
+from ckpt_doctor.families import LLAMA_ADAPTER_V1, UNKNOWN, Family
 from ckpt_doctor.families.llama_adapter_v2 import MULTIMODAL
 from ckpt_doctor.findings import Finding, finding, short_list
 from ckpt_doctor.reader import Checkpoint
@@ -89,27 +89,43 @@ def check_own_load(ckpt: Checkpoint, load: OwnLoad) -> list[Finding]:
         ]
     if load.matched or not load.seen:
         return []
-    trained = family.trained_keys(ckpt.canonical())
+    return [load_nothing(ckpt, load)]
+
+
+def load_nothing(ckpt: Checkpoint, load: OwnLoad) -> Finding:
+    """LOAD_NOTHING, the one message for it: inspect and diagnose predict it from the names,
+    a smoke run with --load-as upstream sees it happen; the same fact, the same error (loading
+    the file as its own code does gives the plain base model)."""
+    family = load.family
+    who = "upstream's" if family is LLAMA_ADAPTER_V1 else f"{family.name}'s own"
     what = (
         "every adapter gate keeps its zero init and the model runs as the plain base"
-        if trained
+        if family.trained_keys(ckpt.canonical())
         else "the model keeps the weights it had before (for a base: random ones)"
     )
-    # Say what each number counts: the file's top-level keys here, the model's keys in
-    # loading's report of an actual load (44 vs 5 must not read as a contradiction).
-    return [
-        finding(
-            "LOAD_NOTHING",
-            f"load_state_dict(strict=False) as {family.name}'s own code does would match 0 of "
-            f"the file's {len(load.seen)} top-level keys ({short_list(load.seen)}) to the "
-            f"model's {load.model_keys} keys; {what}",
-            "load the resolved state dict (unwrap the container, strip prefixes) or extract the "
-            "adapter tensors into a file with its own names",
-            keys_seen=len(load.seen),
-            matched=0,
-            model_keys=load.model_keys,
+    # Say what each number counts: the model's keys vs the file's top-level keys.
+    message = (
+        f"{who} load_state_dict(strict=False) takes 0 of the model's {load.model_keys} keys "
+        f"from this file: none of the file's {len(load.seen)} top-level keys "
+        f"({short_list(load.seen)}) is a model key; {what}"
+    )
+    # A prefix is cured by stripping it; a container by taking the tensors out.
+    foreign = ckpt.prefix.foreign(family.loader.own_prefix) if ckpt.prefix else []
+    if foreign and not ckpt.container_path:
+        hint = f"strip the prefix: ckpt-doctor repair {shlex.quote(str(ckpt.path))} -o fixed.pth"
+    else:
+        hint = (
+            "load the adapter tensors themselves: extract them into a file with its own names "
+            "(ckpt-doctor extract), or load the file with --load-as strict"
         )
-    ]
+    return finding(
+        "LOAD_NOTHING",
+        message,
+        hint,
+        keys_seen=len(load.seen),
+        matched=0,
+        model_keys=load.model_keys,
+    )
 
 
 def check_prefix(

@@ -22,17 +22,16 @@ import torch
 
 from ckpt_doctor import keys, overlay
 from ckpt_doctor.adapters import AdapterConfig, checkpoint_adapter, checkpoint_family
+from ckpt_doctor.choices import DTYPES, LOAD_MODES, canonical_dtype
 from ckpt_doctor.errors import ModelLoadError, UsageError
 from ckpt_doctor.facts import model_facts
 from ckpt_doctor.families import Family, require_runs_here, run_gate_fn
 from ckpt_doctor.findings import Finding
 from ckpt_doctor.handles import TensorHandle
 from ckpt_doctor.model import ModelArgs, Transformer, ffn_hidden_size
+from ckpt_doctor.progress import Progress
 from ckpt_doctor.reader import Checkpoint
 from ckpt_doctor.transforms import raw_matches_training, tanh_baked
-
-LOAD_MODES = ("strict", "upstream")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -66,6 +65,7 @@ class LoadReport:
 
 def resolve_dtype(name: str, *, device: torch.device, file_dtype: str) -> torch.dtype:
     """``auto``: the file's dtype on a GPU, float32 on the CPU (fp16 matmuls crawl there)."""
+    name = canonical_dtype(name)  # bf16, fp16, half, fp32
     if name not in DTYPES:
         raise UsageError(f"unknown dtype {name!r}", hint=f"use one of {', '.join(DTYPES)}")
     if name == "auto":
@@ -149,12 +149,14 @@ def load_model(
     gate_fn: str | None = None,
     max_seq_len: int = 512,
     base_rounding: Mapping[str, str] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[Transformer, LoadReport]:
     """Build the model from ``base`` plus an adapter-only file or a full checkpoint.
 
     ``gate_fn``: None runs the family's own gate function. ``base_rounding``: base tensor name
     -> dtype its values are rounded through first (verify reproducing a checkpoint whose frozen
-    tensors were saved in a narrower dtype)."""
+    tensors were saved in a narrower dtype). ``progress`` hears the bytes of every tensor as it
+    is made (the file's bytes, read or cast)."""
     if load_as not in LOAD_MODES:
         raise UsageError(f"unknown --load-as {load_as!r}", hint="use strict or upstream")
     if adapter is not None and full is not None:
@@ -195,8 +197,15 @@ def load_model(
     # Trained norms and gates stay in fp32 where the family keeps them so (v2 chat).
     keep_fp32 = overlay.fp32_names(family, expected) if torch_dtype != torch.float32 else set()
     rounding = dict(base_rounding or {})
+    # The bytes to make: the base's model tensors and, at most, all of the extra file's.
+    total = sum(base_tensors[n].nbytes for n in expected if keys.is_base_key(n))
+    total += sum(h.nbytes for h in extra.canonical().values()) if extra is not None else 0
+    done = [0]
 
     def tensor(h: TensorHandle, name: str = "") -> torch.Tensor:
+        if progress is not None:
+            done[0] += h.nbytes
+            progress("loading weights", done[0], total, "bytes")
         t = h.to_torch()
         if name in rounding:  # the value the checkpoint's own (narrower) dtype gave it
             t = t.to(getattr(torch, rounding[name]))
@@ -219,6 +228,8 @@ def load_model(
     model.load_state_dict(state, assign=True, strict=True)
     model.eval()
     model.prepare(gate_fn=gate_fn, rounded=overlay.prompt_rounding(family))
+    if progress is not None:
+        progress("loading weights", total, total, "bytes")
     return model, report
 
 

@@ -1,4 +1,4 @@
-"""Online loop detector over generated tokens (SPEC section 4).
+"""Online loop detector over generated tokens (docs/generation.md).
 
 After token t_n arrives, run[p] counts the consecutive steps ending at n with t_i == t_{i-p}
 (a missing t_{i-p} is no match), so run[p] + p is the length of the longest p-periodic suffix.

@@ -1,5 +1,5 @@
 """Reference LLaMA with LLaMA-Adapter (v1, v2 chat, and PEFT's adaption prompt, which is v1's
-math with one raw gate per layer), in one readable file.
+math with one raw gate per layer), in one readable file (docs/model.md).
 
 Per adapted layer (the last ``adapter_layer`` of ``n_layers``), with x the normed input:
 

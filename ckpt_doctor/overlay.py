@@ -9,7 +9,6 @@ layers are the last ones, as v1's) and its scalar gates are broadcast to every h
 from __future__ import annotations
 
 import re
-import shlex
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -144,26 +143,9 @@ def _own_loader(
         state[name] = tensor(handle, name)
         report.from_file.append(name)
     if not report.from_file:
-        report.findings.append(
-            finding(
-                "LOAD_NOTHING",
-                f"loaded 0 of the model's {len(expected)} keys from {extra.path} with "
-                f"{family.name}'s own loader: none of the file's {len(load.seen)} top-level "
-                f"keys ({short_list(load.seen)}) is a model key; every gate keeps its zero init "
-                "and the model runs as the plain base",
-                # A prefix is cured by stripping it; a container by taking the tensors out.
-                f"strip the prefix: ckpt-doctor repair {shlex.quote(str(extra.path))} -o fixed.pth"
-                if extra.prefix is not None
-                and extra.prefix.foreign(family.loader.own_prefix)
-                and not extra.container_path
-                else "load the adapter tensors themselves: extract them into a file with "
-                "its own names, or pass the file with --load-as strict",
-                severity="error",
-                matched=0,
-                keys_seen=len(load.seen),
-                model_keys=len(expected),
-            )
-        )
+        from ckpt_doctor.load_checks import load_nothing
+
+        report.findings.append(load_nothing(extra, load))
 
 
 def _strict(

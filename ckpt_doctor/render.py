@@ -7,25 +7,33 @@ rich markup would otherwise eat or choke on its square brackets.
 
 from __future__ import annotations
 
-import json
-import math
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.measure import Measurement
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
 from ckpt_doctor.diffing import DiffReport
 from ckpt_doctor.errors import CkptDoctorError
 from ckpt_doctor.families import describe
-from ckpt_doctor.findings import Finding, error_finding
+from ckpt_doctor.findings import Finding
 from ckpt_doctor.inspection import InspectReport
+
+# The JSON document and the one-line summaries are plain text; cli.py and tests call them here.
+from ckpt_doctor.output import (  # noqa: F401  (re-exported)
+    Unpadded,
+    demo_summary,
+    error_json,
+    json_safe,
+    outcome_counts,
+    print_json,
+    quiet_line,
+)
+from ckpt_doctor.progress import Progress as ProgressFn
 from ckpt_doctor.units import human_bytes, human_count
 
 if TYPE_CHECKING:  # these import torch, which inspect and diff must never pay for
@@ -38,8 +46,10 @@ if TYPE_CHECKING:  # these import torch, which inspect and diff must never pay f
     from ckpt_doctor.smoke import SmokeReport
     from ckpt_doctor.verification import VerifyReport
 
+
+_STDOUT = Unpadded()
 # No highlighting and no :emoji: codes: paths and names are printed as they are.
-out = Console(highlight=False, emoji=False)
+out = Console(file=_STDOUT, highlight=False, emoji=False)
 err = Console(stderr=True, highlight=False, emoji=False)
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
@@ -51,23 +61,6 @@ STATUS_STYLE = {
     "shape_changed": "bold red",
     "dtype_changed": "magenta",
 }
-
-
-def json_safe(value: Any) -> Any:
-    """The one JSON encoding rule: JSON has no NaN or Inf, so a non-finite float is null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def print_json(doc: dict[str, Any]) -> None:
-    """Exactly one JSON document on stdout, nothing else there."""
-    sys.stdout.write(json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
-    sys.stdout.flush()
 
 
 def _one_line(text: str) -> str:
@@ -82,37 +75,41 @@ def error_line(exc: CkptDoctorError) -> None:
     err.print(line, soft_wrap=True)
 
 
-def error_json(exc: CkptDoctorError) -> dict[str, Any]:
-    """The --json document of an error: the error, and the same as a finding of the shape
-    every other finding has."""
-    return {
-        "error": {"id": exc.code, "message": exc.message, "hint": exc.hint},
-        "findings": [error_finding(exc).to_json()],
-    }
-
-
 def status_line(message: str) -> None:
     """A plain one-line note on stderr ("interrupted")."""
     err.print(Text(message), soft_wrap=True)
 
 
-@contextmanager
-def progress_bar(description: str) -> Iterator[Any]:
-    """A byte-progress bar on stderr; yields the callback the library calls."""
-    with Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(escape(description), total=None)
+class _Count(ProgressColumn):
+    """done / total in the step's unit: bytes in KiB / MiB / GiB, tokens and steps as counts."""
 
-        def update(done: int, total: int, name: str) -> None:
-            # The description column is read as markup: the tensor name must not be.
-            label = escape(f"{description} {name}")
-            bar.update(task, completed=done, total=total, description=label)
+    def render(self, task: Any) -> Text:
+        unit, done, total = task.fields.get("unit", ""), int(task.completed), task.total
+        if unit == "bytes":
+            text = human_bytes(done) + ("" if total is None else f" / {human_bytes(total)}")
+        else:
+            text = f"{done}" + ("" if total is None else f"/{int(total)}") + f" {unit}"
+        return Text(text, "progress.download")
+
+
+@contextmanager
+def progress_view(*, enabled: bool) -> Iterator[ProgressFn | None]:
+    """A transient progress line on stderr; yields the callback the library calls, or None
+    when ``enabled`` is False (no terminal, --quiet). A new task name is drawn at once, so
+    every step shows up however fast it is."""
+    if not enabled:
+        yield None
+        return
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), _Count())
+    with Progress(*columns, TimeElapsedColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("", total=None, unit="")
+        shown = [""]
+
+        def update(name: str, done: int, total: int | None, unit: str) -> None:
+            bar.update(task, description=name, completed=done, total=total, unit=unit)
+            if name != shown[0]:
+                shown[0] = name
+                bar.refresh()
 
         yield update
 
@@ -125,7 +122,7 @@ def _print_names_table(table: Table) -> None:
     if needed <= out.width:
         out.print(table)
         return
-    Console(highlight=False, emoji=False, width=needed).print(table)
+    Console(file=_STDOUT, highlight=False, emoji=False, width=needed).print(table)
 
 
 def render_findings(findings: list[Finding]) -> None:
@@ -165,18 +162,9 @@ def render_inspect(report: InspectReport) -> None:
             f"{d.tensors} tensors, {human_count(d.parameters)} params, {human_bytes(d.bytes)}",
         )
     f = report.facts
-    model = ", ".join(
-        f"{k} {v}"
-        for k, v in (
-            ("dim", f.dim),
-            ("layers", f.n_layers),
-            ("heads", f.n_heads),
-            ("vocab", f.vocab_size),
-            ("ffn", f.ffn_hidden),
-        )
-        if v is not None
-    )
-    row("model", model or "unknown")
+    sizes = zip(("dim", "layers", "heads", "vocab", "ffn"), (f.dim, f.n_layers, f.n_heads,
+                f.vocab_size, f.ffn_hidden), strict=True)  # fmt: skip
+    row("model", ", ".join(f"{k} {v}" for k, v in sizes if v is not None) or "unknown")
     if report.adapter is None:
         row("adapter", "none found")
     else:
@@ -211,12 +199,24 @@ def render_inspect(report: InspectReport) -> None:
     for note in report.notes:
         row("note", note)
     out.print(summary)
+    if report.tensor_list is not None:
+        _tensor_list(report)
     if report.gates:
         out.print(gates_table(report))
     if report.findings:
         render_findings(report.findings)
     else:
         out.print("[green]no findings[/]")
+
+
+def _tensor_list(report: InspectReport) -> None:
+    rows = report.tensor_list or []
+    table = Table(title=f"Tensors ({len(rows)} of {report.tensors})", title_justify="left")
+    for col in ("name", "shape", "dtype", "bytes"):
+        table.add_column(col, justify="right" if col == "bytes" else "left")
+    for t in rows:
+        table.add_row(Text(t.name), str(list(t.shape)), t.dtype, human_bytes(t.bytes))
+    _print_names_table(table)
 
 
 def gates_table(report: InspectReport) -> Table:
@@ -228,9 +228,13 @@ def gates_table(report: InspectReport) -> Table:
         or family.gate is None
         or "tanh" in (family.gate.trained, family.gate.inference)
     )
-    columns = ("layer", "j", "shape", "g per head", *(("tanh(g) per head",) * tanh), "max|g|")
+    # prompt_index: which block of adapter_query.weight rows is this layer's prompt (as in JSON).
+    columns = (
+        "layer", "prompt_index", "shape", "g per head", *(("tanh(g) per head",) * tanh), "max|g|",
+    )  # fmt: skip
     for col in columns:
-        table.add_column(col, justify="right" if col in ("layer", "j", "max|g|") else "left")
+        right = col in ("layer", "prompt_index", "max|g|")
+        table.add_column(col, justify="right" if right else "left")
     for r in report.gates:
         table.add_row(
             str(r.layer),
@@ -290,17 +294,35 @@ def render_diff(report: DiffReport, *, show_all: bool = False) -> None:
 # A colour for each of generate.OUTCOMES (the tables iterate those; generate imports torch, so
 # it is imported where outcomes are shown: smoke and diagnose have torch loaded already).
 OUTCOME_STYLE = {"eos": "green", "loop": "bold red", "max_tokens": "yellow", "nonfinite": "red"}
+# Where a loop starts in generated text, when underlining cannot show it (a pipe, a file).
+LOOP_MARK = "»"
+
+
+def _labelled(*rows: tuple[str | Text, str | Text]) -> None:
+    """Label / value rows: a value too long for one line wraps under itself, not under the
+    label, and a label never runs into its value."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold")
+    for label, value in rows:
+        grid.add_row(label, Text(value) if isinstance(value, str) else value)
+    out.print(grid)
+
+
+def _text_header(results: list[Result]) -> str:
+    """The text column's title: it names the loop marking only when some text has a loop."""
+    if not any(r.loop_char is not None for r in results):
+        return "text"
+    return "text (repeating part underlined)" if out.is_terminal else f"text ({LOOP_MARK} loop)"
 
 
 def render_smoke(report: SmokeReport) -> None:
-    from ckpt_doctor.generate import OUTCOMES
-
     load = report.load
     matched = f"{len(load.from_file)} of {load.model_keys} model keys from the file"
-    out.print(
-        Text.assemble(
-            ("smoke-generate", "bold"),
-            f": {load.source}, load as {load.mode} ({matched}), {load.dtype} on "
+    _labelled(
+        (
+            Text("smoke-generate:", "bold"),
+            f"{load.source}, load as {load.mode} ({matched}), {load.dtype} on "
             f"{report.device}, gate {load.gate_fn}, attention {report.attention}"
             + (", CUDA graph" if report.cuda_graph else ""),
         )
@@ -309,7 +331,7 @@ def render_smoke(report: SmokeReport) -> None:
     table.add_column("prompt", ratio=2, overflow="fold")
     for col in ("outcome", "tokens", "loop at, period", "max P(eos)"):
         table.add_column(col, no_wrap=True)
-    table.add_column("text (repeating part underlined)", ratio=3, overflow="fold")
+    table.add_column(_text_header(report.results), ratio=3, overflow="fold")
     for r in report.results:
         loop = f"{r.loop.start}, {r.loop.period}" if r.loop else ""
         table.add_row(
@@ -321,18 +343,19 @@ def render_smoke(report: SmokeReport) -> None:
             _marked_text(r),
         )
     out.print(table)
-    counts = {o: sum(r.outcome == o for r in report.results) for o in OUTCOMES}
-    out.print(", ".join(f"{v} {k}" for k, v in counts.items() if v))
+    out.print(outcome_counts(report.results))
     if report.findings:
         render_findings(report.findings)
 
 
 def _marked_text(r: Result) -> Text:
-    """The generation, with the repeating part (from the loop's start) marked."""
+    """The generation, with the repeating part (from the loop's start) marked: underlined on a
+    terminal, after LOOP_MARK elsewhere."""
     text = r.text.replace("\n", "⏎")  # same length: loop_char still indexes it
     if r.loop_char is None:
         return Text(text)
-    return Text(text[: r.loop_char]) + Text(text[r.loop_char :], "red underline")
+    mark = "" if out.is_terminal else LOOP_MARK
+    return Text(text[: r.loop_char] + mark) + Text(text[r.loop_char :], "red underline")
 
 
 def render_extraction(result: Extraction) -> None:
@@ -340,26 +363,28 @@ def render_extraction(result: Extraction) -> None:
     saved = result.input_bytes - result.output_bytes
     # An adapter of a tiny model can outweigh a zip full of small tensors: say so, not "-141 B".
     size = f"{human_bytes(abs(saved))} {'smaller' if saved >= 0 else 'larger'} than the input"
-    out.print(
-        Text.assemble(
-            ("extracted", "bold"),
-            f" {len(result.taken)} tensors from {result.source} -> ",
-            (str(result.output), "green"),
-            f" ({result.format}, {human_bytes(result.output_bytes)}; {size})",
-        )
-    )
-    out.print(
-        Text(
-            f"adapter: {a.family.name}, adapter_len {a.adapter_len}, adapter_layer "
-            f"{a.adapter_layer} (from {a.source}); left behind: {len(result.left)} tensors"
-        )
-    )
+    rows: list[tuple[str | Text, str | Text]] = [
+        (
+            Text("extracted", "bold"),
+            Text.assemble(
+                f"{len(result.taken)} tensors from {result.source} -> ",
+                (str(result.output), "green"),
+                f" ({result.format}, {human_bytes(result.output_bytes)}; {size})",
+            ),
+        ),
+        (
+            "adapter",
+            f"{a.family.name}, adapter_len {a.adapter_len}, adapter_layer {a.adapter_layer} "
+            f"(from {a.source}); left behind: {len(result.left)} tensors",
+        ),
+    ]
     reasons: dict[str, list[str]] = {}
     for name, why in result.taken.items():
         reasons.setdefault(why, []).append(name)
     for why, names in reasons.items():
         shown = ", ".join(names[:6]) + (f" (+{len(names) - 6} more)" if len(names) > 6 else "")
-        out.print(Text(f"  taken ({why}): {shown}"))
+        rows.append(("taken", f"({why}) {shown}"))
+    _labelled(*rows)
     if result.findings:
         render_findings(result.findings)
 
@@ -385,13 +410,15 @@ def render_conversion(result: Conversion) -> None:
 
 
 def render_verify(report: VerifyReport) -> None:
+    grid = Table.grid(padding=(0, 2, 0, 0))
+    for no_wrap in (True, True, False):  # the check names never overflow their column
+        grid.add_column(no_wrap=no_wrap, overflow="fold")
+    marks = {"pass": ("pass", "green"), "fail": ("FAIL", "bold red"), "not run": ("skip", "dim")}
     for c in report.checks:
-        if c.skipped:
-            mark = Text("skip", "dim")
-        else:
-            mark = Text("pass", "green") if c.passed else Text("FAIL", "bold red")
-        out.print(Text.assemble(mark, f"  {c.name:<12} {c.detail}"))
-    out.print("[green]verified[/]" if report.passed else "[bold red]verification failed[/]")
+        grid.add_row(Text(*marks[c.status]), Text(c.name), Text(c.detail))
+    out.print(grid)
+    style = "bold red" if not report.passed else "yellow" if report.not_run else "green"
+    out.print(Text(report.verdict, style))
     if report.findings:
         render_findings(report.findings)
 
@@ -402,14 +429,21 @@ def render_repair(report: RepairReport) -> None:
         if report.findings:
             render_findings(report.findings)
         return
-    out.print(
-        Text.assemble(("repaired", "bold"), f" {report.source} -> ", (str(report.output), "green"))
-    )
+    rows: list[tuple[str | Text, str | Text]] = [
+        (
+            Text("repaired", "bold"),
+            Text.assemble(f"{report.source} -> ", (str(report.output), "green")),
+        )
+    ]
     for c in report.changes:
         names = f": {', '.join(c.tensors[:4])}" + (" ..." if len(c.tensors) > 4 else "")
-        out.print(Text(f"  {c.kind:<16} {c.detail}{names if c.tensors else ''}"))
+        rows.append((f"  {c.kind}", f"{c.detail}{names if c.tensors else ''}"))
+    _labelled(*rows)
     if report.findings:
         render_findings(report.findings)
+
+
+ARM_LETTERS = "ABC"
 
 
 def render_diagnosis(d: Diagnosis) -> None:
@@ -419,21 +453,54 @@ def render_diagnosis(d: Diagnosis) -> None:
         render_findings(d.findings)
     if d.arms:
         table = Table(title="A/B smoke run", title_justify="left")
-        for col in ("arm", "keys loaded", *OUTCOMES, "note"):
+        for col in ("", "arm", "keys loaded", *OUTCOMES, "note"):
             table.add_column(col, overflow="fold")
-        for arm in d.arms:
+        for letter, arm in zip(ARM_LETTERS, d.arms, strict=False):
             table.add_row(
+                letter,
                 Text(arm.name),
                 "" if arm.matched is None else str(arm.matched),
                 *(str(arm.outcomes.get(o, 0)) for o in OUTCOMES),
                 Text(arm.error or ""),
             )
         out.print(table)
+        _arm_texts(d)
     style = "bold red" if d.root_cause else "green"
-    out.print(Text.assemble((f"root cause: {d.root_cause or 'none'}", style), f"  {d.verdict}"))
+    _labelled(
+        (
+            Text("root cause:", style),
+            Text.assemble((d.root_cause or "none", style), f"  {d.verdict}"),
+        )
+    )
     if d.fix:
         # A command to copy: one line however narrow the terminal, never hard-wrapped.
         out.print(Text.assemble(("fix:", "bold"), f" {d.fix}"), soft_wrap=True)
+
+
+def _arm_texts(d: Diagnosis) -> None:
+    """What each arm generated for each prompt, the loop marked: the evidence behind the
+    counts."""
+    ran = [(letter, a) for letter, a in zip(ARM_LETTERS, d.arms, strict=False) if a.results]
+    if not ran:
+        return
+    everything = [r for _, a in ran for r in a.results]
+    table = Table(title="Generations", title_justify="left", expand=True)
+    table.add_column("prompt", ratio=2, overflow="fold")
+    table.add_column("arm", no_wrap=True)
+    table.add_column("outcome", no_wrap=True)
+    table.add_column(_text_header(everything), ratio=4, overflow="fold")
+    n = max(len(a.results) for _, a in ran)
+    for i in range(n):
+        rows = [(letter, a.results[i]) for letter, a in ran if i < len(a.results)]
+        for k, (letter, r) in enumerate(rows):
+            table.add_row(
+                Text(r.prompt) if k == 0 else "",
+                letter,
+                Text(r.outcome, OUTCOME_STYLE[r.outcome]),
+                _marked_text(r),
+                end_section=k == len(rows) - 1,
+            )
+    out.print(table)
 
 
 def render_demo(result: DemoResult) -> None:
@@ -451,7 +518,16 @@ def render_demo(result: DemoResult) -> None:
     render_verify(result.verification)
     step("5. The cure: base + extracted adapter")
     render_smoke(result.after)
-    if result.story_holds:
-        out.print("[bold green]eos is back: the adapter was never loaded, now it is.[/]")
-    else:
-        out.print("[bold red]the demo story did not hold on this machine (see above)[/]")
+    out.print(Text(demo_summary(result), "bold green" if result.story_holds else "bold red"))
+
+
+def render_quiet(report: Any) -> None:
+    """--quiet: the findings and the one line that says how it ended (and the tensor list
+    inspect --tensors asked for), nothing else."""
+    if isinstance(report, InspectReport) and report.tensor_list is not None:
+        _tensor_list(report)
+    if getattr(report, "findings", None):
+        render_findings(report.findings)
+    line = quiet_line(report)
+    if line:
+        out.print(Text(line), soft_wrap=True)

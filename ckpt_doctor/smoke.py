@@ -8,12 +8,14 @@ from typing import Any
 
 import torch
 
+from ckpt_doctor.choices import ATTENTION
 from ckpt_doctor.errors import UsageError
 from ckpt_doctor.families import check_gate_fn
 from ckpt_doctor.findings import Finding, exit_code_for, finding
 from ckpt_doctor.generate import GenerationConfig, Result, context_length, generate, prompt_ids
 from ckpt_doctor.kernels import fused_unavailable_reason
 from ckpt_doctor.loading import LoadReport, load_model
+from ckpt_doctor.progress import Progress
 from ckpt_doctor.reader import Checkpoint, find_tokenizer
 from ckpt_doctor.tokenizer import Tokenizer, load_tokenizer
 
@@ -25,7 +27,6 @@ DEFAULT_PROMPTS = (
     "Translate 'good morning' into French.",
     "Write a haiku about the sea.",
 )
-ATTENTION = ("auto", "reference", "fused")
 
 
 @dataclass
@@ -37,6 +38,8 @@ class SmokeReport:
     attention: str
     cuda_graph: bool  # decode steps replayed as a captured CUDA graph
     findings: list[Finding] = field(default_factory=list)
+    # The gate values the run used, per adapted layer (per head): zeros where nothing loaded.
+    gates: dict[int, list[float]] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -50,6 +53,7 @@ class SmokeReport:
             "attention": self.attention,
             "cuda_graph": self.cuda_graph,
             "results": [r.to_json() for r in self.results],
+            "gates": {str(layer): g for layer, g in self.gates.items()},
             "findings": [f.to_json() for f in self.findings],
         }
 
@@ -173,7 +177,10 @@ def smoke_generate(
     device: str = "auto",
     gate_fn: str | None = None,
     attention: str = "auto",
+    progress: Progress | None = None,
 ) -> SmokeReport:
+    """Load, generate, and say how each prompt ended. ``progress`` hears the load (bytes) and
+    the generation (tokens)."""
     config = config or GenerationConfig()
     if gate_fn is not None:
         check_gate_fn(gate_fn)  # before the tokenizer and the weights load
@@ -193,11 +200,16 @@ def smoke_generate(
         device=dev,
         gate_fn=gate_fn,
         max_seq_len=max_len,
+        progress=progress,
     )
     ids = prompt_ids(tokenizer, instructions, config)
     check_vocab(tokenizer, ids, vocab_size=model.args.vocab_size, tokenizer_path=tok_path)
     model.set_attention(attn)
-    results = generate(model, tokenizer, instructions, config=config)
+    results = generate(model, tokenizer, instructions, config=config, progress=progress)
     findings = [*load.findings, *outcome_findings(results, dtype=load.dtype)]
     graph = config.cuda_graph and dev.type == "cuda"
-    return SmokeReport(load, results, tok_path, str(dev), attn, graph, findings)
+    gates = {
+        i: model.layers[i].attention.gate.detach().float().flatten().tolist()
+        for i in model.args.adapted_layers
+    }
+    return SmokeReport(load, results, tok_path, str(dev), attn, graph, findings, gates)

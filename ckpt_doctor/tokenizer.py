@@ -1,4 +1,4 @@
-"""Prompt formatting and tokenizers (SPEC section 4), behind one small interface.
+"""Prompt formatting and tokenizers (docs/generation.md), behind one small interface.
 
 ``tokenizer.model`` is read with sentencepiece, ``tokenizer.json`` with HF ``tokenizers``; both
 packages are optional extras, imported only when a tokenizer of that kind is loaded. Prompt ids

@@ -13,7 +13,10 @@
    prompts (identical when the base did not drift; a rounded base is rounded the same way first).
 Every failed check comes with a finding that says why. Each family is checked by its own rules
 (its loader, its trained tensors); the checks the reference model cannot run for a family
-(LLaMA-Adapter v2 multimodal, litgpt) are reported as not run, with the reason.
+(LLaMA-Adapter v2 multimodal, litgpt) are listed as not run, with the reason. Without --full,
+bit-exact, complete and same logits cannot run: they are listed as not run too, and the verdict
+is "partially verified" (exit 0 when every check that ran passed: no finding says anything is
+wrong).
 """
 
 from __future__ import annotations
@@ -24,15 +27,16 @@ from typing import Any
 from ckpt_doctor.adapters import AdapterConfig, checkpoint_adapter, checkpoint_family
 from ckpt_doctor.base_checks import check_against_base
 from ckpt_doctor.checks import check_empty, content_findings
-from ckpt_doctor.diffing import DiffReport, Progress, diff_tensors
+from ckpt_doctor.diffing import DiffReport, diff_tensors
 from ckpt_doctor.errors import ModelLoadError
 from ckpt_doctor.facts import ModelFacts, model_facts
-from ckpt_doctor.families import UNKNOWN, Family, require_runs_here
+from ckpt_doctor.families import LLAMA_ADAPTER_V1, UNKNOWN, Family, require_runs_here
 from ckpt_doctor.findings import Finding, error_finding, exit_code_for, finding
 from ckpt_doctor.handles import TensorHandle
 from ckpt_doctor.inspection import FULL_SCAN_BYTES
 from ckpt_doctor.load_checks import applies, load_findings
 from ckpt_doctor.numerics import compare
+from ckpt_doctor.progress import Progress, as_bytes, prefixed
 from ckpt_doctor.reader import Checkpoint
 from ckpt_doctor.transforms import Transforms, raw_matches_training
 from ckpt_doctor.upstream_load import own_load
@@ -43,7 +47,21 @@ class Check:
     name: str
     passed: bool
     detail: str
-    skipped: bool = False  # not run for this family (detail says why); neither pass nor fail
+    ran: bool = True  # False: could not run (detail says why); neither a pass nor a failure
+
+    @property
+    def status(self) -> str:
+        return "not run" if not self.ran else "pass" if self.passed else "fail"
+
+    def to_json(self) -> dict[str, Any]:
+        return {**vars(self), "status": self.status}
+
+
+NEEDS_FULL = "not run: needs --full, the checkpoint it was extracted from"
+
+
+def not_run(name: str, why: str = NEEDS_FULL) -> Check:
+    return Check(name, False, why, ran=False)
 
 
 @dataclass
@@ -55,7 +73,24 @@ class VerifyReport:
 
     @property
     def passed(self) -> bool:
-        return all(c.passed or c.skipped for c in self.checks)
+        """Every check that ran passed (see ``verdict`` for the ones that could not run)."""
+        return all(c.passed for c in self.checks if c.ran)
+
+    @property
+    def not_run(self) -> list[str]:
+        return [c.name for c in self.checks if not c.ran]
+
+    @property
+    def verdict(self) -> str:
+        if not self.passed:
+            return "verification failed"
+        skipped = [c for c in self.checks if not c.ran]
+        if not skipped:
+            return "verified"
+        n = len(skipped)
+        if all(c.detail == NEEDS_FULL for c in skipped):
+            return f"partially verified: {n} check{'s' * (n != 1)} need{'s' * (n == 1)} --full"
+        return f"partially verified: {n} check{'s' * (n != 1)} could not run (see each)"
 
     @property
     def exit_code(self) -> int:
@@ -66,7 +101,9 @@ class VerifyReport:
         return {
             "passed": self.passed,
             "family": self.family,
-            "checks": [vars(c) for c in self.checks],
+            "verdict": self.verdict,
+            "not_run": self.not_run,
+            "checks": [c.to_json() for c in self.checks],
             "max_logit_diff": self.max_logit_diff,
             "findings": [f.to_json() for f in self.findings],
         }
@@ -79,6 +116,7 @@ def verify(
     full: Checkpoint | None = None,
     progress: Progress | None = None,
 ) -> VerifyReport:
+    """The checks above; ``progress`` hears the comparison with the base and the model loads."""
     family = checkpoint_family(adapter.borrow_params(base))
     if full is not None:
         full.borrow_params(base)
@@ -100,24 +138,30 @@ def verify(
     if full is not None:
         source = full.canonical()
         report.checks.append(_bit_exact(tensors, source, report, transforms))
-        diff = diff_tensors(source, base.canonical(), family=family, progress=progress)
+        compared = as_bytes(progress, "complete: comparing --full with the base")
+        diff = diff_tensors(source, base.canonical(), family=family, progress=compared)
         about_base = check_against_base(diff, n_base_keys=len(base.tensors))
         _add(report, [f for f in about_base if f.id in ("BASE_MODIFIED", "BASE_ROUNDED")])
         rounded = next((f.evidence["dtypes"] for f in about_base if f.id == "BASE_ROUNDED"), {})
         report.checks.append(_complete(tensors, diff, family, full, report))
+    else:
+        report.checks += [not_run("bit-exact"), not_run("complete")]
     if family is not None and not family.runs_here:
         why = f"not run: the reference model does not run {family.name} ({family.refusal})"
-        report.checks.append(Check("strict load", False, why, skipped=True))
-        if full is not None:
-            report.checks.append(Check("same logits", False, why, skipped=True))
+        report.checks.append(not_run("strict load", why))
+        report.checks.append(not_run("same logits", why if full is not None else NEEDS_FULL))
         return report
-    check, model = _loads(adapter, base, report, rounded)
+    loads = prefixed(progress, "strict load: ")
+    check, model = _loads(adapter, base, report, rounded, loads)
     report.checks.append(check)
-    if full is not None and model is None:
+    if full is None:
+        report.checks.append(not_run("same logits"))
+    elif model is None:
         report.checks.append(Check("same logits", False, "not run: the strict load failed"))
-    elif full is not None:
+    else:
+        logits = prefixed(progress, "same logits: ")
         report.checks.append(
-            _same_logits(model, base, full, report, transforms, set(tensors), rounded)
+            _same_logits(model, base, full, report, transforms, set(tensors), rounded, logits)
         )
     return report
 
@@ -169,11 +213,15 @@ def _upstream_load(
     _add(report, found)
     if not applies(adapter, family) and family is not None:
         why = f"not checked: ckpt-doctor does not model {family.name}'s own model names"
-        return Check("upstream load", False, why, skipped=True)
+        return not_run("upstream load", why)
     load = own_load(adapter, family=family, facts=facts, adapter=config)
     if load.error is not None:
         return Check("upstream load", False, f"{load.code} raises: {load.error} (LOAD_FAILS)")
-    detail = f"{load.code} takes {len(load.matched)} of the {len(load.seen)} names it is given"
+    who = "" if family in (None, LLAMA_ADAPTER_V1) else f"{family.name}'s loader: "
+    detail = (
+        f"{who}load_state_dict(strict=False) on the file as saved takes {len(load.matched)} of "
+        f"its {len(load.seen)} top-level keys"
+    )
     bad = [f.id for f in found if f.severity != "info"]
     # strict=False still raises on a size mismatch: a legacy scalar gate crashes upstream
     # (the GATE_SHAPE finding comes from the value checks and the strict load).
@@ -318,7 +366,11 @@ def _file_dtype(base: Checkpoint) -> str:
 
 
 def _loads(
-    adapter: Checkpoint, base: Checkpoint, report: VerifyReport, rounded: dict[str, str]
+    adapter: Checkpoint,
+    base: Checkpoint,
+    report: VerifyReport,
+    rounded: dict[str, str],
+    progress: Progress | None,
 ) -> tuple[Check, Any]:
     """The strict load check and the model it built (None when the load raised). ``rounded``:
     base tensors the full checkpoint holds in a narrower dtype (BASE_ROUNDED), rounded alike so
@@ -333,6 +385,7 @@ def _loads(
             dtype=_file_dtype(base),
             max_seq_len=64,
             base_rounding=rounded,
+            progress=progress,
         )
     except ModelLoadError as exc:  # a failed check with its reason, not an abort
         _add(report, [error_finding(exc, check="strict load")])
@@ -353,6 +406,7 @@ def _same_logits(
     transforms: Transforms,
     adapter_names: set[str],
     rounded: dict[str, str],
+    progress: Progress | None = None,
 ) -> Check:
     import torch
 
@@ -362,7 +416,12 @@ def _same_logits(
 
     try:
         f, loaded = load_model(
-            base, full=full, load_as="strict", dtype=_file_dtype(base), max_seq_len=64
+            base,
+            full=full,
+            load_as="strict",
+            dtype=_file_dtype(base),
+            max_seq_len=64,
+            progress=prefixed(progress, "--full: "),
         )
     except ModelLoadError as exc:  # --full does not fit the base: nothing to compare with
         _add(report, [error_finding(exc, check="same logits")])
@@ -380,8 +439,14 @@ def _same_logits(
     prompts = torch.randint(3, model.args.vocab_size, (3, 24), generator=g)  # no tokenizer needed
     # Same thread count and weight layout on both sides: bit-for-bit means the same GEMMs.
     with torch.inference_mode(), cpu_tuned(model, 3), cpu_tuned(f, 3):
+        if progress is not None:
+            progress("forward passes", 0, 2, "steps")
         la = model(prompts, 0, model.new_cache(3, 24), all_logits=True)
+        if progress is not None:
+            progress("forward passes", 1, 2, "steps")
         lf = f(prompts, 0, f.new_cache(3, 24), all_logits=True)
+        if progress is not None:
+            progress("forward passes", 2, 2, "steps")
     diff = float((la - lf).abs().max())
     report.max_logit_diff = diff
     drifted = any(x.id == "BASE_MODIFIED" for x in report.findings)

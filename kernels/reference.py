@@ -1,7 +1,7 @@
 """Gated attention in plain PyTorch: the model's reference path and the kernels' oracle.
 
 For queries at positions start .. start+T-1 over the KV cache (keys already RoPE'd) and the
-adapter prompt's keys/values (no RoPE), per head h (SPEC section 3):
+adapter prompt's keys/values (no RoPE), per head h (docs/model.md):
 
     O = softmax_fp32(Q K^T / sqrt(hd) + causal) V  +  G_h * softmax_fp32(Q Ka^T / sqrt(hd)) Va
 

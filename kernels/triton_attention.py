@@ -1,4 +1,4 @@
-"""Triton kernels for LLaMA-Adapter gated attention (math: kernels/reference.py, SPEC section 3).
+"""Triton kernels for LLaMA-Adapter gated attention (math: kernels/reference.py, docs/model.md).
 
 Prefill: flash-style causal attention with an online softmax (fp32 statistics, base-2
 exponentials with the 1/sqrt(hd) scale folded in), one program per (query block, head, batch).

@@ -1,4 +1,4 @@
-"""A plain LLaMA + LLaMA-Adapter v1 forward for tests, written from SPEC section 3 alone.
+"""A plain LLaMA + LLaMA-Adapter v1 forward for tests, written from the math in docs/model.md alone.
 
 Deliberately naive: a whole sequence at a time (no KV cache), one head at a time, RoPE with real
 cos/sin on interleaved pairs (no complex numbers), and every intermediate in the dtype of the

@@ -1,4 +1,4 @@
-"""The command-line contract (SPEC section 5): exit codes, one JSON document on stdout."""
+"""The command-line contract: exit codes, one JSON document on stdout."""
 
 from __future__ import annotations
 
@@ -31,12 +31,16 @@ def run_json(*args: str) -> tuple[int, dict]:
 
 def test_inspect_training_checkpoint_against_base():
     """Must show 4: the upstream training checkpoint is nested, loads nothing, carries an
-    optimizer, has its adapter config in args and trained per-head gates; no error; exit 1."""
+    optimizer, has its adapter config in args and trained per-head gates; exit 1. Loading
+    nothing as upstream does is the one error (LOAD_NOTHING is an error wherever it is found)."""
     code, doc = run_json("inspect", BUNDLE / "checkpoint-4.pth", "--base", BUNDLE / "base")
     assert code == 1
-    ids = {f["id"] for f in doc["findings"]}
-    assert ids == {"CONTAINER_NESTED", "LOAD_NOTHING", "OPTIMIZER_STATE"}
-    assert all(f["severity"] != "error" for f in doc["findings"])
+    severity = {f["id"]: f["severity"] for f in doc["findings"]}
+    assert severity == {
+        "LOAD_NOTHING": "error",
+        "CONTAINER_NESTED": "info",
+        "OPTIMIZER_STATE": "info",
+    }
     assert all(f["hint"] for f in doc["findings"])
     assert doc["container_path"] == ["model"]
     adapter = doc["adapter"]

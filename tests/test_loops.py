@@ -1,4 +1,4 @@
-"""The loop detector against a brute-force reading of SPEC section 4.
+"""The loop detector against a brute-force reading of its definition (docs/generation.md).
 
 Why the oracle and the run[p] formulation agree: run[p] after token n counts the consecutive i
 ending at n with t_i == t_{i-p} (i >= p), so run[p] + p is the length of the longest p-periodic

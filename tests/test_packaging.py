@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_wheel_contains_the_kernels(tmp_path):
     src = tmp_path / "src"  # a copy, so the build leaves no build/ or egg-info in the checkout
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, src / name)
     for pkg in ("ckpt_doctor", "kernels"):
         shutil.copytree(ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
@@ -26,6 +26,10 @@ def test_wheel_contains_the_kernels(tmp_path):
     for module in ("__init__", "launch", "reference", "triton_attention", "aot"):
         assert f"ckpt_doctor/kernels/{module}.py" in names
     assert not any(n.startswith("kernels/") for n in names)  # no top-level "kernels" package
+    # the SPDX license expression, and the license text itself
+    (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    assert "License-Expression: MIT" in zipfile.ZipFile(wheel).read(metadata).decode()
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
 
 
 def test_package_imports_without_triton():

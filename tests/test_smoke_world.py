@@ -1,4 +1,4 @@
-"""The fixture world reproduces the looping bug and its cure, through the CLI (issue Must show 2).
+"""The fixture world reproduces the looping bug and its cure, through the CLI.
 
 fixtures/world holds a tiny base trained on responses that never end with eos, and an upstream
 training checkpoint of a LLaMA-Adapter trained on eos-terminated answers.
@@ -7,6 +7,8 @@ training checkpoint of a LLaMA-Adapter trained on eos-terminated answers.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,10 +113,19 @@ def test_a_long_prompt_gets_its_whole_budget():
     assert r.outcome == "max_tokens" and len(r.generated_ids) == 12
 
 
+def test_a_gate_outside_the_choices_is_a_usage_error_in_json():
+    """--gate is a choice: click refuses the value; main() still gives one JSON document."""
+    cmd = [sys.executable, "-m", "ckpt_doctor", "smoke-generate", "--base", str(BASE)]
+    result = subprocess.run([*cmd, "--gate", "bogus", "--json"], capture_output=True, text=True)
+    assert result.returncode == 2
+    doc = json.loads(result.stdout)
+    assert doc["error"]["id"] == "USAGE" and "'bogus' is not one of" in doc["error"]["message"]
+    assert doc["error"]["hint"].endswith(" smoke-generate --help")
+
+
 @pytest.mark.parametrize(
     "args",
     [
-        ["--gate", "bogus"],
         ["--max-new-tokens", "0"],
         ["--temperature", "nan"],
         ["--temperature", "-1"],

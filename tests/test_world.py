@@ -7,8 +7,10 @@ behaviour of the trained models (eos vs loop) is checked through the CLI elsewhe
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -47,7 +49,11 @@ def test_dataset_reproduces(ds):
     assert world.corpus_sha256(ds) == MANIFEST["dataset"]["corpus_sha256"]
     assert len(ds.train) == MANIFEST["dataset"]["train"]
     prompts = json.loads((WORLD / "prompts.json").read_text())
-    assert prompts == {"held_out": [ex.instruction for ex in ds.held_out], "template": "alpaca"}
+    assert prompts == {
+        "held_out": [ex.instruction for ex in ds.held_out],
+        "answers": [ex.response for ex in ds.held_out],
+        "template": "alpaca",
+    }
     assert len(prompts["held_out"]) == MANIFEST["dataset"]["held_out"] >= 40
 
 
@@ -189,3 +195,50 @@ def test_manifest_records_the_outcomes():
     assert table["upstream load (strict=False)"] == table["base alone"]
     assert table["upstream load (strict=False)"]["matched_keys"] == 0
     assert MANIFEST["max_abs_gate"] < 0.6
+
+
+def test_manifest_records_the_accuracy_and_every_wrong_answer(ds):
+    acc = MANIFEST["accuracy"]
+    n = MANIFEST["dataset"]["held_out"]
+    assert acc["prompts"] == n == 46
+    assert acc["correct"] == MANIFEST["validation"]["outcomes"][world.ADAPTED_RUN]["correct"]
+    assert acc["correct"] == n - len(acc["wrong"]) >= 0.9 * n
+    assert sum(t["prompts"] for t in acc["per_task"].values()) == n
+    assert sum(t["correct"] for t in acc["per_task"].values()) == acc["correct"]
+    expected = {ex.instruction: ex.response for ex in ds.held_out}
+    for w in acc["wrong"]:
+        assert w["expected"] == expected[w["prompt"]] and w["got"].strip() != w["expected"]
+    # the demo shows the first four held-out prompts: all of them answered right
+    shown = [ex.instruction for ex in ds.held_out[:4]]
+    assert not {w["prompt"] for w in acc["wrong"]} & set(shown)
+
+
+def test_committed_files_match_the_manifest():
+    for name, digest in MANIFEST["sha256"].items():
+        assert hashlib.sha256((WORLD / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_a_short_build_is_identical_twice(tmp_path):
+    """The world is a function of its config: two builds (a few training steps each) write
+    the same bytes, whatever thread count the caller had set."""
+    cfg = replace(CFG, base_steps=4, adapter_steps=3, max_new_tokens=8)
+    before = torch.get_num_threads()
+    try:
+        first = world.build_world(tmp_path / "a", cfg, log=lambda _: None)
+        torch.set_num_threads(2)
+        second = world.build_world(tmp_path / "b", cfg, log=lambda _: None)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.get_num_threads() == before and not torch.are_deterministic_algorithms_enabled()
+
+    def files(root):
+        return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    a, b = files(tmp_path / "a"), files(tmp_path / "b")
+    assert set(a) == {"tokenizer.model", "prompts.json", "manifest.json", "checkpoint-4.pth",
+                      "base/consolidated.00.pth", "base/params.json"}  # fmt: skip
+    assert a == b
+    assert (
+        first == second
+        and first["sha256"]["checkpoint-4.pth"] == hashlib.sha256(a["checkpoint-4.pth"]).hexdigest()
+    )
