@@ -116,7 +116,6 @@ class Checkpoint:
         params (HF's head count for its rotary layout, the layer count...)."""
         if self.params is None and base is not None and base.params is not None:
             self.params = dict(base.params)
-            self.notes.append(f"model config taken from the base ({base.path})")
         return self
 
     @property
