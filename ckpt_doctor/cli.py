@@ -6,14 +6,14 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import click
 import typer
 
-from ckpt_doctor import __version__
+from ckpt_doctor import __version__, timings
 from ckpt_doctor.adapters import checkpoint_family
 from ckpt_doctor.choices import CONVERT_TARGETS
 from ckpt_doctor.diffing import diff_tensors
@@ -142,6 +142,10 @@ def _emit(as_json: bool, report: Any, show: Callable[[Any], None]) -> None:
         render.render_quiet(report)
     else:
         show(report)
+    if _state["debug"] and getattr(report, "timings", None):  # smoke-generate, diagnose
+        from ckpt_doctor.timings import text
+
+        render.status_line(text(report.timings))
 
 
 def _progress() -> AbstractContextManager[Progress | None]:
@@ -400,7 +404,7 @@ def diagnose(
 
         check_report_path(report, inputs=[path, base])
         config = generation_config(max_new_tokens, template, temperature, top_p, seed, cuda_graph)
-        with _progress() as progress:
+        with _progress() as progress, timings.recording(since_process_start=True) as rec:
             result = run_diagnose(
                 path,
                 base,
@@ -414,6 +418,7 @@ def diagnose(
                 attention=attention,
                 progress=progress,
             )
+        result.timings = rec.to_json()
         write_report(report, result)
         _emit(as_json, result, render.render_diagnosis)
         return result.exit_code
@@ -455,17 +460,23 @@ def smoke_generate(
     _common(debug, quiet)
 
     def body() -> int:
-        from ckpt_doctor import render
+        from ckpt_doctor import parallel, render
         from ckpt_doctor.report import check_report_path, write_report
         from ckpt_doctor.smoke import smoke_generate as run_smoke
 
         check_report_path(report, inputs=[p for p in (base, adapter, full) if p])
         config = generation_config(max_new_tokens, template, temperature, top_p, seed, cuda_graph)
-        with ExitStack() as stack:
-            opened = _open(stack, base, adapter, full, trust_pickle=trust_pickle)
-            with _progress() as progress:
+        shard = parallel.join(device)  # under torchrun: this process's part, else None
+        with ExitStack() as stack, timings.recording(since_process_start=True) as rec:
+            with timings.phase("read"):
+                own = parallel.open_base(base, shard, trust_pickle=trust_pickle)
+                opened = [
+                    stack.enter_context(own),
+                    *_open(stack, adapter, full, trust_pickle=trust_pickle),
+                ]
+            with _progress() if not (shard and shard.rank) else nullcontext() as progress:
                 result = run_smoke(
-                    opened[0],
+                    opened[0],  # type: ignore[arg-type]
                     adapter=opened[1],
                     full=opened[2],
                     tokenizer_path=tokenizer,
@@ -477,7 +488,11 @@ def smoke_generate(
                     gate_fn=gate,
                     attention=attention,
                     progress=progress,
+                    shard=shard,
                 )
+        result.timings = rec.to_json()
+        if shard is not None and shard.rank:  # one report, from rank 0
+            return result.exit_code
         write_report(report, result)
         _emit(as_json, result, render.render_smoke)
         return result.exit_code

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ckpt_doctor import timings
 from ckpt_doctor.adapters import checkpoint_family
 from ckpt_doctor.errors import CkptDoctorError
 from ckpt_doctor.families import peft, require_runs_here
@@ -78,6 +79,7 @@ class Arm:
     findings: list[Finding] = field(default_factory=list)  # the arm's smoke findings
     results: list[Result] = field(default_factory=list)  # per prompt, as smoke-generate's
     gates: dict[int, list[float]] = field(default_factory=dict)  # the gate values it ran with
+    timings: dict[str, float] = field(default_factory=dict)  # its own phases (timings.py)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -99,6 +101,7 @@ class Diagnosis:
     exit_code: int = 0
     gates: list[GateRow] = field(default_factory=list)  # the file's, as inspect reads them
     base_path: Path | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, all arms
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -110,10 +113,20 @@ class Diagnosis:
             "arms": [a.to_json() for a in self.arms],
             "gates": [r.to_json() for r in self.gates],
             "findings": [f.to_json() for f in self.findings],
+            "timings": self.timings,
         }
 
 
-def diagnose(
+def diagnose(path: Path, base_path: Path, **kwargs: Any) -> Diagnosis:
+    """Static findings, the three smoke arms, the root cause and its fix (keywords: see
+    _diagnose); the time each phase took is in its ``timings``."""
+    with timings.recording() as rec:
+        result = _diagnose(path, base_path, **kwargs)
+    result.timings = rec.to_json()
+    return result
+
+
+def _diagnose(
     path: Path,
     base_path: Path,
     *,
@@ -133,15 +146,19 @@ def diagnose(
     are smoke-generate's generation options, the same for every arm."""
     config = config or GenerationConfig(max_new_tokens=max_new_tokens)
     try:
-        ckpt = open_checkpoint(path, trust_pickle=trust_pickle)
+        with timings.phase("read"):
+            ckpt = open_checkpoint(path, trust_pickle=trust_pickle)
     except CkptDoctorError as exc:
         found = finding(exc.code, exc.message, exc.hint) if exc.code in CAUSES else None
         return Diagnosis(path, exc.code, exc.message, None, [found] if found else [], [], 2)
-    with ckpt, open_checkpoint(base_path, trust_pickle=trust_pickle) as base:
+    with timings.phase("read"):
+        base = open_checkpoint(base_path, trust_pickle=trust_pickle)
+    with ckpt, base:
         # Same rule as smoke-generate: no tokenizer, no A/B run, so say so up front.
         tokenizer_path = resolve_tokenizer(base, tokenizer_path)
         check = as_bytes(progress, "checking against the base")
-        report = inspect_checkpoint(ckpt, base=base, progress=check)
+        with timings.phase("checks"):
+            report = inspect_checkpoint(ckpt, base=base, progress=check)
         family = checkpoint_family(ckpt)
         require_runs_here(family, path, command="diagnose")
         findings = list(report.findings)
@@ -257,8 +274,9 @@ def _smoke_arms(
     progress: Progress | None = None,
 ) -> list[Arm]:
     """The three arms, each a smoke_generate with ``run``'s settings (tokenizer, prompts,
-    dtype, device, generation config, gate function, attention)."""
-    from ckpt_doctor.smoke import smoke_generate
+    dtype, device, generation config, gate function, attention), on one load of the base:
+    each arm puts its file's tensors in and takes them out again (loading.attach)."""
+    from ckpt_doctor.smoke import load_smoke_base, smoke_generate
 
     plans: dict[str, dict[str, Any] | None] = {
         ARM_UPSTREAM: {"full": ckpt, "load_as": "upstream"},
@@ -266,6 +284,9 @@ def _smoke_arms(
         ARM_ADAPTER: {"adapter": _adapter_only(ckpt)} if adapter else None,
         ARM_BASE: {},
     }
+    # A base that cannot load (or a tokenizer that cannot be read) fails every arm alike:
+    # nothing is diagnosed, and the error is raised as it is.
+    shared = load_smoke_base(base, **run, progress=prefixed(progress, "base: "))
     arms = []
     raised: list[CkptDoctorError] = []
     for k, (name, kwargs) in enumerate(plans.items(), 1):
@@ -276,7 +297,7 @@ def _smoke_arms(
             continue
         shown = prefixed(progress, f"arm {k}/{len(plans)} ({name}): ")
         try:
-            smoke = smoke_generate(base, **run, **kwargs, progress=shown)
+            smoke = smoke_generate(base, **run, **kwargs, progress=shown, model=shared)
         except CkptDoctorError as exc:
             arm.error = f"[{exc.code}] {exc.message}"
             arm.error_code, arm.error_hint = exc.code, exc.hint
@@ -289,6 +310,7 @@ def _smoke_arms(
             arm.matched = len(smoke.load.from_file)
             arm.model_keys = smoke.load.model_keys
             arm.findings = smoke.findings
+            arm.timings = smoke.timings
     attempted = sum(kwargs is not None for kwargs in plans.values())
     if len(raised) == attempted and len({(e.code, e.message) for e in raised}) == 1:
         # Nothing ran at all (an unreadable tokenizer, a broken base): not a diagnosis.

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ckpt_doctor import timings
 from ckpt_doctor.errors import UsageError
 from ckpt_doctor.loops import Loop, LoopDetector
 from ckpt_doctor.model import KVCache, Transformer
@@ -120,7 +121,8 @@ def cpu_tuned(model: Transformer, rows: int) -> Iterator[None]:
         yield
         return
     if model.args.dim > SMALL_MODEL_DIM:
-        model.lay_out_weights(rows=rows)
+        with timings.phase("build"):
+            model.lay_out_weights(rows=rows)
         yield
         return
     before = torch.get_num_threads()
@@ -236,50 +238,57 @@ def _generate(
     done = [False] * len(results)
     gen = torch.Generator(device=device).manual_seed(config.seed)
     cache = model.new_cache(len(results), total)
-    step = decode_step(model, cache, graph=config.cuda_graph and device.type == "cuda")
+    with timings.phase("compile_capture"):
+        step = decode_step(model, cache, graph=config.cuda_graph and device.type == "cuda")
     prev = 0
-    for pos in range(min(lengths), total):
-        if pos - prev == 1:
-            logits = step(tokens[:, prev], prev)
-        else:  # the prefill: every position all prompts share
-            logits = model(tokens[:, prev:pos], prev, cache)
-        eos_prob = torch.softmax(logits, dim=-1)[:, tokenizer.eos_id]
-        finite = logits.isfinite().all(-1)  # NaN/Inf logits: nothing sensible follows
-        sampled = _sample(logits, config, gen)
-        # One device sync a step, not per row and not per quantity: P(eos), the sampled token
-        # and the finiteness flag travel together (float64 holds every token id exactly).
-        rows = torch.stack([eos_prob.double(), sampled.double(), finite.double()], 1).tolist()
-        column = [int(token) for _, token, _ in rows]
-        prev = pos
-        for i, r in enumerate(results):
-            if pos < lengths[i]:  # still inside this row's prompt: force it
-                column[i] = r.prompt_ids[pos]
-                continue
-            if done[i]:
-                column[i] = tokenizer.eos_id  # keep finished rows cheap and deterministic
-                continue
-            if not rows[i][2]:
-                r.outcome, r.nonfinite_at, done[i] = "nonfinite", len(r.generated_ids), True
-                column[i] = tokenizer.eos_id
-                continue
-            token = column[i]
-            r.eos_probs.append(rows[i][0])
-            if token == tokenizer.eos_id:
-                r.outcome, done[i] = "eos", True
-                continue
-            r.generated_ids.append(token)
-            loop = detectors[i].push(token)
-            if loop is not None and r.loop is None:
-                r.loop = loop
-            if loop is not None and config.stop_on_loop:
-                r.outcome, done[i] = "loop", True
-            elif len(r.generated_ids) >= config.max_new_tokens:
-                done[i] = True
-        tokens[:, pos] = torch.tensor(column, device=device)
-        if progress is not None:
-            _report(progress, results, done, config.max_new_tokens)
-        if all(done):
-            break
+    with timings.phase("decode"):  # the prefill is a phase of its own inside
+        for pos in range(min(lengths), total):
+            if pos - prev == 1:
+                logits = step(tokens[:, prev], prev)
+            else:  # the prefill: every position all prompts share
+                with timings.phase("prefill"):
+                    logits = model(tokens[:, prev:pos], prev, cache)
+            eos_prob = torch.softmax(logits, dim=-1)[:, tokenizer.eos_id]
+            finite = logits.isfinite().all(-1)  # NaN/Inf logits: nothing sensible follows
+            sampled = _sample(logits, config, gen)
+            # One device sync a step, not per row and not per quantity: P(eos), the sampled token
+            # and the finiteness flag travel together (float64 holds every token id exactly).
+            rows = torch.stack([eos_prob.double(), sampled.double(), finite.double()], 1)
+            agree = getattr(model, "agree", None)  # tensor parallel: all take rank 0's tokens
+            if agree is not None:
+                rows = agree(rows)
+            rows = rows.tolist()
+            column = [int(token) for _, token, _ in rows]
+            prev = pos
+            for i, r in enumerate(results):
+                if pos < lengths[i]:  # still inside this row's prompt: force it
+                    column[i] = r.prompt_ids[pos]
+                    continue
+                if done[i]:
+                    column[i] = tokenizer.eos_id  # keep finished rows cheap and deterministic
+                    continue
+                if not rows[i][2]:
+                    r.outcome, r.nonfinite_at, done[i] = "nonfinite", len(r.generated_ids), True
+                    column[i] = tokenizer.eos_id
+                    continue
+                token = column[i]
+                r.eos_probs.append(rows[i][0])
+                if token == tokenizer.eos_id:
+                    r.outcome, done[i] = "eos", True
+                    continue
+                r.generated_ids.append(token)
+                loop = detectors[i].push(token)
+                if loop is not None and r.loop is None:
+                    r.loop = loop
+                if loop is not None and config.stop_on_loop:
+                    r.outcome, done[i] = "loop", True
+                elif len(r.generated_ids) >= config.max_new_tokens:
+                    done[i] = True
+            tokens[:, pos] = torch.tensor(column, device=device)
+            if progress is not None:
+                _report(progress, results, done, config.max_new_tokens)
+            if all(done):
+                break
     for r in results:
         r.text = tokenizer.decode(r.generated_ids)
         if r.loop is not None:

@@ -14,13 +14,13 @@ map of the file, so no second full copy of the weights is ever in memory.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from ckpt_doctor import keys, overlay
+from ckpt_doctor import keys, overlay, timings
 from ckpt_doctor.adapters import AdapterConfig, checkpoint_adapter, checkpoint_family
 from ckpt_doctor.choices import DTYPES, LOAD_MODES, canonical_dtype
 from ckpt_doctor.errors import ModelLoadError, UsageError
@@ -29,8 +29,10 @@ from ckpt_doctor.families import Family, require_runs_here, run_gate_fn
 from ckpt_doctor.findings import Finding
 from ckpt_doctor.handles import TensorHandle
 from ckpt_doctor.model import ModelArgs, Transformer, ffn_hidden_size
+from ckpt_doctor.parallel import Shard
 from ckpt_doctor.progress import Progress
 from ckpt_doctor.reader import Checkpoint
+from ckpt_doctor.staging import DeviceCopier
 from ckpt_doctor.transforms import raw_matches_training, tanh_baked
 
 
@@ -150,18 +152,51 @@ def load_model(
     max_seq_len: int = 512,
     base_rounding: Mapping[str, str] | None = None,
     progress: Progress | None = None,
+    shard: Shard | None = None,
 ) -> tuple[Transformer, LoadReport]:
     """Build the model from ``base`` plus an adapter-only file or a full checkpoint.
 
     ``gate_fn``: None runs the family's own gate function. ``base_rounding``: base tensor name
     -> dtype its values are rounded through first (verify reproducing a checkpoint whose frozen
     tensors were saved in a narrower dtype). ``progress`` hears the bytes of every tensor as it
-    is made (the file's bytes, read or cast)."""
+    is made (the file's bytes, read or cast). ``shard``: this process's part of a
+    tensor-parallel run (parallel.py). Three steps: decide what the file needs (every refusal
+    comes before a weight is read), load the base, put the adapter in."""
+    plan = plan_adapter(base, adapter=adapter, full=full, load_as=load_as, gate_fn=gate_fn)
+    model = load_base(
+        base, dtype=dtype, device=device, max_seq_len=max_seq_len, base_rounding=base_rounding,
+        progress=progress, shard=shard,
+    )  # fmt: skip
+    report, _ = attach(model, plan, progress=progress)
+    return model, report
+
+
+@dataclass
+class AdapterPlan:
+    """What loading a file into the model means, decided before any weight is read."""
+
+    extra: Checkpoint | None  # the adapter or full checkpoint; None: the base alone
+    full: bool
+    load_as: str
+    family: Family | None
+    config: AdapterConfig | None
+    gate_fn: str
+    bias: bool
+    scale: bool
+
+
+def plan_adapter(
+    base: Checkpoint,
+    *,
+    adapter: Checkpoint | None = None,
+    full: Checkpoint | None = None,
+    load_as: str = "strict",
+    gate_fn: str | None = None,
+) -> AdapterPlan:
     if load_as not in LOAD_MODES:
         raise UsageError(f"unknown --load-as {load_as!r}", hint="use strict or upstream")
     if adapter is not None and full is not None:
         raise UsageError("give --adapter or --full, not both", hint="pick the file to test")
-    device = torch.device(device)
     extra = adapter or full
     if extra is not None:
         extra.borrow_params(base)
@@ -179,58 +214,156 @@ def load_model(
         )
         raise UsageError(f"{extra.path} holds gates with {why}", hint="use --gate raw")
     bias, scale = overlay.tuning(extra.canonical() if extra is not None else {})
-    args = model_args(base, config, max_seq_len=max_seq_len, bias=bias, scale=scale)
+    return AdapterPlan(extra, full is not None, load_as, family, config, gate_fn, bias, scale)
+
+
+class _Maker:
+    """The one place the model's tensors are made from the readers' handles: this process's
+    slice (tensor parallel), the value a narrower saved dtype gave it, the model's dtype (fp32
+    where the family keeps it so), on the device (staging.py: in large pinned chunks on CUDA),
+    with progress in the file's bytes."""
+
+    def __init__(self, model: Transformer, *, total: int, progress: Progress | None) -> None:
+        self.info: BaseInfo = model.base_info
+        self.total, self.done, self.progress = total, 0, progress
+        self.keep_fp32: set[str] = set()
+        self.full_shapes: dict[str, tuple[int, ...]] = {}
+
+    def __call__(self, h: TensorHandle, name: str = "") -> torch.Tensor:
+        info = self.info
+        if self.progress is not None:
+            self.done += h.nbytes
+            self.progress("loading weights", self.done, self.total, "bytes")
+        if info.shard is not None and name:
+            h = info.shard.local_handle(name, h, self.full_shapes.get(name))
+        dtype = torch.float32 if name in self.keep_fp32 else info.dtype
+        # The value a checkpoint's own (narrower) saved dtype gave it, then the model's dtype.
+        casts = [getattr(torch, info.rounding[name])] if name in info.rounding else []
+        with timings.phase("read"):
+            t = h.to_torch()
+        if info.copier is not None:  # CUDA: file dtype over the bus, cast on the device
+            with timings.phase("host_to_device"):
+                return info.copier.to_device(t, [*casts, dtype])
+        with timings.phase("read"):
+            for cast in [*casts, dtype]:
+                t = t.to(cast)
+            # BLAS kernels pick code paths by alignment; a weight mapped at an odd file offset
+            # (safetensors aligns to 8 bytes) would give last-bit-different logits than the same
+            # weight from another file. Own copies of misaligned tensors keep results identical.
+            return t.clone() if t.data_ptr() % 64 else t
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress("loading weights", self.total, self.total, "bytes")
+
+
+@dataclass
+class BaseInfo:
+    """How the base went into the model: what attach() needs to put adapters on it."""
+
+    base: Checkpoint
+    dtype: torch.dtype
+    device: torch.device
+    rounding: dict[str, str]
+    shard: Shard | None
+    copier: DeviceCopier | None
+
+
+def load_base(
+    base: Checkpoint,
+    *,
+    dtype: str = "auto",
+    device: str | torch.device = "cpu",
+    max_seq_len: int = 512,
+    base_rounding: Mapping[str, str] | None = None,
+    progress: Progress | None = None,
+    shard: Shard | None = None,
+) -> Transformer:
+    """The base model alone, its parameters made from the file map (no second copy on the
+    CPU when the dtype matches). attach() then puts an adapter in, and can take it out again."""
+    device = torch.device(device)
+    args = model_args(base, None, max_seq_len=max_seq_len)
     base_tensors = base.canonical()
-    with torch.device("meta"):
-        model = Transformer(args)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    _check_base(base, base_tensors, expected)
+    with timings.phase("build"), torch.device("meta"):
+        full = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+        model = Transformer(args if shard is None else replace(args, shards=shard.world))
+    _check_base(base, base_tensors, full)
+    if shard is not None:
+        shard.check(args)
     # The embedding is there now (_check_base); its dtype is the weights' dtype.
     emb = base_tensors["tok_embeddings.weight"]
     file_dtype = emb.dtype.name if emb.is_float else "float32"
     torch_dtype = resolve_dtype(dtype, device=device, file_dtype=file_dtype)
-    source = "base only" if extra is None else f"{'adapter' if adapter else 'full'} {extra.path}"
-    dtype_name = str(torch_dtype).removeprefix("torch.")
-    report = LoadReport(
-        load_as, source, args, dtype_name, gate_fn, len(expected), adapter=config, family=family
-    )
-    # Trained norms and gates stay in fp32 where the family keeps them so (v2 chat).
-    keep_fp32 = overlay.fp32_names(family, expected) if torch_dtype != torch.float32 else set()
-    rounding = dict(base_rounding or {})
-    # The bytes to make: the base's model tensors and, at most, all of the extra file's.
-    total = sum(base_tensors[n].nbytes for n in expected if keys.is_base_key(n))
-    total += sum(h.nbytes for h in extra.canonical().values()) if extra is not None else 0
-    done = [0]
-
-    def tensor(h: TensorHandle, name: str = "") -> torch.Tensor:
-        if progress is not None:
-            done[0] += h.nbytes
-            progress("loading weights", done[0], total, "bytes")
-        t = h.to_torch()
-        if name in rounding:  # the value the checkpoint's own (narrower) dtype gave it
-            t = t.to(getattr(torch, rounding[name]))
-        t = t.to(device=device, dtype=torch.float32 if name in keep_fp32 else torch_dtype)
-        # BLAS kernels pick code paths by alignment; a weight mapped at an odd file offset
-        # (safetensors aligns to 8 bytes) would give last-bit-different logits than the same
-        # weight from another file. Own copies of misaligned tensors keep results identical.
-        return t.clone() if t.data_ptr() % 64 else t
-
+    copier = DeviceCopier(device) if device.type == "cuda" else None
+    model.base_info = BaseInfo(base, torch_dtype, device, dict(base_rounding or {}), shard, copier)
+    total = sum(base_tensors[n].nbytes for n in full if keys.is_base_key(n))
+    make = _Maker(model, total=total // (shard.world if shard else 1), progress=progress)
+    make.full_shapes = full
     state: dict[str, torch.Tensor] = {}
-    for name, shape in expected.items():
+    for name, shape in full.items():
         if keys.is_base_key(name):
-            state[name] = tensor(base_tensors[name], name)
-        else:  # the adapter's own init: zero gates and prompt, zero biases, unit scales
-            fill = 1.0 if name.endswith("_scale") else 0.0
-            dt = torch.float32 if name in keep_fp32 else torch_dtype
-            state[name] = torch.full(shape, fill, dtype=dt, device=device)
+            state[name] = make(base_tensors[name], name)
+        else:  # the adapter's place: zero gates (an adapter's own come with attach)
+            state[name] = torch.zeros(shape, dtype=torch_dtype, device=device)
+    if copier is not None:
+        copier.finish()
+    with timings.phase("build"):
+        if shard is not None:
+            state = shard.localize(state, full)
+            shard.connect(model)
+        model.load_state_dict(state, assign=True, strict=True)
+        model.eval()
+        model.prepare()
+    make.finish()
+    return model
+
+
+def attach(
+    model: Transformer, plan: AdapterPlan, *, progress: Progress | None = None
+) -> tuple[LoadReport, Callable[[], None]]:
+    """Put ``plan``'s file into a model from load_base (strictly or as its own code loads it):
+    its adapter tensors, its structure (prompt rows, adapted layers, bias / scale), and any
+    base tensor the file replaces. Returns the report and the undo that gives the base back."""
+    info: BaseInfo = model.base_info
+    base, extra = info.base, plan.extra
+    args = model_args(
+        base, plan.config, max_seq_len=model.args.max_seq_len, bias=plan.bias, scale=plan.scale
+    )
+    with timings.phase("build"), torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+    source = "base only" if extra is None else f"{'full' if plan.full else 'adapter'} {extra.path}"
+    dtype_name = str(info.dtype).removeprefix("torch.")
+    report = LoadReport(
+        plan.load_as, source, args, dtype_name, plan.gate_fn, len(expected),
+        adapter=plan.config, family=plan.family,
+    )  # fmt: skip
+    total = sum(h.nbytes for h in extra.canonical().values()) if extra is not None else 0
+    make = _Maker(model, total=total, progress=progress)
+    make.full_shapes = expected
+    # Trained norms and gates stay in fp32 where the family keeps them so (v2 chat).
+    if info.dtype != torch.float32:
+        make.keep_fp32 = overlay.fp32_names(plan.family, expected)
+    state: dict[str, torch.Tensor] = {}
+    base_tensors = base.canonical() if make.keep_fp32 else {}
+    for name, shape in expected.items():
+        if not keys.is_base_key(name):  # the adapter's own init: zero gates and prompt, zero
+            fill = 1.0 if name.endswith("_scale") else 0.0  # biases, unit scales
+            dt = torch.float32 if name in make.keep_fp32 else info.dtype
+            state[name] = torch.full(shape, fill, dtype=dt, device=info.device)
+        elif name in make.keep_fp32:  # a base norm the family runs in fp32: from the file
+            state[name] = make(base_tensors[name], name)
     if extra is not None:
-        overlay.apply(state, expected, extra, report, tensor, mode=load_as, full=full is not None)
-    model.load_state_dict(state, assign=True, strict=True)
-    model.eval()
-    model.prepare(gate_fn=gate_fn, rounded=overlay.prompt_rounding(family))
-    if progress is not None:
-        progress("loading weights", total, total, "bytes")
-    return model, report
+        overlay.apply(state, expected, extra, report, make, mode=plan.load_as, full=plan.full)
+    if info.copier is not None:
+        info.copier.finish()
+    with timings.phase("build"):
+        if info.shard is not None:
+            state = info.shard.localize(state, expected)
+            args = replace(args, shards=info.shard.world)
+        undo = model.swap_in(args, state)
+        model.prepare(gate_fn=plan.gate_fn, rounded=overlay.prompt_rounding(plan.family))
+    make.finish()
+    return report, undo
 
 
 def _check_base(

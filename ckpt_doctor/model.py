@@ -20,7 +20,9 @@ set_attention("fused"), the Triton kernels beside it.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,10 +58,21 @@ class ModelArgs:
     # LLaMA-Adapter v2 chat: every linear gets a learned bias and / or an input scale.
     bias: bool = False
     scale: bool = False
+    # Tensor parallel (parallel.py): this process holds 1/shards of the heads, of the FFN
+    # width, of the embedding's columns and of the vocabulary rows, as Meta's shards split them.
+    shards: int = 1
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def local_heads(self) -> int:
+        return self.n_heads // self.shards
+
+    @property
+    def local_dim(self) -> int:  # this process's width of q / k / v (its heads)
+        return self.local_heads * self.head_dim
 
     @property
     def adapted_layers(self) -> range:
@@ -108,13 +121,18 @@ class AdapterKV:
     gate: torch.Tensor  # [H], fp32, after the gate function
 
 
+# Tensor parallel hooks (parallel.py): sum partial products over the processes in place, or
+# gather every process's slice of the last dim.
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
 class KVCache:
-    """Keys (after RoPE) and values per layer: [B, H, max_len, hd]."""
+    """Keys (after RoPE) and values per layer: [B, H, max_len, hd] (this process's heads)."""
 
     def __init__(
         self, args: ModelArgs, batch: int, length: int, *, dtype: torch.dtype, device: torch.device
     ) -> None:
-        shape = (batch, args.n_heads, length, args.head_dim)
+        shape = (batch, args.local_heads, length, args.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
 
@@ -136,6 +154,12 @@ class Linear(nn.Linear):
             flat = x.reshape(rows, x.shape[-1])
             return (w @ flat.t()).t().contiguous().view(*x.shape[:-1], w.shape[0])
         return F.linear(x, w)
+
+
+def layout_key(linears: list[Linear], *, column_major: bool, fused: bool) -> tuple:
+    """What a group's layout was made from: a weight replaced since (an adapter's file swapping
+    a base tensor in, diagnose.py) no longer matches, so the group is laid out again."""
+    return (column_major, fused, *(id(m.weight) for m in linears))
 
 
 def lay_out(linears: list[Linear], *, column_major: bool) -> torch.Tensor | None:
@@ -173,32 +197,46 @@ def tuned(
         module.register_parameter(f"{name}_scale", scale)
 
 
-def project(module: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-    """One linear of a block: W x, or W (x * scale) + bias where the model tunes them."""
+def project(
+    module: nn.Module, name: str, x: torch.Tensor, *, reduce: Reduce | None = None
+) -> torch.Tensor:
+    """One linear of a block: W x, or W (x * scale) + bias where the model tunes them.
+    ``reduce`` sums a row-parallel product over the processes before the (whole) bias."""
     scale, bias = getattr(module, f"{name}_scale"), getattr(module, f"{name}_bias")
     out = getattr(module, name)(x if scale is None else x * scale)
+    if reduce is not None:
+        out = reduce(out)
     return out if bias is None else out + bias
 
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.n_heads, self.head_dim = args.n_heads, args.head_dim
-        self.wq = Linear(args.dim, args.dim)
-        self.wk = Linear(args.dim, args.dim)
-        self.wv = Linear(args.dim, args.dim)
-        self.wo = Linear(args.dim, args.dim)
-        tuned(self, ("wq", "wk", "wv", "wo"), (args.dim,) * 8, args)
+        self.n_heads, self.head_dim = args.local_heads, args.head_dim
+        dim, local = args.dim, args.local_dim
+        self.wq = Linear(dim, local)
+        self.wk = Linear(dim, local)
+        self.wv = Linear(dim, local)
+        self.wo = Linear(local, dim)
+        # (in, out) of wq, wk, wv, wo: under tensor parallelism the q/k/v biases and wo's input
+        # scale are this process's slice, as upstream's chat_demo.py shards them.
+        tuned(self, ("wq", "wk", "wv", "wo"), (dim, local) * 3 + (local, dim), args)
         # Upstream gives every layer a gate (zero-init); only adapted layers use theirs.
-        self.gate = nn.Parameter(torch.zeros(1, args.n_heads, 1, 1))
+        self.gate = nn.Parameter(torch.zeros(1, args.local_heads, 1, 1))
         self.wqkv: torch.Tensor | None = None  # [dim, 3*dim] when laid out column-major
+        self.layout: tuple | None = None  # layout_key of the current layout
         self.attend = gated_attention_reference  # or the fused kernels: set_attention()
+        self.reduce: Reduce | None = None  # tensor parallel: sums wo's partial products
 
     def lay_out(self, *, column_major: bool) -> None:
         # Input scales differ per projection: only unscaled q/k/v share one GEMM.
         fuse = column_major and self.wq_scale is None
-        self.wqkv = lay_out([self.wq, self.wk, self.wv], column_major=fuse)
+        group = [self.wq, self.wk, self.wv, self.wo]
+        if self.layout == layout_key(group, column_major=column_major, fused=fuse):
+            return
+        self.wqkv = lay_out(group[:3], column_major=fuse)
         lay_out([self.wo], column_major=column_major)
+        self.layout = layout_key(group, column_major=column_major, fused=fuse)
 
     def forward(
         self,
@@ -210,9 +248,9 @@ class Attention(nn.Module):
         cache_v: torch.Tensor,
         adapter: AdapterKV | None,
     ) -> torch.Tensor:
-        b, t, dim = x.shape
+        b, t, _ = x.shape
         if self.wqkv is not None:  # one GEMM over the fused column-major buffer
-            q, k, v = (x @ self.wqkv).split(dim, dim=-1)
+            q, k, v = (x @ self.wqkv).split(self.n_heads * self.head_dim, dim=-1)
             if self.wq_bias is not None:
                 q, k, v = q + self.wq_bias, k + self.wk_bias, v + self.wv_bias
         else:
@@ -230,23 +268,29 @@ class Attention(nn.Module):
         if adapter is not None:
             extra = {"adapter_k": adapter.k, "adapter_v": adapter.v, "gate": adapter.gate}
         out = self.attend(q.transpose(1, 2), cache_k[:b], cache_v[:b], start=start, **extra)
-        return project(self, "wo", out.transpose(1, 2).reshape(b, t, -1))
+        return project(self, "wo", out.transpose(1, 2).reshape(b, t, -1), reduce=self.reduce)
 
 
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        dim, hidden = args.dim, args.ffn_hidden
+        dim, hidden = args.dim, args.ffn_hidden // args.shards
         self.w1 = Linear(dim, hidden)
         self.w2 = Linear(hidden, dim)
         self.w3 = Linear(dim, hidden)
         tuned(self, ("w1", "w2", "w3"), (dim, hidden, hidden, dim, dim, hidden), args)
         self.w13: torch.Tensor | None = None  # [dim, 2*hidden] when laid out column-major
+        self.layout: tuple | None = None
+        self.reduce: Reduce | None = None  # tensor parallel: sums w2's partial products
 
     def lay_out(self, *, column_major: bool) -> None:
         fuse = column_major and self.w1_scale is None
-        self.w13 = lay_out([self.w1, self.w3], column_major=fuse)
+        group = [self.w1, self.w3, self.w2]
+        if self.layout == layout_key(group, column_major=column_major, fused=fuse):
+            return
+        self.w13 = lay_out(group[:2], column_major=fuse)
         lay_out([self.w2], column_major=column_major)
+        self.layout = layout_key(group, column_major=column_major, fused=fuse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13 is not None:  # one GEMM over the fused column-major buffer
@@ -255,7 +299,7 @@ class FeedForward(nn.Module):
                 gate, up = gate + self.w1_bias, up + self.w3_bias
         else:
             gate, up = project(self, "w1", x), project(self, "w3", x)
-        return project(self, "w2", F.silu(gate) * up)
+        return project(self, "w2", F.silu(gate) * up, reduce=self.reduce)
 
 
 class Block(nn.Module):
@@ -278,18 +322,28 @@ def _embedding(rows: int, dim: int) -> nn.Embedding:
     return nn.Embedding(rows, dim, _weight=weight)
 
 
+# Module attributes that describe a weight layout (lay_out_weights); swap_in's undo keeps them.
+LAYOUT_ATTRS = ("wqkv", "w13", "layout", "output_layout")
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
-        self.tok_embeddings = _embedding(args.vocab_size, args.dim)
+        # Meta's shards split the embedding's columns and the output's rows (the vocabulary).
+        self.tok_embeddings = _embedding(args.vocab_size, args.dim // args.shards)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = Linear(args.dim, args.vocab_size)
+        self.output = Linear(args.dim, args.vocab_size // args.shards)
+        self.output_layout: tuple | None = None
         # Row j*adapter_len .. (j+1)*adapter_len-1 is the prompt of adapted layer j.
         self.adapter_query = _embedding(args.adapter_len * args.adapter_layer, args.dim)
         self.rope: torch.Tensor | None = None
         self.adapter_kv: dict[int, AdapterKV] = {}
+        # Tensor parallel (parallel.py): every process's last-dim slices, joined; rank 0's copy.
+        self.gather: Reduce | None = None
+        self.agree: Reduce | None = None
+        self.base_info: Any = None  # how loading.load_base filled it (for attach)
 
     def prepare(self, *, gate_fn: str = "raw", rounded: torch.dtype | None = None) -> None:
         """After weights are in place: the RoPE table and the adapter's K/V, once per load. The
@@ -321,12 +375,41 @@ class Transformer(nn.Module):
         if self.tok_embeddings.weight.device.type != "cpu":
             return
         column_major = rows == 1
-        if column_major == (not self.output.weight.is_contiguous()):
-            return  # already laid out so
-        for layer in self.layers:
+        for layer in self.layers:  # each group only when its layout differs (layout_key)
             layer.attention.lay_out(column_major=column_major)
             layer.feed_forward.lay_out(column_major=column_major)
-        lay_out([self.output], column_major=column_major)
+        key = layout_key([self.output], column_major=column_major, fused=False)
+        if self.output_layout != key:
+            lay_out([self.output], column_major=column_major)
+            self.output_layout = layout_key([self.output], column_major=column_major, fused=False)
+
+    def swap_in(self, args: ModelArgs, state: dict[str, torch.Tensor]) -> Callable[[], None]:
+        """Put an adapter into the model: its structure (``args``: prompt rows, adapted layers,
+        bias / scale) and its tensors, with any base tensor its file replaces (``state``, by
+        parameter name). Returns the undo, which puts every parameter, weight layout and
+        the adapter's K/V back as they were: diagnose runs its arms on one loaded base so."""
+        saved = [
+            (m, dict(m._parameters), {k: getattr(m, k) for k in LAYOUT_ATTRS if hasattr(m, k)})
+            for m in self.modules()
+        ]
+        before = (self.args, self.adapter_kv)
+        for name, value in state.items():
+            owner, _, attr = name.rpartition(".")
+            module = self.get_submodule(owner)
+            if attr not in module._parameters:
+                raise KeyError(f"{name} is not a parameter of the model")
+            setattr(module, attr, nn.Parameter(value, requires_grad=value.is_floating_point()))
+        self.args = args
+
+        def undo() -> None:
+            for module, params, layout in saved:
+                module._parameters.clear()
+                module._parameters.update(params)
+                for k, v in layout.items():
+                    setattr(module, k, v)
+            self.args, self.adapter_kv = before
+
+        return undo
 
     def compute_adapter_kv(
         self, *, gate_fn: str, rounded: torch.dtype | None = None
@@ -342,9 +425,10 @@ class Transformer(nn.Module):
             attn = self.layers[i].attention
             p = prompts[j] if rounded is None else prompts[j].to(rounded)
             p = p.to(attn.wk.weight.dtype)
-            k = project(attn, "wk", p).view(a.adapter_len, a.n_heads, a.head_dim).transpose(0, 1)
-            v = project(attn, "wv", p).view(a.adapter_len, a.n_heads, a.head_dim).transpose(0, 1)
-            gate = per_head_gate(attn.gate, a.n_heads, gate_fn=gate_fn)
+            heads = (a.adapter_len, a.local_heads, a.head_dim)
+            k = project(attn, "wk", p).view(heads).transpose(0, 1)
+            v = project(attn, "wv", p).view(heads).transpose(0, 1)
+            gate = per_head_gate(attn.gate, a.local_heads, gate_fn=gate_fn)
             if rounded is not None:
                 gate = gate.to(rounded).float()
             out[i] = AdapterKV(k.contiguous(), v.contiguous(), gate)
@@ -374,6 +458,8 @@ class Transformer(nn.Module):
             raise RuntimeError("call prepare() after loading weights")
         _, t = tokens.shape
         h = self.tok_embeddings(tokens)
+        if self.gather is not None:
+            h = self.gather(h)
         if isinstance(start, torch.Tensor):  # one token at a position held on the device
             rope = self.rope[start.reshape(1)]
         else:
@@ -389,4 +475,5 @@ class Transformer(nn.Module):
             )
             h = h + layer.feed_forward(layer.ffn_norm(h))
         h = self.norm(h)
-        return self.output(h if all_logits else h[:, -1, :]).float()
+        logits = self.output(h if all_logits else h[:, -1, :])
+        return (logits if self.gather is None else self.gather(logits)).float()

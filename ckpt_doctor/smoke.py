@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ckpt_doctor import timings
 from ckpt_doctor.choices import ATTENTION
 from ckpt_doctor.errors import UsageError
 from ckpt_doctor.families import check_gate_fn
 from ckpt_doctor.findings import Finding, exit_code_for, finding
-from ckpt_doctor.generate import GenerationConfig, Result, context_length, generate, prompt_ids
+from ckpt_doctor.generate import GenerationConfig, Result, generate, prompt_ids
 from ckpt_doctor.kernels import fused_unavailable_reason
-from ckpt_doctor.loading import LoadReport, load_model
+from ckpt_doctor.loading import LoadReport, attach, load_base, plan_adapter
+from ckpt_doctor.model import Transformer
+from ckpt_doctor.parallel import Shard
 from ckpt_doctor.progress import Progress
 from ckpt_doctor.reader import Checkpoint, find_tokenizer
 from ckpt_doctor.tokenizer import Tokenizer, load_tokenizer
@@ -40,6 +43,8 @@ class SmokeReport:
     findings: list[Finding] = field(default_factory=list)
     # The gate values the run used, per adapted layer (per head): zeros where nothing loaded.
     gates: dict[int, list[float]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (timings.py)
+    parallel: dict[str, Any] | None = None  # a tensor-parallel run: how it was split
 
     @property
     def exit_code(self) -> int:
@@ -55,6 +60,9 @@ class SmokeReport:
             "results": [r.to_json() for r in self.results],
             "gates": {str(layer): g for layer, g in self.gates.items()},
             "findings": [f.to_json() for f in self.findings],
+            "timings": self.timings,
+            "world_size": self.parallel["world_size"] if self.parallel else 1,
+            **({"parallel": self.parallel} if self.parallel else {}),
         }
 
 
@@ -178,38 +186,138 @@ def smoke_generate(
     gate_fn: str | None = None,
     attention: str = "auto",
     progress: Progress | None = None,
+    model: Transformer | None = None,
+    shard: Shard | None = None,
 ) -> SmokeReport:
     """Load, generate, and say how each prompt ended. ``progress`` hears the load (bytes) and
-    the generation (tokens)."""
+    the generation (tokens). ``model``: a base already loaded by load_smoke_base with the same
+    settings (diagnose's arms share one): the file goes in, and comes out again at the end.
+    ``shard``: this process's part of a tensor-parallel run (parallel.py)."""
     config = config or GenerationConfig()
     if gate_fn is not None:
         check_gate_fn(gate_fn)  # before the tokenizer and the weights load
-    dev = resolve_device(device)
-    attn = resolve_attention(attention, dev)
-    tok_path = resolve_tokenizer(base, tokenizer_path)
-    tokenizer = load_tokenizer(tok_path)
-    instructions = list(prompts or DEFAULT_PROMPTS)
-    # The model's context (RoPE table) covers exactly what these prompts need: no hidden cap.
-    max_len = context_length(tokenizer, instructions, config)
-    model, load = load_model(
-        base,
-        adapter=adapter,
-        full=full,
-        load_as=load_as,
-        dtype=dtype,
-        device=dev,
-        gate_fn=gate_fn,
-        max_seq_len=max_len,
-        progress=progress,
-    )
-    ids = prompt_ids(tokenizer, instructions, config)
-    check_vocab(tokenizer, ids, vocab_size=model.args.vocab_size, tokenizer_path=tok_path)
-    model.set_attention(attn)
-    results = generate(model, tokenizer, instructions, config=config, progress=progress)
+    with timings.recording() as rec:
+        setup = _setup(base, tokenizer_path, prompts, config, device, attention, shard)
+        report = _run(base, setup, adapter, full, load_as, gate_fn, dtype, progress, model, shard)
+    report.timings = rec.to_json()
+    return report
+
+
+def _run(
+    base: Checkpoint,
+    setup: _Setup,
+    adapter: Checkpoint | None,
+    full: Checkpoint | None,
+    load_as: str,
+    gate_fn: str | None,
+    dtype: str,
+    progress: Progress | None,
+    model: Transformer | None,
+    shard: Shard | None,
+) -> SmokeReport:
+    with timings.device_sync(setup.device):
+        plan = plan_adapter(base, adapter=adapter, full=full, load_as=load_as, gate_fn=gate_fn)
+        if model is None:
+            model = _load_base(base, setup, dtype=dtype, progress=progress, shard=shard)
+            shared = False
+        else:
+            shared = True
+            if model.args.max_seq_len != setup.max_len:
+                raise ValueError("the shared base was built for other prompts or settings")
+        load, undo = attach(model, plan, progress=progress)
+        try:
+            check_vocab(setup.tokenizer, setup.ids, vocab_size=model.args.vocab_size,
+                        tokenizer_path=setup.tok_path)  # fmt: skip
+            model.set_attention(setup.attention)
+            results = generate(
+                model, setup.tokenizer, setup.instructions, config=setup.config, progress=progress
+            )
+            gates = {i: _gate(model, i) for i in model.args.adapted_layers}
+        finally:
+            if shared:
+                undo()
     findings = [*load.findings, *outcome_findings(results, dtype=load.dtype)]
-    graph = config.cuda_graph and dev.type == "cuda"
-    gates = {
-        i: model.layers[i].attention.gate.detach().float().flatten().tolist()
-        for i in model.args.adapted_layers
-    }
-    return SmokeReport(load, results, tok_path, str(dev), attn, graph, findings, gates)
+    graph = setup.config.cuda_graph and setup.device.type == "cuda"
+    report = SmokeReport(
+        load, results, setup.tok_path, str(setup.device), setup.attention, graph, findings, gates
+    )
+    if shard is not None:
+        report.parallel = shard.to_json()
+    return report
+
+
+def _gate(model: Transformer, layer: int) -> list[float]:
+    """A layer's gate values, every head (tensor parallel: every process's heads, in order)."""
+    g = model.layers[layer].attention.gate.detach().float().flatten()
+    return (g if model.gather is None else model.gather(g)).tolist()
+
+
+@dataclass
+class _Setup:
+    """What a smoke run settles before loading: device, attention, tokenizer, prompts, and the
+    context those prompts need (the model's RoPE table covers exactly that: no hidden cap)."""
+
+    device: torch.device
+    attention: str
+    tok_path: Path
+    tokenizer: Tokenizer
+    instructions: list[str]
+    ids: list[list[int]]
+    config: GenerationConfig
+    max_len: int
+
+
+def _setup(
+    base: Checkpoint,
+    tokenizer_path: Path | None,
+    prompts: list[str] | None,
+    config: GenerationConfig,
+    device: str,
+    attention: str,
+    shard: Shard | None,
+) -> _Setup:
+    dev = resolve_device(device)
+    if shard is not None:  # one GPU per process; the decode step is not graph-captured
+        dev, config = shard.device(dev), replace(config, cuda_graph=False)
+    attn = resolve_attention(attention, dev)
+    with timings.phase("read"):
+        tok_path = resolve_tokenizer(base, tokenizer_path)
+        tokenizer = load_tokenizer(tok_path)
+    instructions = list(prompts or DEFAULT_PROMPTS)
+    ids = prompt_ids(tokenizer, instructions, config)
+    max_len = max(map(len, ids)) + config.max_new_tokens
+    return _Setup(dev, attn, tok_path, tokenizer, instructions, ids, config, max_len)
+
+
+def _load_base(
+    base: Checkpoint,
+    setup: _Setup,
+    *,
+    dtype: str,
+    progress: Progress | None,
+    shard: Shard | None = None,
+) -> Transformer:
+    return load_base(
+        base, dtype=dtype, device=setup.device, max_seq_len=setup.max_len, progress=progress,
+        shard=shard,
+    )  # fmt: skip
+
+
+def load_smoke_base(
+    base: Checkpoint,
+    *,
+    tokenizer_path: Path | None = None,
+    prompts: list[str] | None = None,
+    config: GenerationConfig | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    attention: str = "auto",
+    progress: Progress | None = None,
+    **_: object,
+) -> Transformer:
+    """The base alone, loaded for smoke runs with these settings (the same keywords as
+    smoke_generate): pass it to smoke_generate(model=...) to run several files on one load."""
+    setup = _setup(base, tokenizer_path, prompts, config or GenerationConfig(), device,
+                   attention, None)  # fmt: skip
+    with timings.device_sync(setup.device):
+        return _load_base(base, setup, dtype=dtype, progress=progress)
