@@ -35,6 +35,9 @@ from ckpt_doctor.reader import Checkpoint
 from ckpt_doctor.staging import DeviceCopier
 from ckpt_doctor.transforms import raw_matches_training, tanh_baked
 
+# Devices whose weights arrive through staging.DeviceCopier (the CPU reads the map directly).
+STAGED = ("cuda",)
+
 
 @dataclass
 class LoadReport:
@@ -294,7 +297,7 @@ def load_base(
     emb = base_tensors["tok_embeddings.weight"]
     file_dtype = emb.dtype.name if emb.is_float else "float32"
     torch_dtype = resolve_dtype(dtype, device=device, file_dtype=file_dtype)
-    copier = DeviceCopier(device) if device.type == "cuda" else None
+    copier = DeviceCopier(device) if device.type in STAGED else None
     model.base_info = BaseInfo(base, torch_dtype, device, dict(base_rounding or {}), shard, copier)
     total = sum(base_tensors[n].nbytes for n in full if keys.is_base_key(n))
     make = _Maker(model, total=total // (shard.world if shard else 1), progress=progress)

@@ -18,13 +18,13 @@ CHUNK_BYTES = 64 << 20  # large enough to run near the bus's speed, small enough
 
 
 class DeviceCopier:
-    def __init__(self, device: torch.device, *, chunk_bytes: int = CHUNK_BYTES) -> None:
+    def __init__(self, device: torch.device, *, chunk_bytes: int | None = None) -> None:
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if cuda else None
-        self.chunk = chunk_bytes
+        self.chunk = chunk_bytes or CHUNK_BYTES
         self.buffers = [
-            torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)
+            torch.empty(self.chunk, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)
         ]
         self.done: list[torch.cuda.Event | None] = [None, None]
         self.turn = 0
