@@ -196,9 +196,103 @@ def gated_attention(
         _check(reason is None, f"fused attention cannot run: {reason}", "use --attention reference")
 
     out = torch.empty_like(q)
-    for launch in plan(q, k, v, out, start=start, adapter=adapter):
-        launch.kernel[launch.grid](*launch.args, **launch.constexprs)
+    for kernel, grid, args, constexprs in cached_plan(q, k, v, out, start=start, adapter=adapter):
+        kernel[grid](*args, **constexprs)
     return out
+
+
+# Launch plans by everything they depend on except the tensors' addresses (shapes, strides,
+# dtype, device, the kind of position, the adapter's size; an int decode position only through
+# the split count and chunk it gives). A decode step of a 32-layer model asks for the same plan
+# 32 times; building it is Python work the GPU waits for when launches are eager
+# (benchmarks/launch_overhead.py measures it). Bounded: a new key beyond MAX_PLANS clears it
+# (plans hold no tensors, so nothing a captured CUDA graph uses goes with them).
+_PLANS: dict[tuple, _Template] = {}
+MAX_PLANS = 256
+
+
+def cached_plan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    start: int | torch.Tensor,
+    adapter: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> list[tuple[Any, Any, tuple, dict[str, Any]]]:
+    """plan()'s launches as (kernel, grid, args, constexprs), the plan built once per shape
+    and only this call's tensors, scratch and position filled in."""
+    in_memory = isinstance(start, torch.Tensor)
+    t = q.shape[2]
+    split = None
+    if t == 1 and not in_memory:  # the plan differs only where the split layout does
+        split = _split_layout(q.shape[0] * q.shape[1], start + 1, q.device)
+    key = (
+        q.shape, q.stride(), k.shape, k.stride(), v.stride(), out.stride(), q.dtype, q.device,
+        in_memory, split, start if t > 1 else None, PROGRAMS_PER_SM,
+        None if adapter is None else (adapter[0].shape, adapter[0].stride(), adapter[1].stride()),
+    )  # fmt: skip
+    cached = _PLANS.get(key)
+    if cached is None:
+        if len(_PLANS) >= MAX_PLANS:
+            _PLANS.clear()
+        cached = _PLANS[key] = _template(q, k, v, out, start=start, adapter=adapter)
+    ak, av, g = adapter if adapter is not None else (q[0], q[0], _zeros(q.shape[1], q.device))
+    if cached.part is None:  # prefill
+        ((kernel, grid, const),) = cached.launches
+        return [(kernel, grid, (q, k, v, ak, av, g, out, *cached.tails[0]), const)]
+    (k1, grid1, c1), (k2, grid2, c2) = cached.launches
+    part = torch.empty(cached.part, device=q.device, dtype=torch.float32)
+    lse = torch.empty(cached.lse, device=q.device, dtype=torch.float32)
+    pos = (0, start) if in_memory else (start, q)  # START, Pos
+    partial = (q, k, v, part, lse, *cached.middle, *pos, *cached.tails[0])
+    combine = (part, lse, q, ak, av, g, out, *cached.tails[1])
+    return [(k1, grid1, partial, c1), (k2, grid2, combine, c2)]
+
+
+@dataclass(frozen=True)
+class _Template:
+    """plan() cut into what stays from call to call and what each call fills in."""
+
+    launches: tuple  # (kernel, grid, constexprs) per launch
+    tails: tuple  # per launch, the arguments after the ones each call fills in
+    part: tuple | None = None  # decode: the shapes of its scratch (allocated per call)
+    lse: tuple | None = None
+    middle: tuple = ()  # decode partial: q/k/v strides and H, between the scratch and START
+
+
+def _template(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    start: int | torch.Tensor,
+    adapter: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> _Template:
+    launches = plan(q, k, v, out, start=start, adapter=adapter)
+    fixed = tuple((p.kernel, p.grid, p.constexprs) for p in launches)
+    if len(launches) == 1:  # prefill: q, k, v, ak, av, g, out, then strides and sizes
+        return _Template(fixed, (launches[0].args[7:],))
+    # decode partial: q, k, v, part, lse, 3 q + 8 k/v strides, H, START, Pos, CHUNK, SPLITS,
+    # scale; combine: part, lse, q, ak, av, g, out, then strides and sizes.
+    partial, combine = launches
+    args = partial.args
+    scratch = tuple(args[3].shape), tuple(args[4].shape)
+    return _Template(fixed, (args[19:], combine.args[7:]), *scratch, args[5:17])
+
+
+@functools.cache
+def _zeros(h: int, device: torch.device) -> torch.Tensor:
+    """The gate slot of a launch without an adapter (never read by the kernels)."""
+    return torch.zeros(h, dtype=torch.float32, device=device)
+
+
+def _split_layout(rows: int, keys: int, device: torch.device) -> tuple[int, int]:
+    """(splits, keys per split) of a decode over ``keys`` keys: every split non-empty."""
+    splits = _splits(rows, keys, device)
+    chunk = math.ceil(math.ceil(keys / splits) / DECODE_BLOCK_N) * DECODE_BLOCK_N
+    return math.ceil(keys / chunk), chunk
 
 
 @dataclass(frozen=True)
@@ -249,9 +343,7 @@ def plan(
         return [Launch(ta.gated_prefill_kernel, grid, args, {**const, **common})]
     in_memory = isinstance(start, torch.Tensor)
     keys = k.shape[2] if in_memory else start + 1  # the grid covers every key there may be
-    splits = _splits(b * h, keys, q.device)
-    chunk = math.ceil(math.ceil(keys / splits) / DECODE_BLOCK_N) * DECODE_BLOCK_N
-    splits = math.ceil(keys / chunk)  # every split non-empty
+    splits, chunk = _split_layout(b * h, keys, q.device)
     part = torch.empty(b * h, splits, common["BLOCK_D"], device=q.device, dtype=torch.float32)
     lse = torch.empty(b * h, splits, device=q.device, dtype=torch.float32)
     qs = (q.stride(0), q.stride(1), q.stride(3))

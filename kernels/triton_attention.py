@@ -20,12 +20,20 @@ Nothing here runs at import: this module needs Triton, and kernels/launch.py imp
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Compiled kernels are cached on disk by Triton itself (TRITON_CACHE_DIR, ~/.triton/cache);
+# the prefill autotuner's choice is cached there too where Triton can (cache_results, 3.3+), so
+# a second process neither recompiles nor re-benchmarks.
+AUTOTUNE_CACHE = (
+    {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters
+    else {}
+)  # fmt: skip
 
 if INTERPRET:  # the interpreter runs every config; one small one keeps CPU tests quick
     PREFILL_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4)]
@@ -143,6 +151,7 @@ def prune_configs(configs: list, named_args: dict, **kwargs: object) -> list:
     configs=PREFILL_CONFIGS,
     key=["HEAD_DIM", "T_BUCKET", "PRECISION"],
     prune_configs_by={"early_config_prune": prune_configs},
+    **AUTOTUNE_CACHE,
 )
 @triton.jit(do_not_specialize=["T", "START", "LA", "T_BUCKET"])
 def gated_prefill_kernel(

@@ -6,10 +6,23 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# Triton reads this when it is first imported: run the fused kernels in its CPU interpreter
-# (tests/test_kernels.py). On a GPU machine, CKPT_DOCTOR_GPU_TESTS=1 runs them compiled.
-if not os.environ.get("CKPT_DOCTOR_GPU_TESTS"):
+
+
+def _gpu_tests() -> bool:
+    """CKPT_DOCTOR_GPU_TESTS=1 on a machine with CUDA: the kernel tests run compiled there."""
+    if os.environ.get("CKPT_DOCTOR_GPU_TESTS", "") in ("", "0"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# Triton reads this when the kernels are first defined: run them in its CPU interpreter
+# (tests/test_kernels.py), unless they run compiled on a GPU.
+if not _gpu_tests():
     os.environ["TRITON_INTERPRET"] = "1"
+else:
+    os.environ.pop("TRITON_INTERPRET", None)
 
 
 @pytest.fixture

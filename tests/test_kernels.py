@@ -1,8 +1,11 @@
-"""Fused gated-attention kernels against the PyTorch reference, in Triton's CPU interpreter.
+"""Fused gated-attention kernels against the PyTorch reference: in Triton's CPU interpreter,
+or compiled on a GPU.
 
 conftest.py sets TRITON_INTERPRET=1 before anything imports Triton (fp32 and fp16 only: the
-interpreter's bf16 is wrong). The accuracy criterion: against an fp64 oracle, the kernel's max
-error is at most 2x the max error of the reference run in the same precision.
+interpreter's bf16 is wrong). With CKPT_DOCTOR_GPU_TESTS=1 on a machine with CUDA it does not,
+and the same cases run compiled on CUDA tensors, bf16 added (benchmarks/run_gpu.sh runs them
+first). The accuracy criterion: against an fp64 oracle, the kernel's max error is at most 2x
+the max error of the reference run in the same precision.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from ckpt_doctor.kernels import (
     fused_unavailable_reason,
     gated_attention,
     gated_attention_reference,
+    interpreting,
     per_head_gate,
 )
 from typer.testing import CliRunner
@@ -29,26 +33,33 @@ from ckpt_doctor.errors import UsageError
 from ckpt_doctor.smoke import resolve_attention
 
 triton = pytest.importorskip("triton", reason="pip install 'ckpt-doctor[triton]'")
+# Compiled on CUDA when conftest left the interpreter off for a GPU run; else the interpreter.
+GPU = not interpreting() and torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
 pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter tests: TRITON_INTERPRET=1"
+    not (GPU or interpreting()),
+    reason="needs Triton's interpreter (TRITON_INTERPRET=1) or CKPT_DOCTOR_GPU_TESTS=1 on CUDA",
 )
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else [])
+DTYPE_IDS = ["fp32", "fp16"] + (["bf16"] if GPU else [])
 
 H, HD, LA = 3, 48, 10  # head_dim 48 and adapter_len 10 are not block multiples
 GATES = {"zero": [0.0], "0.37": [0.37], "-1.5": [-1.5], "per-head": [0.5, -0.8, 1.7]}
 
 
 def case(
-    b: int, t: int, start: int, dtype: torch.dtype, *, h: int = H, seed: int = 0
+    b: int, t: int, start: int, dtype: torch.dtype, *, h: int = H, seed: int = 0, device=DEVICE
 ) -> dict[str, torch.Tensor]:
-    """Inputs in fp64 (the oracle's); cache positions past start+T hold NaN, so a kernel that
-    reads a future position (or one past the cache) poisons its output."""
+    """Inputs in fp64 (the oracle's) on ``device``; cache positions past start+T hold NaN, so
+    a kernel that reads a future position (or one past the cache) poisons its output."""
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
     length = start + t + 5
     k, v = rnd(b, h, length, HD), rnd(b, h, length, HD)
     k[:, :, start + t :] = float("nan")
     v[:, :, start + t :] = float("nan")
-    return {"q": rnd(b, h, t, HD) * 2, "k": k, "v": v, "ak": rnd(h, LA, HD), "av": rnd(h, LA, HD)}
+    x = {"q": rnd(b, h, t, HD) * 2, "k": k, "v": v, "ak": rnd(h, LA, HD), "av": rnd(h, LA, HD)}
+    return {n: a.to(device) for n, a in x.items()}
 
 
 def run(fn, x: dict, dtype: torch.dtype, gate: torch.Tensor | None, start: int) -> torch.Tensor:
@@ -78,17 +89,17 @@ SHAPES = [  # (batch, new tokens, start): prefill from 0 and after a prefix, dec
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("gate", list(GATES), ids=list(GATES))
 @pytest.mark.parametrize(("b", "t", "start"), SHAPES)
 def test_fused_matches_reference(b: int, t: int, start: int, gate: str, dtype: torch.dtype):
     x = case(b, t, start, dtype)
-    g = per_head_gate(torch.tensor(GATES[gate]), H, gate_fn="raw")
+    g = per_head_gate(torch.tensor(GATES[gate], device=DEVICE), H, gate_fn="raw")
     fused_err, ref_err = errors(x, dtype, g, start)
     assert fused_err <= 2 * ref_err, (fused_err, ref_err)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize(("b", "t", "start"), SHAPES)
 def test_without_adapter_is_causal_attention(b: int, t: int, start: int, dtype: torch.dtype):
     x = case(b, t, start, dtype, seed=1)
@@ -99,7 +110,7 @@ def test_without_adapter_is_causal_attention(b: int, t: int, start: int, dtype: 
 @pytest.mark.parametrize(("b", "t", "start"), [(2, 9, 3), (2, 1, 40)], ids=["prefill", "decode"])
 def test_gate_zero_is_exactly_plain_causal_attention(b: int, t: int, start: int):
     x = case(b, t, start, torch.float32, seed=2)
-    zero = per_head_gate(torch.zeros(1), H, gate_fn="tanh")
+    zero = per_head_gate(torch.zeros(1, device=DEVICE), H, gate_fn="tanh")
     gated = run(gated_attention, x, torch.float32, zero, start)
     plain = run(gated_attention, x, torch.float32, None, start)
     assert torch.equal(gated, plain)
@@ -116,15 +127,15 @@ def test_tanh_gate_and_scalar_broadcast():
 
 def test_bad_inputs_raise_typed_errors():
     x = {n: t.float() for n, t in case(1, 4, 0, torch.float32).items()}
-    g = torch.zeros(H)
+    g = torch.zeros(H, device=DEVICE)
     bad = [
         ({"q": x["q"][0]}, "q must be"),
         ({"k": x["k"][:, :, :2]}, "cache holds 2 positions"),
         ({"v": x["v"].half()}, "v: dtype/device differ"),
         ({"ak": x["ak"][:, :, :8]}, "adapter_k is"),
         ({"ak": x["ak"][0, 0]}, "adapter_k is"),  # wrong rank: typed, not an IndexError
-        ({"gate": torch.zeros(H, dtype=torch.float64)}, "gate must be fp32"),
-        ({"gate": torch.zeros(H + 1)}, "gate must be fp32"),
+        ({"gate": torch.zeros(H, dtype=torch.float64, device=DEVICE)}, "gate must be fp32"),
+        ({"gate": torch.zeros(H + 1, device=DEVICE)}, "gate must be fp32"),
         ({n: x[n].expand(65536, -1, -1, -1) for n in "qkv"}, "batch 65536"),
     ]
     for change, message in bad:
@@ -145,10 +156,10 @@ def test_bad_inputs_raise_typed_errors():
 
 
 def test_fused_refused_on_cpu_outside_the_interpreter(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     reason = fused_unavailable_reason(torch.device("cpu"))
     assert reason is not None and "CUDA" in reason
-    x = case(1, 3, 0, torch.float32)
+    x = case(1, 3, 0, torch.float32, device="cpu")
     with pytest.raises(KernelInputError, match="cannot run"):
         run(gated_attention, x, torch.float32, None, 0)
 
@@ -185,12 +196,12 @@ def test_smoke_generate_fused_matches_reference_on_the_fixture_world(one_thread)
         args = ["smoke-generate", "--base", str(WORLD / "base"), "--full"]
         args += [str(WORLD / "checkpoint-4.pth"), "--attention", attention, "--json"]
         args += ["--max-new-tokens", "24", *(a for p in prompts for a in ("--prompt", p))]
-        args += ["--no-cuda-graph"] if attention == "fused" else []
+        args += ["--device", DEVICE] + (["--no-cuda-graph"] if attention == "fused" else [])
         result = CliRunner().invoke(app, args)
         assert result.exit_code in (0, 1), result.output
         docs[attention] = json.loads(result.stdout)
         assert docs[attention]["attention"] == attention
-        assert docs[attention]["cuda_graph"] is False  # graphs are CUDA only
+        assert docs[attention]["cuda_graph"] is (GPU and attention == "reference")
     for ref, fused in zip(docs["reference"]["results"], docs["fused"]["results"], strict=True):
         assert fused["generated_ids"] == ref["generated_ids"]
         assert fused["outcome"] == ref["outcome"]
@@ -198,8 +209,9 @@ def test_smoke_generate_fused_matches_reference_on_the_fixture_world(one_thread)
 
 def test_attention_auto_is_reference_on_cpu_and_fused_is_refused_there(monkeypatch):
     assert resolve_attention("auto", torch.device("cpu")) == "reference"
-    assert resolve_attention("fused", torch.device("cpu")) == "fused"  # interpreter
-    monkeypatch.delenv("TRITON_INTERPRET")
+    if interpreting():
+        assert resolve_attention("fused", torch.device("cpu")) == "fused"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(UsageError, match="--attention fused cannot run") as err:
         resolve_attention("fused", torch.device("cpu"))
     assert "--attention reference" in err.value.hint
@@ -210,6 +222,7 @@ def test_attention_auto_is_reference_on_cpu_and_fused_is_refused_there(monkeypat
     assert "--attention fused cannot run" in result.stderr
 
 
+@pytest.mark.skipif(GPU, reason="on a GPU, run_gpu.sh is what runs these tests")
 def test_gpu_benchmark_script_runs_dry_on_the_cpu(tmp_path):
     """benchmarks/run_gpu.sh (the package laid out as a wheel installs it, then
     attention_gpu.py) at toy shapes in the interpreter: the GPU run works before GPU time is
@@ -256,32 +269,36 @@ def test_decode_at_a_position_held_in_a_tensor(attention: str):
 
     world = Path(__file__).resolve().parents[1] / "fixtures" / "world"
     model, _ = load_model(
-        open_checkpoint(world / "base"), full=open_checkpoint(world / "checkpoint-4.pth")
+        open_checkpoint(world / "base"),
+        full=open_checkpoint(world / "checkpoint-4.pth"),
+        device=DEVICE,
+        dtype="float32",
     )
     model.set_attention(attention)
     prompt = torch.randint(3, model.args.vocab_size, (2, 7), generator=torch.Generator())
+    prompt = prompt.to(DEVICE)
     with torch.inference_mode():
         caches = [model.new_cache(2, 300), model.new_cache(2, 300)]
         tok = [model(prompt, 0, c).argmax(-1) for c in caches]
         for pos in range(7, 12):
             by_int = model(tok[0][:, None], pos, caches[0])
-            by_tensor = model(tok[1][:, None], torch.tensor([pos]), caches[1])
+            by_tensor = model(tok[1][:, None], torch.tensor([pos], device=DEVICE), caches[1])
             torch.testing.assert_close(by_tensor, by_int, rtol=1.3e-6, atol=1e-5)  # fp32
             tok = [by_int.argmax(-1), by_tensor.argmax(-1)]
             assert torch.equal(tok[0], tok[1])
     x = case(1, 1, 150, torch.float32, seed=4)
-    g = per_head_gate(torch.tensor([0.4]), H, gate_fn="raw")
+    g = per_head_gate(torch.tensor([0.4], device=DEVICE), H, gate_fn="raw")
     # A 400-position cache: the grid (3 splits of 192 keys) has two splits past position 150.
     # Beyond it the kernel reads nothing and the reference masks: finite filler either way.
-    pad = torch.zeros(1, H, 250, HD, dtype=torch.float64)
+    pad = torch.zeros(1, H, 250, HD, dtype=torch.float64, device=DEVICE)
     x["k"], x["v"] = (torch.cat([torch.nan_to_num(x[n]), pad], dim=2) for n in ("k", "v"))
     args = {"adapter_k": x["ak"].float(), "adapter_v": x["av"].float(), "gate": g}
     q, k, v = x["q"].float(), x["k"].float(), x["v"].float()
     want = gated_attention_reference(q, k, v, start=150, **args)
-    got = gated_attention(q, k, v, start=torch.tensor([150]), **args)
+    got = gated_attention(q, k, v, start=torch.tensor([150], device=DEVICE), **args)
     torch.testing.assert_close(got, want, rtol=1.3e-6, atol=1e-5)
     with pytest.raises(KernelInputError, match="one query"):
-        gated_attention(q.expand(1, H, 2, HD), k, v, start=torch.tensor([3]))
+        gated_attention(q.expand(1, H, 2, HD), k, v, start=torch.tensor([3], device=DEVICE))
 
 
 def test_ahead_of_time_signatures_specialise_as_the_jit_does():
@@ -321,6 +338,7 @@ def test_fused_path_runs_v2_chat_and_peft_to_their_own_codes_tokens(one_thread, 
     results = run["results"][:1]  # the interpreter is slow: one prompt, its first 12 tokens
     args = ["smoke-generate", "--base", str(FAMILIES / base), "--adapter", str(FAMILIES / adapter)]
     args += ["--attention", "fused", "--no-cuda-graph", "--dtype", "float32", "--json"]
+    args += ["--device", DEVICE]
     args += ["--max-new-tokens", "12", "--prompt", results[0]["instruction"]]
     result = CliRunner().invoke(app, args)
     assert result.exit_code in (0, 1), result.output
@@ -329,3 +347,41 @@ def test_fused_path_runs_v2_chat_and_peft_to_their_own_codes_tokens(one_thread, 
     assert [r["generated_ids"] for r in doc["results"]] == [
         r["generated_ids"][:12] for r in results
     ]
+
+
+@pytest.mark.parametrize("adapter", [True, False], ids=["adapter", "plain"])
+def test_cached_launch_plan_equals_a_fresh_plan(adapter: bool):
+    """cached_plan fills this call's tensors and position into a plan built once per shape:
+    every argument equals plan()'s (scratch buffers: same shape, new per call), and a new
+    stride, size or split layout gets a plan of its own."""
+    from ckpt_doctor.kernels import launch
+
+    launch._PLANS.clear()
+    for b, t, start, length in [(2, 5, 11, 40), (2, 1, 75, 90), (2, 1, 76, 90), (1, 1, 300, 320)]:
+        for in_memory in [False, True] if t == 1 else [False]:
+            x = case(b, t, start, torch.float32, device="cpu")
+            k = torch.zeros(b, H, length, HD)  # a longer cache than the case's own
+            pos = torch.tensor([start]) if in_memory else start
+            ad = (x["ak"].float(), x["av"].float(), torch.rand(H)) if adapter else None
+            q = x["q"].float()
+            out = torch.empty_like(q)
+            fresh = launch.plan(q, k, k, out, start=pos, adapter=ad)
+            for _ in range(2):  # built, then taken from the cache
+                cached = launch.cached_plan(q, k, k, out, start=pos, adapter=ad)
+                assert len(cached) == len(fresh)
+                for (kernel, grid, args, const), want in zip(cached, fresh, strict=True):
+                    assert kernel is want.kernel and const == want.constexprs
+                    assert len(args) == len(want.args)
+                    mine = [q, k, out, pos, *(ad or ())]  # this call's own tensors
+                    for a, w in zip(args, want.args, strict=True):
+                        if not isinstance(w, torch.Tensor):
+                            assert a == w
+                        elif any(w is m for m in mine):
+                            assert a is w
+                        else:  # scratch, or the unread stand-ins of an absent adapter
+                            assert a.shape == w.shape and a.dtype == w.dtype
+                    if not callable(grid):
+                        assert grid == want.grid
+    # prefill; decode over 90 positions: at 75 and 76 one split layout (int), one for a
+    # position in a tensor; over 320: int and tensor.
+    assert len(launch._PLANS) == 5
