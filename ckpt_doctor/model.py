@@ -34,12 +34,26 @@ from ckpt_doctor.kernels import (
     gated_attention_reference,
     per_head_gate,
 )
+from ckpt_doctor.kernels.fused import add_rmsnorm, rope_and_cache, swiglu
+from ckpt_doctor.kernels.reference import (
+    add_rmsnorm_reference,
+    rmsnorm_reference,
+    rope_and_cache_reference,
+    swiglu_reference,
+)
 
 # The model's tensors fit the kernels by construction (shapes, dtypes, devices; set_attention
 # checks head_dim and adapter_len once), so the fused path skips the per-call input checks.
 ATTENTION = {
     "reference": gated_attention_reference,
     "fused": functools.partial(gated_attention, check=False),
+}
+# The steps between the GEMMs that go with each attention path: the residual add with the next
+# RMSNorm, SwiGLU, RoPE with the KV-cache write (one Triton launch each on the fused path:
+# kernels/fused.py).
+AROUND = {
+    "reference": (add_rmsnorm_reference, swiglu_reference, rope_and_cache_reference),
+    "fused": (add_rmsnorm, swiglu, rope_and_cache),
 }
 
 
@@ -92,10 +106,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()  # normalise in fp32, as upstream does
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        # A trained norm kept in fp32 (v2) scales in fp32 and comes back in x's dtype.
-        return (xf.type_as(x) * self.weight).type_as(x)
+        # In fp32, as upstream does; a trained norm kept in fp32 (v2) scales in fp32.
+        return rmsnorm_reference(x, self.weight, self.eps)
 
 
 def rope_table(head_dim: int, length: int, theta: float) -> torch.Tensor:
@@ -103,13 +115,6 @@ def rope_table(head_dim: int, length: int, theta: float) -> torch.Tensor:
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
     angles = torch.outer(torch.arange(length, dtype=torch.float32), freqs)
     return torch.polar(torch.ones_like(angles), angles)
-
-
-def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, H, hd]; rope: [T, hd/2] complex. Adjacent dims (2i, 2i+1) form one pair."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    out = torch.view_as_real(xc * rope[None, :, None, :]).flatten(3)
-    return out.type_as(x)
 
 
 @dataclass
@@ -226,6 +231,7 @@ class Attention(nn.Module):
         self.wqkv: torch.Tensor | None = None  # [dim, 3*dim] when laid out column-major
         self.layout: tuple | None = None  # layout_key of the current layout
         self.attend = gated_attention_reference  # or the fused kernels: set_attention()
+        self.rope_write = rope_and_cache_reference  # likewise
         self.reduce: Reduce | None = None  # tensor parallel: sums wo's partial products
 
     def lay_out(self, *, column_major: bool) -> None:
@@ -247,6 +253,7 @@ class Attention(nn.Module):
         cache_k: torch.Tensor,
         cache_v: torch.Tensor,
         adapter: AdapterKV | None,
+        cos_sin: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         if self.wqkv is not None:  # one GEMM over the fused column-major buffer
@@ -255,19 +262,16 @@ class Attention(nn.Module):
                 q, k, v = q + self.wq_bias, k + self.wk_bias, v + self.wv_bias
         else:
             q, k, v = (project(self, w, x) for w in ("wq", "wk", "wv"))
-        q = apply_rope(q.view(b, t, self.n_heads, self.head_dim), rope)
-        k = apply_rope(k.view(b, t, self.n_heads, self.head_dim), rope)
-        v = v.view(b, t, self.n_heads, self.head_dim)
-        if isinstance(start, torch.Tensor):  # decode at a run-time position (CUDA graphs)
-            cache_k[:b].index_copy_(2, start.reshape(1), k.transpose(1, 2))
-            cache_v[:b].index_copy_(2, start.reshape(1), v.transpose(1, 2))
-        else:
-            cache_k[:b, :, start : start + t] = k.transpose(1, 2)
-            cache_v[:b, :, start : start + t] = v.transpose(1, 2)
+        heads = (b, t, self.n_heads, self.head_dim)
+        # RoPE on q and k, k and v into the cache (at a run-time position for CUDA graphs).
+        q = self.rope_write(
+            q.view(heads), k.view(heads), v.view(heads), start=start, rope=rope,
+            cos_sin=cos_sin, cache_k=cache_k, cache_v=cache_v,
+        )  # fmt: skip
         extra = {}
         if adapter is not None:
             extra = {"adapter_k": adapter.k, "adapter_v": adapter.v, "gate": adapter.gate}
-        out = self.attend(q.transpose(1, 2), cache_k[:b], cache_v[:b], start=start, **extra)
+        out = self.attend(q, cache_k[:b], cache_v[:b], start=start, **extra)
         return project(self, "wo", out.transpose(1, 2).reshape(b, t, -1), reduce=self.reduce)
 
 
@@ -282,6 +286,7 @@ class FeedForward(nn.Module):
         self.w13: torch.Tensor | None = None  # [dim, 2*hidden] when laid out column-major
         self.layout: tuple | None = None
         self.reduce: Reduce | None = None  # tensor parallel: sums w2's partial products
+        self.act = swiglu_reference  # silu(gate) * up; or the fused kernel: set_attention()
 
     def lay_out(self, *, column_major: bool) -> None:
         fuse = column_major and self.w1_scale is None
@@ -299,7 +304,7 @@ class FeedForward(nn.Module):
                 gate, up = gate + self.w1_bias, up + self.w3_bias
         else:
             gate, up = project(self, "w1", x), project(self, "w3", x)
-        return project(self, "w2", F.silu(gate) * up, reduce=self.reduce)
+        return project(self, "w2", self.act(gate, up), reduce=self.reduce)
 
 
 class Block(nn.Module):
@@ -339,7 +344,9 @@ class Transformer(nn.Module):
         # Row j*adapter_len .. (j+1)*adapter_len-1 is the prompt of adapted layer j.
         self.adapter_query = _embedding(args.adapter_len * args.adapter_layer, args.dim)
         self.rope: torch.Tensor | None = None
+        self.cos_sin: torch.Tensor | None = None
         self.adapter_kv: dict[int, AdapterKV] = {}
+        self.add_norm = add_rmsnorm_reference  # or the fused kernel: set_attention()
         # Tensor parallel (parallel.py): every process's last-dim slices, joined; rank 0's copy.
         self.gather: Reduce | None = None
         self.agree: Reduce | None = None
@@ -352,6 +359,8 @@ class Transformer(nn.Module):
         a = self.args
         device = self.tok_embeddings.weight.device
         self.rope = rope_table(a.head_dim, a.max_seq_len * 2, a.rope_theta).to(device)
+        # The same rotations as [cos; sin] rows for the fused RoPE kernel: [2, len, hd/2].
+        self.cos_sin = torch.view_as_real(self.rope).permute(2, 0, 1).contiguous()
         with torch.no_grad():
             self.adapter_kv = self.compute_adapter_kv(gate_fn=gate_fn, rounded=rounded)
 
@@ -364,6 +373,9 @@ class Transformer(nn.Module):
             check_sizes(head_dim=self.args.head_dim, adapter_len=self.args.adapter_len)
         for layer in self.layers:
             layer.attention.attend = ATTENTION[impl]
+            layer.attention.rope_write = AROUND[impl][2]
+            layer.feed_forward.act = AROUND[impl][1]
+        self.add_norm = AROUND[impl][0]
 
     def lay_out_weights(self, *, rows: int) -> None:
         """Store the projection weights for decoding ``rows`` sequences at once on the CPU.
@@ -464,16 +476,15 @@ class Transformer(nn.Module):
             rope = self.rope[start.reshape(1)]
         else:
             rope = self.rope[start : start + t]
+        delta = None  # what the last block adds to the residual stream h
         for i, layer in enumerate(self.layers):
-            h = h + layer.attention(
-                layer.attention_norm(h),
-                start=start,
-                rope=rope,
-                cache_k=cache.k[i],
-                cache_v=cache.v[i],
-                adapter=adapter_kv.get(i),
-            )
-            h = h + layer.feed_forward(layer.ffn_norm(h))
-        h = self.norm(h)
+            h, a = self.add_norm(h, delta, layer.attention_norm.weight, self.args.norm_eps)
+            delta = layer.attention(
+                a, start=start, rope=rope, cache_k=cache.k[i], cache_v=cache.v[i],
+                adapter=adapter_kv.get(i), cos_sin=self.cos_sin,
+            )  # fmt: skip
+            h, f = self.add_norm(h, delta, layer.ffn_norm.weight, self.args.norm_eps)
+            delta = layer.feed_forward(f)
+        _, h = self.add_norm(h, delta, self.norm.weight, self.args.norm_eps)
         logits = self.output(h if all_logits else h[:, -1, :])
         return (logits if self.gather is None else self.gather(logits)).float()

@@ -108,6 +108,33 @@ def _jobs(head_dim: int) -> list[Job]:
             label = f"split-KV, pos {where}"
             jobs.append((partial.kernel, partial.args, partial.constexprs, label, {}, dtype))
         jobs.append((combine.kernel, combine.args, combine.constexprs, "combine", {}, dtype))
+        jobs += _fused_jobs(torch_dtype, dtype, head_dim)
+    return jobs
+
+
+def _fused_jobs(torch_dtype: torch.dtype, dtype: str, head_dim: int) -> list[Job]:
+    """kernels/fused.py's launches at 7B shapes: the residual + RMSNorm (dim 4096, fp32 norm
+    weight as v2 keeps it), SwiGLU (FFN 11008), RoPE + cache write at a position in a tensor."""
+    from ckpt_doctor.kernels import fused
+
+    with torch.device("meta"):
+        h = torch.empty(1, 4096, dtype=torch_dtype)
+        norm = torch.empty(4096)
+        ffn = torch.empty(1, 11008, dtype=torch_dtype)
+        q = torch.empty(1, 1, 32, head_dim, dtype=torch_dtype)
+        cache = torch.empty(1, 32, 4096, head_dim, dtype=torch_dtype)
+        cos_sin = torch.empty(2, 8192, head_dim // 2)
+        out = torch.empty(1, 32, 1, head_dim, dtype=torch_dtype)
+        position = torch.empty(1, dtype=torch.int64)
+    launches = [
+        ("residual + norm", fused.add_rmsnorm_launch(h, h, norm, h, h, 1e-5, has_delta=True)),
+        ("SwiGLU", fused.swiglu_launch(ffn, ffn, ffn)),
+        ("RoPE + cache", fused.rope_cache_launch(q, q, q, cos_sin, out, cache, cache, position)),
+    ]
+    jobs = []
+    for label, (kernel, _, args, meta) in launches:
+        opts = {k: meta.pop(k) for k in ("num_warps",) if k in meta}
+        jobs.append((kernel, args, meta, label, opts, dtype))
     return jobs
 
 

@@ -7,7 +7,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-
 def _gpu_tests() -> bool:
     """CKPT_DOCTOR_GPU_TESTS=1 on a machine with CUDA: the kernel tests run compiled there."""
     if os.environ.get("CKPT_DOCTOR_GPU_TESTS", "") in ("", "0"):

@@ -175,7 +175,9 @@ def test_ahead_of_time_compile_for_sm80_and_sm90a(tmp_path):
     lines = done.stdout.splitlines()
     assert sum("pos in memory" in ln for ln in lines) == 6  # the CUDA-graph decode, 3 dtypes x 2
     for arch in ("sm_80 ", "sm_90a"):
-        for kernel in ("gated_prefill_kernel", "decode_partial_kernel", "decode_combine_kernel"):
+        kernels = ("gated_prefill_kernel", "decode_partial_kernel", "decode_combine_kernel")
+        kernels += ("add_rmsnorm_kernel", "swiglu_kernel", "rope_cache_kernel")  # fused.py
+        for kernel in kernels:
             for dtype in ("fp16", "bf16", "fp32"):
                 assert any(kernel in ln and arch in ln and dtype in ln for ln in lines), (
                     kernel,
