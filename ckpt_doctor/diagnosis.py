@@ -80,6 +80,7 @@ class Arm:
     results: list[Result] = field(default_factory=list)  # per prompt, as smoke-generate's
     gates: dict[int, list[float]] = field(default_factory=dict)  # the gate values it ran with
     timings: dict[str, float] = field(default_factory=dict)  # its own phases (timings.py)
+    reused_base_run: bool = False  # nothing loaded: the base alone's generations, not rerun
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -287,17 +288,21 @@ def _smoke_arms(
     # A base that cannot load (or a tokenizer that cannot be read) fails every arm alike:
     # nothing is diagnosed, and the error is raised as it is.
     shared = load_smoke_base(base, **run, progress=prefixed(progress, "base: "))
-    arms = []
+    arms = {name: Arm(name) for name in plans}
     raised: list[CkptDoctorError] = []
-    for k, (name, kwargs) in enumerate(plans.items(), 1):
-        arm = Arm(name)
-        arms.append(arm)
+    base_results = None
+    # The base alone first: an arm whose file puts nothing into the model (upstream's load
+    # matching no key) takes its results instead of generating them again.
+    for name in (ARM_BASE, ARM_UPSTREAM, ARM_ADAPTER):
+        arm, kwargs, k = arms[name], plans[name], list(plans).index(name) + 1
         if kwargs is None:
             arm.error = "not run: the file holds no adapter tensors"
             continue
         shown = prefixed(progress, f"arm {k}/{len(plans)} ({name}): ")
         try:
-            smoke = smoke_generate(base, **run, **kwargs, progress=shown, model=shared)
+            smoke = smoke_generate(
+                base, **run, **kwargs, progress=shown, model=shared, base_results=base_results
+            )
         except CkptDoctorError as exc:
             arm.error = f"[{exc.code}] {exc.message}"
             arm.error_code, arm.error_hint = exc.code, exc.hint
@@ -311,11 +316,14 @@ def _smoke_arms(
             arm.model_keys = smoke.load.model_keys
             arm.findings = smoke.findings
             arm.timings = smoke.timings
+            arm.reused_base_run = smoke.reused_base_run
+            if name == ARM_BASE:
+                base_results = smoke.results
     attempted = sum(kwargs is not None for kwargs in plans.values())
     if len(raised) == attempted and len({(e.code, e.message) for e in raised}) == 1:
         # Nothing ran at all (an unreadable tokenizer, a broken base): not a diagnosis.
         raise raised[0]
-    return arms
+    return list(arms.values())
 
 
 def _verdict(cause: str | None, findings: list[Finding], arms: list[Arm], ckpt: Checkpoint) -> str:

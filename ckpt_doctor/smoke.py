@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ class SmokeReport:
     gates: dict[int, list[float]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (timings.py)
     parallel: dict[str, Any] | None = None  # a tensor-parallel run: how it was split
+    reused_base_run: bool = False  # the results are the base alone's (base_results)
 
     @property
     def exit_code(self) -> int:
@@ -188,17 +190,24 @@ def smoke_generate(
     progress: Progress | None = None,
     model: Transformer | None = None,
     shard: Shard | None = None,
+    base_results: list[Result] | None = None,
 ) -> SmokeReport:
     """Load, generate, and say how each prompt ended. ``progress`` hears the load (bytes) and
     the generation (tokens). ``model``: a base already loaded by load_smoke_base with the same
     settings (diagnose's arms share one): the file goes in, and comes out again at the end.
-    ``shard``: this process's part of a tensor-parallel run (parallel.py)."""
+    ``shard``: this process's part of a tensor-parallel run (parallel.py). ``base_results``:
+    the base alone's results with the same settings, taken (as copies) instead of generating
+    again when the file puts nothing into the model: nothing loaded, no bias / scale, so only
+    zero gates, whose adapter term adds exactly 0."""
     config = config or GenerationConfig()
     if gate_fn is not None:
         check_gate_fn(gate_fn)  # before the tokenizer and the weights load
     with timings.recording() as rec:
         setup = _setup(base, tokenizer_path, prompts, config, device, attention, shard)
-        report = _run(base, setup, adapter, full, load_as, gate_fn, dtype, progress, model, shard)
+        report = _run(
+            base, setup, adapter, full, load_as, gate_fn, dtype, progress, model, shard,
+            base_results,
+        )  # fmt: skip
     report.timings = rec.to_json()
     return report
 
@@ -214,6 +223,7 @@ def _run(
     progress: Progress | None,
     model: Transformer | None,
     shard: Shard | None,
+    base_results: list[Result] | None,
 ) -> SmokeReport:
     with timings.device_sync(setup.device):
         plan = plan_adapter(base, adapter=adapter, full=full, load_as=load_as, gate_fn=gate_fn)
@@ -229,9 +239,18 @@ def _run(
             check_vocab(setup.tokenizer, setup.ids, vocab_size=model.args.vocab_size,
                         tokenizer_path=setup.tok_path)  # fmt: skip
             model.set_attention(setup.attention)
-            results = generate(
-                model, setup.tokenizer, setup.instructions, config=setup.config, progress=progress
-            )
+            reused = base_results is not None and not (load.from_file or plan.bias or plan.scale)
+            if reused:
+                results = copy.deepcopy(base_results)
+                if progress is not None:
+                    n, budget = len(results), setup.config.max_new_tokens * len(results)
+                    task = f"generating {n} prompt{'s' * (n != 1)} (as the base alone: no change)"
+                    progress(task, budget, budget, "tokens")
+            else:
+                results = generate(
+                    model, setup.tokenizer, setup.instructions, config=setup.config,
+                    progress=progress,
+                )  # fmt: skip
             gates = {i: _gate(model, i) for i in model.args.adapted_layers}
         finally:
             if shared:
@@ -241,6 +260,7 @@ def _run(
     report = SmokeReport(
         load, results, setup.tok_path, str(setup.device), setup.attention, graph, findings, gates
     )
+    report.reused_base_run = reused
     if shard is not None:
         report.parallel = shard.to_json()
     return report

@@ -65,6 +65,10 @@ def test_each_arm_gives_a_separate_smoke_generates_tokens(monkeypatch, one_threa
             assert arms[name].matched == len(alone.load.from_file)
             assert arms[name].gates == alone.gates
     assert len(loads) == 4  # and one per separate run
+    # Upstream's load matched nothing in the v1 training checkpoint: arm A is the base, and
+    # takes arm C's generations instead of running them again (same tokens, shown above).
+    assert arms[ARM_UPSTREAM].reused_base_run is (family == "llama-adapter-v1")
+    assert not arms[ARM_ADAPTER].reused_base_run and not arms[ARM_BASE].reused_base_run
     # The adapter changes the tokens (else the comparison would prove little).
     assert arms[ARM_ADAPTER].generated != arms[ARM_BASE].generated
 
@@ -117,7 +121,8 @@ def test_timings_in_the_json_of_smoke_generate_and_diagnose(one_thread):
     doc = json.loads(diag.stdout)
     assert doc["timings"]["checks"] > 0
     arms = [a["timings"] for a in doc["arms"]]
-    assert all(a["decode"] > 0 for a in arms)
+    assert [a["reused_base_run"] for a in doc["arms"]] == [True, False, False]
+    assert arms[0]["decode"] == 0 and all(a["decode"] > 0 for a in arms[1:])
     # The arms' phases are part of the whole (and nothing is counted twice).
     assert sum(a["decode"] for a in arms) == pytest.approx(doc["timings"]["decode"], abs=1e-3)
     assert json.loads(smoke.stdout)["world_size"] == 1
