@@ -12,27 +12,9 @@ One ~134M-parameter LLaMA-Adapter v1 model with random fp32 weights is written i
   interleaved RoPE pairs to HF's rotate-half layout), wrapped by PEFT's adaption prompt with the
   same prompts and gates, and a manual greedy loop with its ``DynamicCache``.
 
-What PEFT's adaption prompt computes (read from peft/tuners/adaption_prompt/{layer,utils,model}.py,
-peft 0.21.2), against the reference math (docs/model.md):
-
-- Adapted layers: ``parents[-adapter_layers:]``, the top layers in order, so PEFT's j-th adapted
-  layer is layer ``n_layers - adapter_layers + j``, the same rows of adapter_query as upstream.
-- Prompt keys/values: ``k_proj(adaption_prompt)``, ``v_proj(adaption_prompt)`` with the frozen
-  projections and NO RoPE on them (as ours). Queries are recomputed (``q_proj`` again, then RoPE
-  from the layer's ``position_embeddings``): the same RoPE'd Q as the base attention.
-- Scores ``Q Ka^T / sqrt(head_dim)`` (as ours), softmax in fp32 over the prompt only, a softmax
-  independent of the causal one (as ours), cast back to the query dtype.
-- Gate: ``adaption_gate`` multiplies the probabilities raw (no tanh), a scalar per layer (shape
-  [1]), so it matches ckpt-doctor's ``gate_fn="raw"`` only when all heads share one gate value.
-- Output: ``o_proj(base) + o_proj(adapter)`` instead of ``o_proj(base + adapter)``: equal up to
-  fp32 rounding.
-- Cost: in every adapted layer and every decode step PEFT runs q_proj and v_proj of the hidden
-  states a second time (``llama_compute_query_states``; the v_proj result is unused with
-  transformers >= 4.48), k_proj and v_proj of the prompt, and a second o_proj; ckpt-doctor
-  computes the prompt K/V once per load and applies wo once. transformers' DynamicCache also
-  grows by torch.cat every step, where ckpt-doctor writes into a preallocated cache.
-So PEFT's math is ours with ``gate_fn=raw`` and per-head gates all equal; parity is checked on
-exactly that setting, plus all gates 0 against ckpt-doctor's plain base.
+What PEFT's adaption prompt computes, and why its math equals ours with ``gate_fn=raw`` and
+per-head gates all equal: benchmarks/hf_peft.py. Parity is checked on exactly that setting, plus
+all gates 0 against ckpt-doctor's plain base.
 
 Only the decode steps are timed (the prefill is not), median over repeats, sides alternating.
 The roofline is weight streaming: each decode step reads every weight matrix once (the token
@@ -47,7 +29,6 @@ The report gives the CPU time other processes used during the timed phase. On a 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import resource
@@ -60,6 +41,7 @@ from typing import Any
 
 import torch
 from common import machine_description, markdown_table, write_json
+from hf_peft import Decoded, build_hf, decode_hf, set_attn, set_peft_gate, wrap_peft
 
 DEFAULT_DIR = Path("/tmp/ckpt-doctor-bench/decode")
 PARITY_TOL = 1e-4
@@ -126,113 +108,8 @@ def build_checkpoint(workdir: Path, cfg: dict[str, Any], seed: int) -> tuple[Pat
 
 
 # --------------------------------------------------------------------------------------------
-# transformers + PEFT
-# --------------------------------------------------------------------------------------------
-
-
-def meta_to_hf(sd: dict[str, torch.Tensor], n_layers: int, n_heads: int) -> dict[str, torch.Tensor]:
-    """Meta state dict -> LlamaForCausalLM's. Meta rotates pairs (2i, 2i+1), HF rotates halves
-    (i, i + hd/2): within each head, row 2i moves to i and row 2i+1 to i + hd/2 for wq, wk."""
-
-    def permute(w: torch.Tensor) -> torch.Tensor:
-        out_dim, in_dim = w.shape
-        hd = out_dim // n_heads
-        return w.view(n_heads, hd // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
-
-    out = {
-        "model.embed_tokens.weight": sd["tok_embeddings.weight"],
-        "model.norm.weight": sd["norm.weight"],
-        "lm_head.weight": sd["output.weight"],
-    }
-    for i in range(n_layers):
-        m, h = f"layers.{i}.", f"model.layers.{i}."
-        out[h + "self_attn.q_proj.weight"] = permute(sd[m + "attention.wq.weight"])
-        out[h + "self_attn.k_proj.weight"] = permute(sd[m + "attention.wk.weight"])
-        out[h + "self_attn.v_proj.weight"] = sd[m + "attention.wv.weight"]
-        out[h + "self_attn.o_proj.weight"] = sd[m + "attention.wo.weight"]
-        out[h + "mlp.gate_proj.weight"] = sd[m + "feed_forward.w1.weight"]
-        out[h + "mlp.down_proj.weight"] = sd[m + "feed_forward.w2.weight"]
-        out[h + "mlp.up_proj.weight"] = sd[m + "feed_forward.w3.weight"]
-        out[h + "input_layernorm.weight"] = sd[m + "attention_norm.weight"]
-        out[h + "post_attention_layernorm.weight"] = sd[m + "ffn_norm.weight"]
-    return {k: v.contiguous() for k, v in out.items()}
-
-
-def build_hf(base_dir: Path, cfg: dict[str, Any], attn: str) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=cfg["vocab_size"],
-        hidden_size=cfg["dim"],
-        intermediate_size=ffn_hidden(cfg["dim"], cfg["multiple_of"]),
-        num_hidden_layers=cfg["n_layers"],
-        num_attention_heads=cfg["n_heads"],
-        num_key_value_heads=cfg["n_heads"],
-        max_position_embeddings=cfg["max_seq_len"],
-        rms_norm_eps=cfg["norm_eps"],
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=False,
-        attention_bias=False,
-        mlp_bias=False,
-    )
-    config._attn_implementation = attn
-    model = LlamaForCausalLM(config)
-    sd = torch.load(base_dir / "consolidated.00.pth", map_location="cpu", weights_only=True)
-    missing, unexpected = model.load_state_dict(
-        meta_to_hf(sd, cfg["n_layers"], cfg["n_heads"]), strict=False
-    )
-    # Only the rotary inv_freq buffers may be absent from a state dict.
-    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
-    return model.eval()
-
-
-def wrap_peft(model: Any, adapter_path: Path, cfg: dict[str, Any], *, gate: float) -> Any:
-    from peft import AdaptionPromptConfig, get_peft_model
-
-    a_len, a_layer, n_layers = cfg["adapter_len"], cfg["adapter_layer"], cfg["n_layers"]
-    peft = get_peft_model(
-        model,
-        AdaptionPromptConfig(adapter_len=a_len, adapter_layers=a_layer, task_type="CAUSAL_LM"),
-    )
-    query = torch.load(adapter_path, weights_only=True)["adapter_query.weight"]
-    prompts = query.reshape(a_layer, a_len, cfg["dim"])
-    for j, i in enumerate(range(n_layers - a_layer, n_layers)):
-        attn = model.model.layers[i].self_attn
-        assert type(attn).__name__ == "AdaptedAttention", f"layer {i} is not adapted"
-        with torch.no_grad():
-            attn.adaption_prompt.copy_(prompts[j][None])
-            attn.adaption_gate.fill_(gate)
-    for i in range(n_layers - a_layer):
-        assert type(model.model.layers[i].self_attn).__name__ != "AdaptedAttention"
-    return peft.eval()
-
-
-def set_peft_gate(model: Any, gate: float) -> None:
-    for layer in model.model.layers:
-        if hasattr(layer.self_attn, "adaption_gate"):
-            with torch.no_grad():
-                layer.self_attn.adaption_gate.fill_(gate)
-
-
-def set_attn(model: Any, attn: str) -> None:
-    model.config._attn_implementation = attn
-    for layer in model.model.layers:  # PEFT wraps the attention; the config object is shared
-        inner = getattr(layer.self_attn, "model", layer.self_attn)
-        inner.config._attn_implementation = attn
-
-
-def cache_kwarg(model: Any) -> str:
-    """transformers 5.x renamed past_key_values to cache (the old name is deprecated)."""
-    params = inspect.signature(type(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-# --------------------------------------------------------------------------------------------
 # Decode loops (only the steps after the prefill are timed)
 # --------------------------------------------------------------------------------------------
-
-
-Decoded = tuple[list[float], torch.Tensor]  # seconds of each decode step, the greedy tokens
 
 
 def decode_ckpt_doctor(model: Any, prompt: torch.Tensor, steps: int) -> Decoded:
@@ -251,22 +128,6 @@ def _decode_ckpt_doctor(model: Any, prompt: torch.Tensor, steps: int) -> Decoded
     for s in range(steps):
         t0 = time.perf_counter()
         tok = model(tok[:, None], t + s, cache).argmax(-1)
-        times.append(time.perf_counter() - t0)
-        out.append(tok)
-    return times, torch.stack(out, 1)
-
-
-def decode_hf(model: Any, prompt: torch.Tensor, steps: int) -> Decoded:
-    from transformers import DynamicCache
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cache = DynamicCache(config=base.config)
-    kw = {cache_kwarg(base): cache, "use_cache": True}
-    tok = model(input_ids=prompt, logits_to_keep=1, **kw).logits[:, -1].argmax(-1)
-    out, times = [tok], []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        tok = model(input_ids=tok[:, None], **kw).logits[:, -1].argmax(-1)
         times.append(time.perf_counter() - t0)
         out.append(tok)
     return times, torch.stack(out, 1)
@@ -399,7 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     cd_base, _ = load_model(open_checkpoint(base_dir), dtype="float32")
     assert cd.args.adapter_layer == cfg["adapter_layer"], cd.args
     assert cd.args.adapter_len == cfg["adapter_len"], cd.args
-    hf = wrap_peft(build_hf(base_dir, cfg, args.attn[0]), adapter_path, cfg, gate=args.gate)
+    sd = torch.load(base_dir / "consolidated.00.pth", map_location="cpu", weights_only=True)
+    query = torch.load(adapter_path, weights_only=True)["adapter_query.weight"]
+    hf_cfg = {**cfg, "ffn_hidden": ffn_hidden(cfg["dim"], cfg["multiple_of"])}
+    hf = wrap_peft(build_hf(sd, hf_cfg, args.attn[0]), query, cfg, gate=args.gate)
+    del sd
     hf_base = hf.get_base_model()
 
     n_params = sum(p.numel() for p in cd.parameters())
