@@ -154,7 +154,8 @@ def run(cfg: dict, dtype: torch.dtype, device: torch.device, peak: float, steps:
             out[f"B=1 {label} error"] = failed(err)
     for label in ids:
         if "fused" in ids and label != "fused":
-            out[f"B=1 {label} same tokens as fused"] = (ids[label] == ids["fused"]).float().mean()
+            same = (ids[label] == ids["fused"]).float().mean().item()
+            out[f"B=1 {label} same tokens as fused"] = same
     try:
         model.set_attention("fused")
         seconds, made = smoke_path(model, cfg["prompt"], steps)

@@ -227,26 +227,38 @@ def test_attention_auto_is_reference_on_cpu_and_fused_is_refused_there(monkeypat
 @pytest.mark.skipif(GPU, reason="on a GPU, run_gpu.sh is what runs these tests")
 def test_gpu_benchmark_script_runs_dry_on_the_cpu(tmp_path):
     """benchmarks/run_gpu.sh (the package laid out as a wheel installs it, then
-    attention_gpu.py) at toy shapes in the interpreter: the GPU run works before GPU time is
-    spent on it, and its correctness rows pass, the CUDA-graph decode's too."""
+    attention_gpu.py and time_to_verdict.py) at toy shapes in the interpreter: the GPU run
+    works before GPU time is spent on it, and its correctness rows pass, the CUDA-graph decode's
+    too; every row of every table is there."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OUT": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:"
            f"{os.environ.get('PATH', '')}"}  # fmt: skip
     env.pop("PYTHONPATH", None)
     cmd = ["bash", "benchmarks/run_gpu.sh", "--dry-run"]
-    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:]
+    log = (tmp_path / "log.txt").read_text()
+    assert log.startswith("torch ") and "exit" not in log, log[-3000:]
     result = json.loads((tmp_path / "results.json").read_text())
     keys = {"correctness", "prefill", "decode", "decode_splits", "end_to_end", "targets"}
     assert keys <= result.keys()
     assert result["correctness"] and all(row["pass"] for row in result["correctness"])
     assert any("position in memory" in row["case"] for row in result["correctness"])
+    assert all("fused us" in r and "fused us eager" in r for r in result["decode"])
     e2e = result["end_to_end"]
-    assert e2e["fused tok/s"] > 0 and e2e["generate() tok/s"] > 0
-    assert e2e["fused + CUDA graph same tokens as fused"] == 1.0
+    for label in ("reference", "fused attention only", "fused", "fused + CUDA graph"):
+        assert e2e[f"B=1 {label} tok/s"] > 0, e2e
+    assert e2e["B=1 generate() tok/s"] > 0
+    assert e2e["B=1 fused + CUDA graph same tokens as fused"] == 1.0
+    assert [row["batch"] for row in e2e["batches"]] == [1, 2]
+    assert all("HF+PEFT" in k for row in e2e["batches"] for k in row if "HF" in k)
+    assert {p["setup"] for p in e2e["profile"]} == {"all fused", "fused attention only"}
+    assert all("error" not in p for p in e2e["profile"])
     assert result["world"]["same tokens as CPU reference"] == result["world"]["prompts"] == 3
     assert all(t["pass"] for t in result["targets"])
-    assert (tmp_path / "log.txt").read_text().startswith("torch ")
+    verdict = json.loads((tmp_path / "verdict.json").read_text())["results"]
+    assert set(verdict) == {"smoke-generate", "diagnose"}
+    assert all(v["timings"]["decode"] > 0 for v in verdict.values())
 
 
 def test_model_refuses_fused_beyond_the_kernel_limits():
