@@ -16,13 +16,13 @@ from typing import Any
 import torch
 
 from ckpt_doctor import timings
+from ckpt_doctor.cpu_layout import SMALL_MODEL_DIM
 from ckpt_doctor.errors import UsageError
 from ckpt_doctor.loops import Loop, LoopDetector
 from ckpt_doctor.model import KVCache, Transformer
 from ckpt_doctor.progress import Progress
 from ckpt_doctor.tokenizer import TEMPLATES, Tokenizer, format_prompt
 
-SMALL_MODEL_DIM = 512
 # How a generation ends (eos, a loop, the token limit) or NaN/Inf logits: the one list.
 OUTCOMES = ("eos", "loop", "max_tokens", "nonfinite")
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ckpt_doctor import keys, overlay, timings
+from ckpt_doctor import cpu_layout, keys, overlay, timings
 from ckpt_doctor.adapters import AdapterConfig, checkpoint_adapter, checkpoint_family
 from ckpt_doctor.choices import DTYPES, LOAD_MODES, canonical_dtype
 from ckpt_doctor.errors import ModelLoadError, UsageError
@@ -231,6 +231,7 @@ class _Maker:
         self.total, self.done, self.progress = total, 0, progress
         self.keep_fp32: set[str] = set()
         self.full_shapes: dict[str, tuple[int, ...]] = {}
+        self.defer = False  # leave the projections in the file's dtype (cast by the layout)
 
     def __call__(self, h: TensorHandle, name: str = "") -> torch.Tensor:
         info = self.info
@@ -244,6 +245,8 @@ class _Maker:
         casts = [getattr(torch, info.rounding[name])] if name in info.rounding else []
         with timings.phase("read"):
             t = h.to_torch()
+            if self.defer and not casts and cpu_layout.LAID_OUT.fullmatch(name):
+                return t  # the CPU layout's copy casts it (load_base)
         if info.copier is not None:  # CUDA: file dtype over the bus, cast on the device
             with timings.phase("host_to_device"):
                 return info.copier.to_device(t, [*casts, dtype])
@@ -281,9 +284,12 @@ def load_base(
     base_rounding: Mapping[str, str] | None = None,
     progress: Progress | None = None,
     shard: Shard | None = None,
+    rows: int | None = None,
 ) -> Transformer:
     """The base model alone, its parameters made from the file map (no second copy on the
-    CPU when the dtype matches). attach() then puts an adapter in, and can take it out again."""
+    CPU when the dtype matches). attach() then puts an adapter in, and can take it out again.
+    ``rows``: the batch the model will decode; on the CPU the projection weights are then cast
+    straight into the layout for it (cpu_layout.py), one copy instead of a cast and a layout."""
     device = torch.device(device)
     args = model_args(base, None, max_seq_len=max_seq_len)
     base_tensors = base.canonical()
@@ -302,6 +308,7 @@ def load_base(
     total = sum(base_tensors[n].nbytes for n in full if keys.is_base_key(n))
     make = _Maker(model, total=total // (shard.world if shard else 1), progress=progress)
     make.full_shapes = full
+    make.defer = bool(rows) and device.type == "cpu" and args.dim > cpu_layout.SMALL_MODEL_DIM
     state: dict[str, torch.Tensor] = {}
     for name, shape in full.items():
         if keys.is_base_key(name):
@@ -317,6 +324,9 @@ def load_base(
         model.load_state_dict(state, assign=True, strict=True)
         model.eval()
         model.prepare()
+    if make.defer:
+        with timings.phase("read"):  # the file map's values, cast as they are laid out
+            model.lay_out_weights(rows=rows or 1, dtype=torch_dtype)
     make.finish()
     return model
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ckpt_doctor.cpu_layout import Linear, lay_out, layout_key
 from ckpt_doctor.kernels import (
     check_sizes,
     gated_attention,
@@ -142,52 +142,6 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
 
 
-class Linear(nn.Linear):
-    """nn.Linear whose CPU product follows the weight's memory layout (see lay_out_weights).
-
-    MKL streams a row-major weight fastest as ``W @ x.T`` when several rows multiply it, and a
-    column-major one (a transposed view of a [in, out] buffer) fastest as ``x @ W.T`` for a
-    single row. Same math either way; only the order of the reads differs."""
-
-    def __init__(self, in_features: int, out_features: int) -> None:
-        super().__init__(in_features, out_features, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        rows = x.numel() // x.shape[-1]
-        if x.device.type == "cpu" and rows > 1 and w.is_contiguous():
-            flat = x.reshape(rows, x.shape[-1])
-            return (w @ flat.t()).t().contiguous().view(*x.shape[:-1], w.shape[0])
-        return F.linear(x, w)
-
-
-def layout_key(linears: list[Linear], *, column_major: bool, fused: bool) -> tuple:
-    """What a group's layout was made from: a weight replaced since (an adapter's file swapping
-    a base tensor in, diagnose.py) no longer matches, so the group is laid out again."""
-    return (column_major, fused, *(id(m.weight) for m in linears))
-
-
-def lay_out(linears: list[Linear], *, column_major: bool) -> torch.Tensor | None:
-    """Put a group of weights that read the same input in one layout (see lay_out_weights).
-
-    Column-major: one [in, sum of outs] buffer holding every weight's transpose, returned so the
-    group can run as one GEMM; each weight becomes a view into it. Row-major: separate
-    contiguous weights again. Values and names never change."""
-    weights = [m.weight for m in linears]
-    if column_major:
-        buffer = torch.cat([w.detach().t() for w in weights], dim=1)
-        col = 0
-        for m, w in zip(linears, weights, strict=True):
-            view = buffer[:, col : col + w.shape[0]].t()
-            m.weight = nn.Parameter(view, requires_grad=w.requires_grad)
-            col += w.shape[0]
-        return buffer
-    for m, w in zip(linears, weights, strict=True):
-        if not w.is_contiguous():
-            m.weight = nn.Parameter(w.detach().contiguous(), requires_grad=w.requires_grad)
-    return None
-
-
 def tuned(
     module: nn.Module, names: tuple[str, ...], sizes: tuple[int, ...], args: ModelArgs
 ) -> None:
@@ -229,19 +183,19 @@ class Attention(nn.Module):
         # Upstream gives every layer a gate (zero-init); only adapted layers use theirs.
         self.gate = nn.Parameter(torch.zeros(1, args.local_heads, 1, 1))
         self.wqkv: torch.Tensor | None = None  # [dim, 3*dim] when laid out column-major
-        self.layout: tuple | None = None  # layout_key of the current layout
+        self.layout: tuple | None = ()  # layout_key of the current layout (): none yet
         self.attend = gated_attention_reference  # or the fused kernels: set_attention()
         self.rope_write = rope_and_cache_reference  # likewise
         self.reduce: Reduce | None = None  # tensor parallel: sums wo's partial products
 
-    def lay_out(self, *, column_major: bool) -> None:
+    def lay_out(self, *, column_major: bool, dtype: torch.dtype | None = None) -> None:
         # Input scales differ per projection: only unscaled q/k/v share one GEMM.
         fuse = column_major and self.wq_scale is None
         group = [self.wq, self.wk, self.wv, self.wo]
-        if self.layout == layout_key(group, column_major=column_major, fused=fuse):
-            return
-        self.wqkv = lay_out(group[:3], column_major=fuse)
-        lay_out([self.wo], column_major=column_major)
+        if self.layout == layout_key(group, column_major=column_major, fused=fuse, dtype=dtype):
+            return  # (a key of None, weights not yet in ``dtype``, matches no layout)
+        self.wqkv = lay_out(group[:3], column_major=fuse, dtype=dtype)
+        lay_out([self.wo], column_major=column_major, dtype=dtype)
         self.layout = layout_key(group, column_major=column_major, fused=fuse)
 
     def forward(
@@ -284,17 +238,17 @@ class FeedForward(nn.Module):
         self.w3 = Linear(dim, hidden)
         tuned(self, ("w1", "w2", "w3"), (dim, hidden, hidden, dim, dim, hidden), args)
         self.w13: torch.Tensor | None = None  # [dim, 2*hidden] when laid out column-major
-        self.layout: tuple | None = None
+        self.layout: tuple | None = ()
         self.reduce: Reduce | None = None  # tensor parallel: sums w2's partial products
         self.act = swiglu_reference  # silu(gate) * up; or the fused kernel: set_attention()
 
-    def lay_out(self, *, column_major: bool) -> None:
+    def lay_out(self, *, column_major: bool, dtype: torch.dtype | None = None) -> None:
         fuse = column_major and self.w1_scale is None
         group = [self.w1, self.w3, self.w2]
-        if self.layout == layout_key(group, column_major=column_major, fused=fuse):
-            return
-        self.w13 = lay_out(group[:2], column_major=fuse)
-        lay_out([self.w2], column_major=column_major)
+        if self.layout == layout_key(group, column_major=column_major, fused=fuse, dtype=dtype):
+            return  # (a key of None, weights not yet in ``dtype``, matches no layout)
+        self.w13 = lay_out(group[:2], column_major=fuse, dtype=dtype)
+        lay_out([self.w2], column_major=column_major, dtype=dtype)
         self.layout = layout_key(group, column_major=column_major, fused=fuse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -340,7 +294,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = Linear(args.dim, args.vocab_size // args.shards)
-        self.output_layout: tuple | None = None
+        self.output_layout: tuple | None = ()
         # Row j*adapter_len .. (j+1)*adapter_len-1 is the prompt of adapted layer j.
         self.adapter_query = _embedding(args.adapter_len * args.adapter_layer, args.dim)
         self.rope: torch.Tensor | None = None
@@ -377,23 +331,21 @@ class Transformer(nn.Module):
             layer.feed_forward.act = AROUND[impl][1]
         self.add_norm = AROUND[impl][0]
 
-    def lay_out_weights(self, *, rows: int) -> None:
-        """Store the projection weights for decoding ``rows`` sequences at once on the CPU.
-
-        One row: column-major, with wq/wk/wv and w1/w3 fused (MKL's GEMV streams that ~1.3x
-        faster); several rows: row-major (``W @ x.T`` runs ~1.3x faster than ``x @ W.T``).
-        Measured with benchmarks/decode_cpu.py. Names, shapes and values stay the same; one
-        group is copied at a time, so memory peaks at the weights plus one layer's group."""
+    def lay_out_weights(self, *, rows: int, dtype: torch.dtype | None = None) -> None:
+        """Store the projection weights for decoding ``rows`` sequences at once on the CPU
+        (cpu_layout.py: column-major and fused for one row, row-major for several). ``dtype``:
+        weights still in another dtype (the file's, loading.load_base) are cast in the same
+        copy. One group is copied at a time: memory peaks at the weights plus one group."""
         if self.tok_embeddings.weight.device.type != "cpu":
             return
         column_major = rows == 1
         for layer in self.layers:  # each group only when its layout differs (layout_key)
-            layer.attention.lay_out(column_major=column_major)
-            layer.feed_forward.lay_out(column_major=column_major)
-        key = layout_key([self.output], column_major=column_major, fused=False)
-        if self.output_layout != key:
-            lay_out([self.output], column_major=column_major)
-            self.output_layout = layout_key([self.output], column_major=column_major, fused=False)
+            layer.attention.lay_out(column_major=column_major, dtype=dtype)
+            layer.feed_forward.lay_out(column_major=column_major, dtype=dtype)
+        out = [self.output]
+        if self.output_layout != layout_key(out, column_major=column_major, dtype=dtype):
+            lay_out(out, column_major=column_major, dtype=dtype)
+            self.output_layout = layout_key(out, column_major=column_major)
 
     def swap_in(self, args: ModelArgs, state: dict[str, torch.Tensor]) -> Callable[[], None]:
         """Put an adapter into the model: its structure (``args``: prompt rows, adapted layers,

@@ -319,7 +319,7 @@ def _load_base(
 ) -> Transformer:
     return load_base(
         base, dtype=dtype, device=setup.device, max_seq_len=setup.max_len, progress=progress,
-        shard=shard,
+        shard=shard, rows=len(setup.instructions),
     )  # fmt: skip
 
 
