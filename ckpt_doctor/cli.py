@@ -398,10 +398,11 @@ def diagnose(
     _common(debug, quiet)
 
     def body() -> int:
-        from ckpt_doctor import render
+        from ckpt_doctor import parallel, render
         from ckpt_doctor.diagnosis import diagnose as run_diagnose
         from ckpt_doctor.report import check_report_path, write_report
 
+        parallel.refuse("diagnose")
         check_report_path(report, inputs=[path, base])
         config = generation_config(max_new_tokens, template, temperature, top_p, seed, cuda_graph)
         with _progress() as progress, timings.recording(since_process_start=True) as rec:

@@ -166,6 +166,16 @@ def join(device: str) -> Shard | None:
     return Shard(rank, world, backend, local)
 
 
+def refuse(command: str) -> None:
+    """Commands other than smoke-generate run in one process: under torchrun each process
+    would run the whole command and print its own report."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise UsageError(
+            f"{command} runs in one process, but torchrun started {os.environ['WORLD_SIZE']}",
+            hint="run it without torchrun; torchrun runs smoke-generate tensor-parallel",
+        )
+
+
 def _leave() -> None:
     import torch.distributed as dist
 

@@ -137,3 +137,12 @@ def test_uneven_split_is_refused_with_a_hint():
     with pytest.raises(UsageError, match="vocabulary 250") as err:
         parallel.Shard(0, 4, "gloo").check(args)
     assert "process count" in err.value.hint
+
+
+def test_diagnose_under_torchrun_is_refused(monkeypatch):
+    """Only smoke-generate runs tensor-parallel: diagnose says so instead of running twice."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    world = WORLD / "checkpoint-4.pth"
+    result = CliRunner().invoke(app, ["diagnose", str(world), "--base", str(WORLD / "base")])
+    assert result.exit_code == 2
+    assert "runs in one process" in result.stderr and "torchrun" in result.stderr
