@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ckpt_doctor import keys, overlay
+from ckpt_doctor import keys, lora_merge, overlay
 from ckpt_doctor.adapters import AdapterConfig, checkpoint_adapter, checkpoint_family
 from ckpt_doctor.choices import DTYPES, LOAD_MODES, canonical_dtype
 from ckpt_doctor.errors import ModelLoadError, UsageError
@@ -194,6 +194,8 @@ def load_model(
     report = LoadReport(
         load_as, source, args, dtype_name, gate_fn, len(expected), adapter=config, family=family
     )
+    if extra is not None:
+        lora_merge.check_runs(report, extra.path)  # a LoRA variant, or no lora_alpha: refused
     # Trained norms and gates stay in fp32 where the family keeps them so (v2 chat).
     keep_fp32 = overlay.fp32_names(family, expected) if torch_dtype != torch.float32 else set()
     rounding = dict(base_rounding or {})

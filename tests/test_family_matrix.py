@@ -94,7 +94,8 @@ def files(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
         lit_llama[f"transformer.h.{i}.attn.gating_factor"] = torch.full((1, CFG.n_heads, 1, 1), 0.2)
     ll = save_zip(lit_llama, root / "lit-llama.pth")
     out["lit-llama-adapter"] = (ll, ll)
-    unknown = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64)}
+    # PEFT's IA3 (a learned [out, 1] scale per targeted linear): a format ckpt-doctor does not know.
+    unknown = {"base_model.model.model.layers.0.self_attn.k_proj.ia3_l": torch.zeros(64, 1)}
     u = save_zip(unknown, root / "unknown.pth")
     out["unknown"] = (u, u)
     return out
