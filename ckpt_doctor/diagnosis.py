@@ -20,7 +20,7 @@ from typing import Any
 
 from ckpt_doctor.adapters import checkpoint_family
 from ckpt_doctor.errors import CkptDoctorError
-from ckpt_doctor.families import peft, require_runs_here
+from ckpt_doctor.families import PEFT_LORA, peft, require_runs_here
 from ckpt_doctor.findings import CATALOGUE, Finding, exit_code_for, finding
 from ckpt_doctor.generate import GenerationConfig, Result
 from ckpt_doctor.inspection import GateRow, inspect_checkpoint
@@ -158,12 +158,13 @@ def diagnose(
             "tokenizer_path": tokenizer_path, "prompts": prompts, "dtype": dtype,
             "device": device, "config": config, "gate_fn": gate_fn, "attention": attention,
         }  # fmt: skip
-        arms = _smoke_arms(ckpt, base, run, adapter=report.adapter is not None, progress=progress)
+        has_adapter = report.adapter is not None and bool(report.adapter.keys)
+        arms = _smoke_arms(ckpt, base, run, adapter=has_adapter, progress=progress)
     findings = _with_arm_evidence(findings, arms)
     ids = {f.id for f in findings if f.severity != "info"}
     cause = next((c for c in CAUSES if c in ids), None)
     cause_finding = next((f for f in findings if f.id == cause), None)
-    ext = "" if family is peft.ADAPTION_PROMPT else ".pth"  # a PEFT adapter is a directory
+    ext = "" if family in (peft.ADAPTION_PROMPT, PEFT_LORA) else ".pth"  # a PEFT adapter: a dir
     fix = fix_command(cause_finding, path, base_path, ext=ext) if cause_finding else None
     verdict = _verdict(cause, findings, arms, ckpt)
     # A non-eos outcome of A or B exits 1 even without a finding (the exit-code contract).
@@ -176,6 +177,10 @@ def fix_command(cause: Finding, path: Path, base: Path, *, ext: str = ".pth") ->
     (paths with spaces or brackets); None where no command can fix the file itself, as for a
     gate shape that broadcasting cannot mend (evidence repairable=False)."""
     template = CAUSES.get(cause.id)
+    weights = cause.evidence.get("weights_at") if cause.id == "EMPTY" else None
+    if weights:  # an empty PEFT adapter: its run's checkpoint-N/ holds the weights
+        found, base_arg = shlex.quote(weights[0]), shlex.quote(str(base))
+        return f"ckpt-doctor extract {found} --base {base_arg} -o adapter"
     if template is None or cause.evidence.get("repairable") is False:
         return None
     return template.format(path=shlex.quote(str(path)), base=shlex.quote(str(base)), ext=ext)
