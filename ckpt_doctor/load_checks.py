@@ -110,6 +110,9 @@ def load_nothing(ckpt: Checkpoint, load: OwnLoad) -> Finding:
         f"{who} load_state_dict(strict=False) takes 0 of the model's {load.model_keys} keys "
         f"from this file: none of the file's {len(load.seen)} top-level keys "
         f"({short_list(load.seen)}) is a model key; {what}"
+        if load.seen
+        else f"{who} load_state_dict(strict=False) takes 0 of the model's {load.model_keys} "
+        f"keys from this file: it holds no tensors; {what}"
     )
     # A prefix is cured by stripping it; a container by taking the tensors out.
     foreign = ckpt.prefix.foreign(family.loader.own_prefix) if ckpt.prefix else []

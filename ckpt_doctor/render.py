@@ -26,9 +26,13 @@ from ckpt_doctor.inspection import InspectReport
 # The JSON document and the one-line summaries are plain text; cli.py and tests call them here.
 from ckpt_doctor.output import (  # noqa: F401  (re-exported)
     Unpadded,
+    adapter_words,
     demo_summary,
     error_json,
     json_safe,
+    keys_loaded,
+    lora_steps,
+    lora_summary,
     outcome_counts,
     print_json,
     quiet_line,
@@ -172,6 +176,8 @@ def render_inspect(report: InspectReport) -> None:
         prompt = (
             f"adapter_len {a.adapter_len}, adapter_layer {a.adapter_layer} (from {a.source})"
             if a.has_prompt
+            else lora_summary(a)
+            if a.lora is not None
             else "no prompt"
         )
         row(
@@ -318,7 +324,7 @@ def _text_header(results: list[Result]) -> str:
 
 def render_smoke(report: SmokeReport) -> None:
     load = report.load
-    matched = f"{len(load.from_file)} of {load.model_keys} model keys from the file"
+    matched = keys_loaded(load)
     _labelled(
         (
             Text("smoke-generate:", "bold"),
@@ -374,8 +380,7 @@ def render_extraction(result: Extraction) -> None:
         ),
         (
             "adapter",
-            f"{a.family.name}, adapter_len {a.adapter_len}, adapter_layer {a.adapter_layer} "
-            f"(from {a.source}); left behind: {len(result.left)} tensors",
+            f"{a.family.name}, {adapter_words(a)}; left behind: {len(result.left)} tensors",
         ),
     ]
     reasons: dict[str, list[str]] = {}
@@ -518,6 +523,11 @@ def render_demo(result: DemoResult) -> None:
     render_verify(result.verification)
     step("5. The cure: base + extracted adapter")
     render_smoke(result.after)
+    shows = {"diagnose": render_diagnosis, "extract": render_extraction, "verify": render_verify}
+    for title, show, part in lora_steps(result):  # the LoRA scene, when the world has one
+        if title:
+            step(title)
+        shows.get(show, render_smoke)(part)
     out.print(Text(demo_summary(result), "bold green" if result.story_holds else "bold red"))
 
 

@@ -395,6 +395,8 @@ def _loads(
     errors = [f for f in load.findings if f.severity == "error"]
     _add(report, load.findings)
     detail = f"{len(load.from_file)} of {load.model_keys} model keys from the adapter"
+    if load.adapter is not None and load.adapter.lora is not None:
+        detail = f"{len(load.from_file)} LoRA tensors merged into the base's linears"
     if rounded:
         detail += f"; {len(rounded)} base tensors rounded as the checkpoint's were"
     return Check("strict load", not errors, detail), model
