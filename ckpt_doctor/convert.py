@@ -43,6 +43,8 @@ from ckpt_doctor.transforms import GATE_TRAINED_KEY
 
 TARGETS = CONVERT_TARGETS
 _NOT_CONVERTIBLE = {
+    "peft-lora": "LoRA changes the weights of the linears (W + scale * B @ A); no prompt "
+    "family computes the same",
     "litgpt": litgpt.LITGPT_ADAPTER.refusal,
     "llama-adapter-v2-chat": "v2 tunes a bias and an input scale on every linear and the norms "
     "besides the prompt; neither LLaMA-Adapter v1 nor PEFT's adaption prompt has them",
