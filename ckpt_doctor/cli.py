@@ -394,7 +394,7 @@ def diagnose(
     _common(debug, quiet)
 
     def body() -> int:
-        from ckpt_doctor import render
+        from ckpt_doctor import render_runs
         from ckpt_doctor.diagnosis import diagnose as run_diagnose
         from ckpt_doctor.report import check_report_path, write_report
 
@@ -415,7 +415,7 @@ def diagnose(
                 progress=progress,
             )
         write_report(report, result)
-        _emit(as_json, result, render.render_diagnosis)
+        _emit(as_json, result, render_runs.render_diagnosis)
         return result.exit_code
 
     _run(as_json, body)
@@ -455,7 +455,7 @@ def smoke_generate(
     _common(debug, quiet)
 
     def body() -> int:
-        from ckpt_doctor import render
+        from ckpt_doctor import render_runs
         from ckpt_doctor.report import check_report_path, write_report
         from ckpt_doctor.smoke import smoke_generate as run_smoke
 
@@ -479,7 +479,7 @@ def smoke_generate(
                     progress=progress,
                 )
         write_report(report, result)
-        _emit(as_json, result, render.render_smoke)
+        _emit(as_json, result, render_runs.render_smoke)
         return result.exit_code
 
     _run(as_json, body)
@@ -499,7 +499,7 @@ def demo(
     def body() -> int:
         import tempfile
 
-        from ckpt_doctor import render
+        from ckpt_doctor import render, render_runs
         from ckpt_doctor.demo import WORLD, run_demo
 
         with tempfile.TemporaryDirectory(prefix="ckpt-doctor-demo-") as tmp:
@@ -508,7 +508,7 @@ def demo(
             if _state["quiet"]:
                 render.render_quiet(result)
             else:
-                render.render_demo(result)
+                render_runs.render_demo(result)
         return result.exit_code
 
     _run(False, body)
