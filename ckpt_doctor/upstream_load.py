@@ -117,6 +117,9 @@ def _lora_model_names(n_layers: int, adapter: AdapterConfig | None) -> set[str]:
     come from adapter_config.json (PEFT builds the model from it), else from the file."""
     lora = adapter.lora if adapter is not None else None
     settings = lora.settings if lora is not None else None
+    # Without a base, the layers the LoRA itself covers.
+    covered = [keys.layer_index(m + ".weight") for m in (lora.modules if lora else ())]
+    n_layers = max([n_layers, *(i + 1 for i in covered if i is not None)])
     if settings is not None:
         targeted = [m for m in peft_lora.linears(n_layers) if settings.targets(m)]
     else:

@@ -173,3 +173,14 @@ def test_dora_is_named_and_refused(tmp_path):
     assert doc["adapter"]["family"] == "peft-lora" and "DoRA" in doc["adapter"]["lora"]["refusal"]
     code, doc = run("smoke-generate", "--base", BASE, "--adapter", adapter, *SHORT)
     assert code == 2 and "DoRA" in doc["error"]["message"]
+
+
+def test_a_clean_lora_has_no_findings_even_without_its_base():
+    """PEFT's own adapter dir (no config.json: its head count is unknown, and the values are
+    checked in their saved row order), and the world's Trainer checkpoint."""
+    for path in (LORA, FAMILIES.parent / "world" / "lora" / "checkpoint-300"):
+        code, doc = run("inspect", path)
+        assert code == 0 and doc["findings"] == [], doc["findings"]
+        assert doc["adapter"]["family"] == "peft-lora"
+    code, doc = run("inspect", LORA, "--base", BASE)
+    assert code == 0 and doc["adapter"]["lora"]["ranks"] == [4, 8]
