@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -15,7 +17,7 @@ import typer
 
 from ckpt_doctor import __version__
 from ckpt_doctor.diffing import Progress, diff_tensors
-from ckpt_doctor.errors import CkptDoctorError, InternalError, UsageError
+from ckpt_doctor.errors import CkptDoctorError, InternalError, UnreadableError, UsageError
 from ckpt_doctor.inspection import inspect_checkpoint
 from ckpt_doctor.reader import Checkpoint, open_checkpoint
 
@@ -77,6 +79,18 @@ def _main(
     _state["debug"] = debug or os.environ.get("CKPT_DOCTOR_DEBUG", "") not in ("", "0")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM / SIGHUP, raised where Python next runs so that cleanup runs as for Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, _frame: Any) -> None:
+    raise Terminated(signum)
+
+
 def _run(as_json: bool, body: Callable[[], int]) -> None:
     """The one error table: every error becomes one stderr line (and, with --json, one JSON
     document on stdout) and its exit code; --debug adds the traceback but keeps the code."""
@@ -86,16 +100,36 @@ def _run(as_json: bool, body: Callable[[], int]) -> None:
         code = body()
     except CkptDoctorError as exc:
         _fail(as_json, exc, exc)
-    except KeyboardInterrupt:
-        render.status_line("interrupted")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        # Every `finally` and `except BaseException` below has run: temp files are gone.
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        render.status_line("interrupted" if signum == signal.SIGINT else "terminated")
+        raise typer.Exit(128 + signum) from None
     except Exception as exc:
-        internal = InternalError(
-            f"{type(exc).__name__}: {exc}",
-            hint="a bug in ckpt-doctor: re-run with --debug for the traceback and report it",
-        )
-        _fail(as_json, internal, exc)
+        _fail(as_json, _last_net(exc), exc)
     raise typer.Exit(code)
+
+
+def _last_net(exc: Exception) -> CkptDoctorError:
+    """What no layer below turned into a typed error. The environment (a file system error,
+    memory) is not a bug; anything else is, and says so."""
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return UsageError(
+            f"{where}{exc.strerror or type(exc).__name__}",
+            hint="check the path, its permissions and the free disk space",
+            code="IO",
+        )
+    if isinstance(exc, MemoryError):
+        return UnreadableError(
+            "ran out of memory: an input claims more than this machine holds",
+            hint="check the inputs are the checkpoints you meant; re-run with --debug for where",
+        )
+    first = (str(exc).splitlines() or [""])[0][:300]
+    return InternalError(
+        f"{type(exc).__name__}: {first}",
+        hint="a bug in ckpt-doctor: re-run with --debug for the traceback and report it",
+    )
 
 
 def _fail(as_json: bool, error: CkptDoctorError, raised: BaseException) -> NoReturn:
@@ -119,12 +153,17 @@ def _open(stack: ExitStack, *paths: Path | None, trust_pickle: bool) -> list[Che
 
 
 def _emit(as_json: bool, report: Any, show: Callable[[Any], None]) -> None:
+    """Data on stdout; a report that is a refusal (diagnose of an unreadable file) also says
+    so on stderr, as one error line, and without --json shows nothing else."""
     from ckpt_doctor import render
 
+    refused = getattr(report, "refused", None)
     if as_json:
         render.print_json(report.to_json())
-    else:
+    elif refused is None:
         show(report)
+    if refused is not None:
+        render.error_line(refused)
 
 
 def _progress(label: str) -> AbstractContextManager[Progress | None]:
@@ -422,7 +461,11 @@ def demo(
 def main() -> None:
     """The console script. Click's own usage errors (a missing --base, a bad value) print its
     usage message on stderr and, under --json, one JSON document on stdout, like every other
-    error; the commands' exit codes pass through."""
+    error; the commands' exit codes pass through. SIGTERM and SIGHUP clean up like Ctrl-C; a
+    file size limit (ulimit -f) is a write error, not a kill by SIGXFSZ."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _terminate)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         code = app(standalone_mode=False)
     except click.ClickException as exc:
@@ -435,4 +478,8 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         sys.exit(130)  # Ctrl-C during click's own parsing
+    except BrokenPipeError:  # stdout closed early (| head): nothing left to say
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     sys.exit(code or 0)

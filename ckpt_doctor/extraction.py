@@ -159,7 +159,7 @@ def extract(
     progress: Progress | None = None,
 ) -> Extraction:
     fmt = output_format(out, fmt)
-    sources = [*ckpt.files, *(base.files if base else [])]
+    sources = [*ckpt.inputs(), *(base.inputs() if base else [])]
     check_destination(out, force=force, sources=sources)
     if dtype is not None and dtype not in CAST_DTYPES:
         raise UsageError(
@@ -230,7 +230,7 @@ def _save(tensors: dict[str, Any], path: Path, fmt: str, metadata: dict[str, str
     import torch
 
     if fmt == "safetensors":
-        from safetensors.torch import save_file
+        from ckpt_doctor.safetensors_format import save as save_file  # in place: see there
 
         save_file(tensors, str(path), metadata=metadata)
     else:

@@ -150,7 +150,7 @@ def repair(
     progress: Progress | None = None,
 ) -> RepairReport:
     fmt = output_format(out, fmt)
-    check_destination(out, force=force, sources=[*ckpt.files, *(base.files if base else [])])
+    check_destination(out, force=force, sources=[*ckpt.inputs(), *(base.inputs() if base else [])])
     tensors, changes = plan_repair(
         ckpt, base=base, bake_tanh=bake_tanh, restore_base=restore_base, progress=progress
     )
@@ -202,7 +202,7 @@ def _save(
     # Own memory per tensor: torch.save would otherwise write whole shared storages.
     state = {k: h.to_torch().clone() for k, h in tensors.items()}
     if fmt == "safetensors":
-        from safetensors.torch import save_file
+        from ckpt_doctor.safetensors_format import save as save_file  # in place: see there
 
         # The input's metadata carried over, then what extract records, for these tensors.
         carried = dict(ckpt.metadata or {})
