@@ -20,6 +20,7 @@ import ctypes
 import errno
 import os
 import re
+import resource
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -96,7 +97,7 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
 def _write_anonymous(path: Path, write: Callable[[Path], None]) -> None:
     fd = os.open(path.parent, os.O_TMPFILE | os.O_RDWR, 0o666)
     try:
-        write(Path(f"/proc/self/fd/{fd}"))
+        _run_writer(write, Path(f"/proc/self/fd/{fd}"), path, lambda: os.fstat(fd).st_size)
         os.fsync(fd)
         if not path.exists() and _link(fd, path):
             return
@@ -119,7 +120,7 @@ def _write_named(path: Path, write: Callable[[Path], None]) -> None:
     fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     os.close(fd)
     try:
-        write(tmp)
+        _run_writer(write, tmp, path, lambda: tmp.stat().st_size)
         with tmp.open("rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # what open() would have given the file
@@ -217,26 +218,51 @@ def _alive(pid: int) -> bool:
 
 
 _STORAGE_WORDS = ("No space", "File too large", "Read-only", "Permission denied", "os error")
+_LOW_SPACE = 1 << 20
+
+
+def _run_writer(
+    write: Callable[[Path], None], target: Path, path: Path, written: Callable[[], int]
+) -> None:
+    """Run a writer (torch.save, safetensors): a RuntimeError it raises because the target
+    failed (torch reports a short write as "unexpected pos") is a WriteError, recognised by
+    its message or by the target's state: a size limit reached, the disk (almost) full."""
+    try:
+        write(target)
+    except OSError:
+        raise
+    except Exception as exc:
+        if type(exc).__name__ not in ("RuntimeError", "SafetensorError"):
+            raise
+        code = _storage_errno(path.parent, written())
+        text = (str(exc).splitlines() or [""])[0][:200]
+        if code is None and not any(w in text for w in (*_STORAGE_WORDS, "write", "pos ")):
+            raise
+        reason = os.strerror(code) if code is not None else text
+        raise WriteError(f"cannot write {path}: {reason}", hint=_hint(code)) from exc
+
+
+def _storage_errno(directory: Path, written: int) -> int | None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY and written >= soft - 65536:
+        return errno.EFBIG
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return errno.ENOSPC if st.f_bavail * st.f_frsize < _LOW_SPACE else None
 
 
 @contextlib.contextmanager
 def _target_errors(path: Path) -> Iterator[None]:
-    """The environment refusing the write becomes a WriteError naming the path. torch's and
-    safetensors' writers report it as RuntimeError / SafetensorError with the OS message."""
+    """The environment refusing the write (OSError from opening, linking, renaming, syncing,
+    or a writer's, see _run_writer) becomes a WriteError naming the path."""
     try:
         yield
     except OSError as exc:
         raise WriteError(
             f"cannot write {path}: {exc.strerror or exc}", hint=_hint(exc.errno)
         ) from exc
-    except Exception as exc:
-        text = str(exc)
-        if type(exc).__name__ not in ("RuntimeError", "SafetensorError") or not (
-            "write" in text.lower() or any(w in text for w in _STORAGE_WORDS)
-        ):
-            raise
-        first = (text.splitlines() or [""])[0][:200]
-        raise WriteError(f"cannot write {path}: {first}", hint=_hint(None)) from exc
 
 
 def _hint(code: int | None) -> str:

@@ -91,6 +91,14 @@ def _terminate(signum: int, _frame: Any) -> None:
     raise Terminated(signum)
 
 
+def install_signal_handlers() -> None:
+    """SIGTERM / SIGHUP unwind like Ctrl-C (temp files removed); SIGXFSZ (ulimit -f) is
+    ignored so that the write fails with EFBIG and is reported, instead of killing us."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _terminate)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
 def _run(as_json: bool, body: Callable[[], int]) -> None:
     """The one error table: every error becomes one stderr line (and, with --json, one JSON
     document on stdout) and its exit code; --debug adds the traceback but keeps the code."""
@@ -463,9 +471,7 @@ def main() -> None:
     usage message on stderr and, under --json, one JSON document on stdout, like every other
     error; the commands' exit codes pass through. SIGTERM and SIGHUP clean up like Ctrl-C; a
     file size limit (ulimit -f) is a write error, not a kill by SIGXFSZ."""
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _terminate)
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    install_signal_handlers()
     try:
         code = app(standalone_mode=False)
     except click.ClickException as exc:

@@ -157,7 +157,12 @@ def _os_error(path: Path, exc: OSError) -> UnreadableError:
 
 
 def _open_file(path: Path, *, trust_pickle: bool) -> Checkpoint:
-    size = path.stat().st_size
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):  # a FIFO in a directory would block forever
+        raise UnreadableError(
+            f"{path}: not a regular file", hint="replace it with the checkpoint file itself"
+        )
+    size = info.st_size
     if size == 0:
         raise EmptyFileError(
             f"{path}: the file is empty (0 bytes)",
@@ -192,14 +197,21 @@ def _open_torch(path: Path, *, trust_pickle: bool, zipped: bool) -> Checkpoint:
     ckpt.pickle_globals = found
     ckpt.read_files = [path]
     obj = None
-    if zipped and safe:
-        try:
-            obj = torchzip.load(path, table, buf)
-        except torchzip.Unsupported as exc:
-            ckpt.notes.append(f"read with torch.load ({exc} needs torch's own reader)")
-            torchzip.validate(path, table, buf)  # torch sees the file only if this passes
-    elif safe:
-        torchlegacy.validate(path)
+    try:
+        if zipped and safe:
+            try:
+                obj = torchzip.load(path, table, buf)
+            except torchzip.Unsupported as exc:
+                ckpt.notes.append(f"read with torch.load ({exc} needs torch's own reader)")
+                torchzip.validate(path, table, buf)  # torch sees the file only if this passes
+        elif safe:
+            torchlegacy.validate(path)
+    except torchzip.Unsupported as exc:
+        raise UnreadableError(
+            f"{path}: uses {exc}, which cannot be checked before loading",
+            hint="re-save the checkpoint with a current torch.save; --trust-pickle skips the "
+            "checks only for files you trust",
+        ) from exc
     if obj is None:
         obj = _torch_load(path, found, safe=safe, zipped=zipped)
     if not zipped:
