@@ -65,16 +65,17 @@ def build_seeds(work: Path) -> dict[str, Seed]:
     st = work / "tiny_base.safetensors"
     save_file({k: v.contiguous() for k, v in sd.items()}, str(st))
     seeds["st_base"] = Seed("st_base", st, "safetensors", "base", "tiny_ckpt")
+    params = json.loads((fx / "tiny" / "base" / "params.json").read_text())
     hf = work / "tiny_hf"
     hf.mkdir(exist_ok=True)
-    names = sorted(sd)
+    hf_sd = {_hf_name(k): _hf_rows(k, v, params["n_heads"]) for k, v in sd.items()}
+    names = sorted(hf_sd)
     weight_map = {}
     for i, group in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
         fname = f"model-{i + 1:05d}-of-00002.safetensors"
-        save_file({k: sd[k].contiguous() for k in group}, str(hf / fname))
+        save_file({k: hf_sd[k].contiguous() for k in group}, str(hf / fname))
         weight_map.update(dict.fromkeys(group, fname))
     (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    params = json.loads((fx / "tiny" / "base" / "params.json").read_text())
     config = {"hidden_size": params["dim"], "num_hidden_layers": params["n_layers"]}
     config |= {"num_attention_heads": params["n_heads"], "vocab_size": params["vocab_size"]}
     config |= {"rms_norm_eps": params["norm_eps"]}
@@ -89,6 +90,33 @@ def build_seeds(work: Path) -> dict[str, Seed]:
     save_file({k: v.contiguous() for k, v in adapter.items()}, str(st_adapter))
     seeds["st_adapter"] = Seed("st_adapter", st_adapter, "safetensors", "ckpt", "tiny_base")
     return seeds
+
+
+_HF = {
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}  # fmt: skip
+
+
+def _hf_name(meta: str) -> str:
+    """A Meta tensor name as HF transformers names it."""
+    top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if meta in top or meta == "output.weight":
+        return top.get(meta, "lm_head.weight")
+    _, layer, rest = meta.split(".", 2)
+    part, _, suffix = rest.rpartition(".")
+    return f"model.layers.{layer}.{_HF[part]}.{suffix}"
+
+
+def _hf_rows(meta: str, w: Any, heads: int) -> Any:
+    """HF's conversion reorders q/k rows per head for its rotary layout (the reader undoes it)."""
+    if not meta.endswith(("attention.wq.weight", "attention.wk.weight")):
+        return w
+    rows, cols = w.shape
+    return w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 # --------------------------------------------------------------------------- byte level
@@ -406,7 +434,11 @@ def payload_calls(sentinel: Path, protocol: int) -> dict[str, Any]:
         calls["__builtin__.eval"] = Nested("__builtin__", "eval", py)
     if protocol >= 4:  # a dotted name under an allowed-looking module
         calls["torch.serialization.os.system"] = Nested("torch.serialization", "os.system", touch)
-        calls["collections.os.system"] = Nested("collections", "os.system", touch)
+        calls["argparse._os.system"] = Nested("argparse", "_os.system", touch)
+    if protocol in (2, 4):  # torch's own loader, unrestricted, on an inner payload
+        evil = payload_pickle(calls["os.system"], 2)
+        inner = zip_bytes([("archive/data.pkl", evil), ("archive/version", b"3\n")])
+        calls["torch.storage._load_from_bytes"] = Nested("torch.storage", "_load_from_bytes", inner)
     return calls
 
 

@@ -284,7 +284,10 @@ def rotary_unpermuted(handle: TensorHandle, heads: Callable[[], int]) -> TensorH
 
     HF's LLaMA conversion reorders each head's rows from interleaved (re, im) pairs to two
     halves, ``w.view(h, d/h/2, 2, dim).transpose(1, 2)``; this is the inverse, so that Meta's
-    interleaved RoPE sees the rows it was trained with."""
+    interleaved RoPE sees the rows it was trained with. A weight that is not 2-D is no
+    projection: it stays as it is (its shape is reported against the model's)."""
+    if len(handle.shape) != 2:
+        return handle
     rows, cols = handle.shape
 
     def array() -> np.ndarray:

@@ -287,6 +287,10 @@ def call(asm: Asm, module: str, name: str, *args: Any) -> Asm:
 def emit(asm: Asm, value: Any) -> None:
     if isinstance(value, str):
         asm.str(value)
+    elif isinstance(value, bytes) and asm.protocol >= 3:
+        asm.raw(b"B" + struct.pack("<I", len(value)) + value)  # BINBYTES
+    elif isinstance(value, bytes):  # how protocols 0-2 write bytes
+        call(asm, "_codecs", "encode", value.decode("latin-1"), "latin1")
     elif isinstance(value, int):
         asm.int(value)
     elif isinstance(value, list):
