@@ -218,25 +218,23 @@ def _scan_file(path: str, found: dict[str, None], table: ZipTable | None) -> Non
             head = fh.read(len(_ZIP_MAGIC))
             if not head:
                 raise UnreadableError(f"{path} is empty", hint=_NOT_A_CHECKPOINT_HINT)
-            # mmap: a file can be gigabytes; only its pickles are touched.
+            # torch picks the format from these magic bytes, so dispatch on them too:
+            # a pickle with a zip appended is unpickled by torch, so scanned as a pickle.
+            if head == _ZIP_MAGIC:
+                _scan_zip(path, found, table, budget)
+                return
+            # mmap: a legacy file can be gigabytes; only its leading pickles are touched.
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                # torch picks the format from these magic bytes, so dispatch on them too:
-                # a pickle with a zip appended is unpickled by torch, so scanned as a pickle.
-                if head == _ZIP_MAGIC:
-                    _scan_zip(path, mm, found, table, budget)
-                else:
-                    _scan_pickles(mm, found, limit=_MAX_PICKLES, what=path, budget=budget)
+                _scan_pickles(mm, found, limit=_MAX_PICKLES, what=path, budget=budget)
     except OSError as exc:
         raise UnreadableError(
             f"cannot read {path}: {exc.strerror or exc}", hint="check the path"
         ) from exc
 
 
-def _scan_zip(
-    path: str, mm: mmap.mmap, found: dict[str, None], table: ZipTable | None, budget: _Budget
-) -> None:
+def _scan_zip(path: str, found: dict[str, None], table: ZipTable | None, budget: _Budget) -> None:
     # The member table the loader uses too: one parse, so both read the same pickle.
-    table = table or read_table(Path(path), mm)
+    table = table or read_table(Path(path))
     # Every .pkl member: torch reads data.pkl, but TorchScript archives hold others.
     members = [m for m in table.members.values() if m.name.endswith(".pkl")]
     if not members:
@@ -244,7 +242,7 @@ def _scan_zip(
             f"{path} is a zip archive without a .pkl member", hint=_NOT_A_CHECKPOINT_HINT
         )
     for member in members:
-        data = table.read(member, mm)
+        data = table.read(member)
         _scan_pickles(data, found, limit=1, what=f"{path}:{member.name}", budget=budget)
 
 

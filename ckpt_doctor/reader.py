@@ -189,8 +189,7 @@ def _open_file(path: Path, *, trust_pickle: bool) -> Checkpoint:
 
 
 def _open_torch(path: Path, *, trust_pickle: bool, zipped: bool) -> Checkpoint:
-    buf = torchzip.file_map(path) if zipped else None
-    table = read_table(path, buf) if buf is not None else None  # one parse: scan and load
+    table = read_table(path) if zipped else None  # one parse: the scan and the load use it
     found = check_pickle(path, trust=trust_pickle, table=table)  # raises unless allowed/trusted
     safe = all(is_allowed(g) for g in found)
     ckpt = Checkpoint(path, "torch-zip" if zipped else "torch-legacy", {}, files=[path])
@@ -200,10 +199,10 @@ def _open_torch(path: Path, *, trust_pickle: bool, zipped: bool) -> Checkpoint:
     try:
         if zipped and safe:
             try:
-                obj = torchzip.load(path, table, buf)
+                obj = torchzip.load(path, table, torchzip.file_map(path))
             except torchzip.Unsupported as exc:
                 ckpt.notes.append(f"read with torch.load ({exc} needs torch's own reader)")
-                torchzip.validate(path, table, buf)  # torch sees the file only if this passes
+                torchzip.validate(path, table)  # torch sees the file only if this passes
         elif safe:
             torchlegacy.validate(path)
     except torchzip.Unsupported as exc:

@@ -296,21 +296,21 @@ def run_reader(reader: Reader, path: Path) -> Any:
 def load(path: Path, table: ZipTable, buf: np.ndarray) -> Any:
     """The object tree of a torch zip checkpoint with TensorHandles in place of tensors."""
     archive = _Archive(path, table, buf)
-    return _unpickle(_data_pkl(table, buf), _kwargs(archive, path, table.file_size, False))
+    return _unpickle(_data_pkl(table), _kwargs(archive, path, table.file_size, False))
 
 
-def validate(path: Path, table: ZipTable, buf: np.ndarray) -> None:
+def validate(path: Path, table: ZipTable) -> None:
     """Check a zip checkpoint's every storage and view, building nothing: run before
     torch.load is trusted with a file this reader could not load itself."""
     archive = _Archive(path, table, None)
-    _unpickle(_data_pkl(table, buf, any_order=True), _kwargs(archive, path, table.file_size, True))
+    _unpickle(_data_pkl(table, any_order=True), _kwargs(archive, path, table.file_size, True))
 
 
 def _kwargs(source: Any, path: Path, size: int, lenient: bool) -> dict[str, Any]:
     return {"source": source, "path": path, "file_size": size, "lenient": lenient}
 
 
-def _data_pkl(table: ZipTable, buf: np.ndarray, *, any_order: bool = False) -> bytes:
+def _data_pkl(table: ZipTable, *, any_order: bool = False) -> bytes:
     member = table.members.get(table.root + "data.pkl")
     if member is None:
         raise UnreadableError(
@@ -318,6 +318,6 @@ def _data_pkl(table: ZipTable, buf: np.ndarray, *, any_order: bool = False) -> b
             hint="expected a torch checkpoint written by torch.save",
         )
     byteorder = table.members.get(table.root + "byteorder")
-    if not any_order and byteorder is not None and table.read(byteorder, buf) != b"little":
+    if not any_order and byteorder is not None and table.read(byteorder) != b"little":
         raise Unsupported("big-endian checkpoint")
-    return table.read(member, buf)
+    return table.read(member)

@@ -12,6 +12,7 @@ member stored, so a compressed one is already unusual). Reading the table is O(m
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pathlib import Path
 from ckpt_doctor.errors import UnreadableError
 
 MAX_INFLATE_RATIO = 10
+MAX_DIRECTORY_BYTES = 64 << 20  # ~600k members; a torch checkpoint has one per storage
 _EOCD = struct.Struct("<4s4H2LH")  # sig, disk, cd disk, entries here, entries, cd size, cd off
 _EOCD64_LOCATOR = struct.Struct("<4sLQL")  # sig, disk of eocd64, its offset, total disks
 _EOCD64 = struct.Struct("<4sQ2H2L4Q")  # sig, size, versions, disks, entries x2, cd size/off
@@ -48,9 +50,10 @@ class ZipTable:
     members: dict[str, Member]  # in central-directory order
     root: str  # torch's archive name: the first member's top folder, with its "/"
 
-    def read(self, member: Member, buf: bytes | memoryview) -> bytes:
-        """A member's bytes (inflated, CRC-checked); ``buf`` is the whole file."""
-        raw = bytes(buf[member.data_start : member.data_start + member.compressed_size])
+    def read(self, member: Member) -> bytes:
+        """A member's bytes (inflated, CRC-checked): for the pickles, never the storages."""
+        with _File(self.path) as f:
+            raw = f[member.data_start : member.data_start + member.compressed_size]
         if member.method == _DEFLATED:
             inflater = zlib.decompressobj(-15)
             try:
@@ -69,29 +72,65 @@ class ZipTable:
         return UnreadableError(f"{self.path}: corrupt zip checkpoint: {what}", hint=_HINT)
 
 
-def read_table(path: Path, buf: bytes | memoryview) -> ZipTable:
-    """Parse ``buf`` (the whole file, usually a read-only map) or raise UnreadableError."""
+class _File:
+    """The file read with pread: slices are bytes, short at the end; nothing is mapped, so
+    parsing touches only the few hundred bytes per member it reads."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self.fd).st_size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, s: slice) -> bytes:
+        start = max(0, s.start or 0)
+        stop = min(self.size, self.size if s.stop is None else s.stop)
+        return os.pread(self.fd, stop - start, start) if stop > start else b""
+
+    def __enter__(self) -> _File:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        os.close(self.fd)
+
+
+def _unpack(fmt: struct.Struct, buf: _File | bytes, at: int) -> tuple:
+    raw = buf[at : at + fmt.size]
+    if len(raw) != fmt.size:
+        raise struct.error("short read")
+    return fmt.unpack(raw)
+
+
+def read_table(path: Path) -> ZipTable:
+    """Parse the archive's tables or raise UnreadableError."""
 
     def bad(what: str) -> UnreadableError:
         return UnreadableError(f"{path}: corrupt or unusual zip checkpoint: {what}", hint=_HINT)
 
+    with _File(path) as f:
+        try:
+            return _read_table(path, f, bad)
+        except struct.error as exc:
+            raise bad("a record runs past the end of the file (truncated?)") from exc
+
+
+def _read_table(path: Path, buf: _File, bad) -> ZipTable:
     size = len(buf)
     eocd = _find_eocd(buf, bad)
-    _sig, disk, cd_disk, here, entries, cd_size, cd_offset, comment_len = _EOCD.unpack_from(
-        buf, eocd
-    )
+    _sig, disk, cd_disk, here, entries, cd_size, cd_offset, comment_len = _unpack(_EOCD, buf, eocd)
     if eocd + _EOCD.size + comment_len != size:
         raise bad("the end-of-archive record does not end the file")
     if disk or cd_disk or here != entries:
         raise bad("a multi-disk (spanned) archive")
     cd_end = eocd
     if eocd >= _EOCD64_LOCATOR.size and bytes(buf[eocd - 20 : eocd - 16]) == b"PK\x06\x07":
-        _sig, disk64, eocd64, disks = _EOCD64_LOCATOR.unpack_from(buf, eocd - 20)
+        _sig, disk64, eocd64, disks = _unpack(_EOCD64_LOCATOR, buf, eocd - 20)
         if disk64 or disks != 1:
             raise bad("a multi-disk (spanned) archive")
         if eocd64 + _EOCD64.size > eocd - 20 or bytes(buf[eocd64 : eocd64 + 4]) != b"PK\x06\x06":
             raise bad("a broken zip64 end-of-archive record")
-        fields = _EOCD64.unpack_from(buf, eocd64)
+        fields = _unpack(_EOCD64, buf, eocd64)
         record_size, (d1, d2) = fields[1], fields[4:6]
         here, entries, cd_size, cd_offset = fields[6:]
         if d1 or d2 or here != entries:
@@ -103,7 +142,10 @@ def read_table(path: Path, buf: bytes | memoryview) -> ZipTable:
         raise bad("data before or inside the central directory (two archives in one file?)")
     if entries > cd_size // _CENTRAL.size:
         raise bad(f"{entries} entries cannot fit a {cd_size}-byte central directory")
-    members = _central_directory(buf, cd_offset, cd_end, entries, bad)
+    if cd_size > MAX_DIRECTORY_BYTES:
+        raise bad(f"a central directory of {cd_size} bytes")
+    directory = buf[cd_offset:cd_end]  # one read; offsets below are relative to it
+    members = _central_directory(directory, 0, cd_size, entries, bad)
     _check_local_headers(buf, members, cd_offset, bad)
     if not members:
         raise bad("the archive has no members")
@@ -118,7 +160,7 @@ def read_table(path: Path, buf: bytes | memoryview) -> ZipTable:
     return ZipTable(path, size, members, root)
 
 
-def _find_eocd(buf: bytes | memoryview, bad) -> int:
+def _find_eocd(buf: _File, bad) -> int:
     size = len(buf)
     start = max(0, size - _EOCD.size - _MAX_COMMENT)
     tail = bytes(buf[start:])
@@ -138,7 +180,7 @@ def _central_directory(buf, offset: int, end: int, entries: int, bad) -> dict[st
     for _ in range(entries):
         if pos + _CENTRAL.size > end or bytes(buf[pos : pos + 4]) != b"PK\x01\x02":
             raise bad("a broken central directory entry")
-        f = _CENTRAL.unpack_from(buf, pos)
+        f = _unpack(_CENTRAL, buf, pos)
         flags, method, crc, csize, usize = f[3], f[4], f[7], f[8], f[9]
         name_len, extra_len, comment_len, disk_start = f[10], f[11], f[12], f[13]
         local = f[16]
@@ -196,7 +238,7 @@ def _check_local_headers(buf, members: dict[str, Member], cd_offset: int, bad) -
         pos = m.data_start  # still the local header offset here
         if pos != expected or pos + _LOCAL.size > cd_offset:
             raise bad(f"member {name!r} is not where the previous one ends")
-        f = _LOCAL.unpack_from(buf, pos)
+        f = _unpack(_LOCAL, buf, pos)
         if f[0] != b"PK\x03\x04":
             raise bad(f"member {name!r} has no local header")
         flags, method, name_len, extra_len = f[2], f[3], f[9], f[10]
@@ -223,7 +265,7 @@ def _descriptor_length(buf, pos: int, limit: int, m: Member, bad) -> int:
     for width, fmt in ((4, "<3L"), (8, "<L2Q")):
         length = base + 4 + 2 * width
         if pos + length <= limit:
-            crc, csize, usize = struct.unpack_from(fmt, buf, pos + base)
+            crc, csize, usize = struct.unpack(fmt, buf[pos + base : pos + length])
             if (crc, csize, usize) == (m.crc, m.compressed_size, m.size):
                 return length
     raise bad(f"member {m.name!r}: its data descriptor disagrees with the central directory")
