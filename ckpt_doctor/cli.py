@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
@@ -472,6 +473,9 @@ def main() -> None:
     error; the commands' exit codes pass through. SIGTERM and SIGHUP clean up like Ctrl-C; a
     file size limit (ulimit -f) is a write error, not a kill by SIGXFSZ."""
     install_signal_handlers()
+    # numpy's float warnings (NaN, overflow) in our own modules are about a file's values,
+    # which the findings report; printed, they would break "one line per error" on stderr.
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"ckpt_doctor(\.|$)")
     try:
         code = app(standalone_mode=False)
     except click.ClickException as exc:

@@ -123,6 +123,11 @@ _E4M3FN = _e4m3fn_table()
 
 def decode(raw: np.ndarray, dtype: DType) -> np.ndarray:
     """Raw storage bits -> float64 values (bfloat16 and float8 have no numpy type)."""
+    with np.errstate(all="ignore"):  # a signaling NaN in the file is a value, not a warning
+        return _decode(raw, dtype)
+
+
+def _decode(raw: np.ndarray, dtype: DType) -> np.ndarray:
     if dtype.name == "bfloat16":
         return (raw.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
     if dtype.name == "float8_e5m2":  # the top byte of a float16

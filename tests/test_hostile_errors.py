@@ -277,3 +277,28 @@ def test_diagnose_refusal_is_an_error_line_on_stderr(tmp_path):
     assert as_json.exit_code == 2
     assert json.loads(as_json.stdout)["root_cause"] == "EMPTY"
     assert as_json.stderr.strip().startswith("error [EMPTY]")
+
+
+def test_nan_inf_and_signaling_nan_values_raise_no_numpy_warnings(tmp_path):
+    """The values are the file's; stderr stays free of numpy's RuntimeWarnings (here turned
+    into errors, which would end as INTERNAL)."""
+    import subprocess
+    import sys
+
+    snan = struct.pack("<I", 0x7F800001)
+    header = {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}
+    a = safetensors_file(tmp_path / "a.safetensors", header, snan + floats(3e38, float("inf"), 1.0))
+    b = safetensors_file(tmp_path / "b.safetensors", header, floats(-3e38, 3e38, float("inf"), 2.0))
+    base = [sys.executable, "-W", "error::RuntimeWarning", "-m", "ckpt_doctor"]
+    root = Path(__file__).resolve().parents[1]
+    for args in (["diff", str(a), "--base", str(b)], ["inspect", str(a), "--deep"]):
+        proc = subprocess.run([*base, *args], capture_output=True, text=True, cwd=root)
+        assert proc.returncode == 1 and proc.stderr == "", proc.stderr
+    import warnings
+
+    from ckpt_doctor.numerics import compare, scan_values
+
+    with warnings.catch_warnings(), open_checkpoint(a) as ca, open_checkpoint(b) as cb:
+        warnings.simplefilter("error")  # in-process too: no warning is raised at all
+        assert scan_values(ca.tensors["w"]).nonfinite == 2
+        assert not compare(ca.tensors["w"], cb.tensors["w"]).identical
