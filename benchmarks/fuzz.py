@@ -44,6 +44,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: forked children share nothing
 
 import fuzz_corpus as corpus
+import fuzz_payloads as payloads
 
 MIB = 1 << 20
 SMALL = 5 * MIB
@@ -244,13 +245,13 @@ def payload_cases(seeds: dict, work: Path) -> tuple[list[Case], list[str]]:
     cases, unproven = [], []
     base = seeds["tiny_base"].path
     for protocol in range(6):
-        for cname in corpus.payload_calls(pdir / "x", protocol):
-            for kind, blob in corpus.payload_containers(b"", benign).items():
+        for cname in payloads.payload_calls(pdir / "x", protocol):
+            for kind, blob in payloads.payload_containers(b"", benign).items():
                 tag = f"p{protocol}-{cname}-{kind}".replace("/", "_")
                 sentinel = pdir / f"{tag}.ran"
-                call = corpus.payload_calls(sentinel, protocol)[cname]
-                evil = corpus.payload_pickle(call, protocol)
-                blob = corpus.payload_containers(evil, benign)[kind]
+                call = payloads.payload_calls(sentinel, protocol)[cname]
+                evil = payloads.payload_pickle(call, protocol)
+                blob = payloads.payload_containers(evil, benign)[kind]
                 path = pdir / f"{tag}.pth"
                 path.write_bytes(blob)
                 proof = [sys.executable, "-c", _PROOF, str(path)]
@@ -269,8 +270,8 @@ def payload_cases(seeds: dict, work: Path) -> tuple[list[Case], list[str]]:
 
 
 _PROOF = (
-    "import sys; sys.path.insert(0, 'benchmarks'); import fuzz_corpus, pathlib; "
-    "fuzz_corpus.plain_load_all(pathlib.Path(sys.argv[1]))"
+    "import sys; sys.path.insert(0, 'benchmarks'); import fuzz_payloads, pathlib; "
+    "fuzz_payloads.plain_load_all(pathlib.Path(sys.argv[1]))"
 )
 
 
@@ -406,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         "uncaught (exit 70)": sum(c.result.get("code") == 70 for c in every),
         "inputs changed": sum(c.result["changed"] for c in every),
         "leftover files in output dirs": sum(bool(c.result.get("leftover")) for c in every),
+        "cases with inputs < 5 MB": len(small),
         "max peak RSS, inputs < 5 MB (MiB)": round(
             max((c.result["rss_mib"] for c in small), default=0), 1
         ),

@@ -114,6 +114,8 @@ def _run(as_json: bool, body: Callable[[], int]) -> None:
         signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
         render.status_line("interrupted" if signum == signal.SIGINT else "terminated")
         raise typer.Exit(128 + signum) from None
+    except BrokenPipeError:  # stdout closed (| head): not an error to report
+        raise
     except Exception as exc:
         _fail(as_json, _last_net(exc), exc)
     raise typer.Exit(code)
