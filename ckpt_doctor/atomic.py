@@ -25,7 +25,7 @@ import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ckpt_doctor import layouts
+from ckpt_doctor import directories
 from ckpt_doctor.errors import UsageError, WriteError
 
 _TEMP_RE = re.compile(r"^\..+\.ckpt-doctor-(\d+)-[0-9a-f]{8}\.tmp$")
@@ -46,12 +46,12 @@ def check_destination(path: Path, *, force: bool, sources: list[Path]) -> None:
             continue
         if source.is_dir():
             folder = source.resolve()
-            if resolved.parent == folder and layouts.claimed_name(resolved.name):
+            if resolved.parent == folder and directories.claimed_name(resolved.name):
                 raise UsageError(
                     f"{path}: the checkpoint directory {source} reads a file of that name",
                     hint="write the output outside the input's directory, or under another name",
                 )
-            if resolved.parent == folder.parent and resolved.name in layouts.TOKENIZER_FILES:
+            if resolved.parent == folder.parent and resolved.name in directories.TOKENIZER_FILES:
                 raise UsageError(
                     f"{path}: {source} would read it as its tokenizer",
                     hint="write the output under another name",

@@ -8,7 +8,7 @@ and sees a file only after the same checks passed on it (torchzip.validate, torc
 
 The bounded-reader contract (bounds.py) holds for every layout: each number a file claims is
 checked against the bytes that exist before anything is allocated or mapped; directory
-layouts only open files inside the directory (layouts.py); every file a checkpoint was read
+directories only open files inside them (directories.py); every file a checkpoint was read
 from is listed in ``read_files``, so writers can refuse to overwrite any of them.
 """
 
@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckpt_doctor import bounds, keys, layouts, torchlegacy, torchzip
+from ckpt_doctor import bounds, directories, keys, torchlegacy, torchzip
 from ckpt_doctor.containers import Entry, check_tree, resolve_container, subscripts
+from ckpt_doctor.directories import HF_INDEX_FILES, HF_SINGLE_FILES
 from ckpt_doctor.errors import EmptyFileError, UnreadableError, UnsafePickleError
 from ckpt_doctor.handles import TensorHandle, from_torch, merged, rotary_unpermuted
-from ckpt_doctor.layouts import HF_INDEX_FILES, HF_SINGLE_FILES
 from ckpt_doctor.pickle_scan import check_pickle, is_allowed
 from ckpt_doctor.safetensors_format import read_safetensors
 from ckpt_doctor.units import human_bytes
@@ -290,16 +290,16 @@ def _handles_in(value: Any, tensor_type: type, limit: int, where: str = "") -> A
 
 
 def _open_dir(path: Path, *, trust_pickle: bool) -> Checkpoint:
-    shards = sorted(path.glob(layouts.META_SHARDS))
+    shards = sorted(path.glob(directories.META_SHARDS))
     if shards:
-        shards = [layouts.inside(path, s.name) for s in shards]
+        shards = [directories.inside(path, s.name) for s in shards]
         return _open_meta_dir(path, shards, trust_pickle=trust_pickle)
     for index in HF_INDEX_FILES:
         if (path / index).exists():
             return _open_hf_sharded(path, path / index, trust_pickle=trust_pickle)
     for single in HF_SINGLE_FILES:
         if (path / single).exists():
-            ckpt = _open_file(layouts.inside(path, single), trust_pickle=trust_pickle)
+            ckpt = _open_file(directories.inside(path, single), trust_pickle=trust_pickle)
             ckpt.params = _hf_params(path, ckpt)
             ckpt.tokenizer_path = find_tokenizer(path)
             return ckpt
@@ -333,7 +333,7 @@ def _open_meta_dir(path: Path, shards: list[Path], *, trust_pickle: bool) -> Che
         ckpt.notes.append(f"{len(parts)} tensor-parallel shards merged lazily")
     params_file = path / "params.json"
     if params_file.exists():
-        params = layouts.read_json_object(params_file, directory=path)
+        params = directories.read_json_object(params_file, directory=path)
         ckpt.read_files.append(params_file)
         ckpt.params = bounds.check_params(str(params_file), params, tensor_bytes=ckpt.total_bytes)
     else:
@@ -377,7 +377,7 @@ def _check_meta_shards(ckpt: Checkpoint, shards: list[Path]) -> None:
 
 
 def _open_hf_sharded(path: Path, index: Path, *, trust_pickle: bool) -> Checkpoint:
-    weight_map = layouts.read_json_object(index, directory=path).get("weight_map", {})
+    weight_map = directories.read_json_object(index, directory=path).get("weight_map", {})
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
@@ -386,7 +386,7 @@ def _open_hf_sharded(path: Path, index: Path, *, trust_pickle: bool) -> Checkpoi
             hint="the index file is damaged; re-download it",
         )
     files = sorted(set(weight_map.values()))
-    paths = {f: layouts.inside(path, f, listed_in=index) for f in files}
+    paths = {f: directories.inside(path, f, listed_in=index) for f in files}
     missing = [f for f in files if not paths[f].exists()]
     if missing:
         raise UnreadableError(
@@ -415,7 +415,7 @@ def _hf_params(path: Path, ckpt: Checkpoint) -> dict[str, Any] | None:
     config = path / "config.json"
     if not config.exists():
         return None
-    c = layouts.read_json_object(config, directory=path)
+    c = directories.read_json_object(config, directory=path)
     ckpt.read_files.append(config)
     mapping = {
         "dim": "hidden_size",
