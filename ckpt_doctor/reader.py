@@ -7,8 +7,8 @@ validated header's offsets. torch.load is the fallback for legacy pickles and ex
 and sees a file only after the same checks passed on it (torchzip.validate, torchlegacy).
 
 The bounded-reader contract (bounds.py) holds for every layout: each number a file claims is
-checked against the bytes that exist before anything is allocated or mapped; directory
-directories only open files inside them (directories.py); every file a checkpoint was read
+checked against the bytes that exist before anything is allocated or mapped; readers of a
+directory only open files inside it (directories.py); every file a checkpoint was read
 from is listed in ``read_files``, so writers can refuse to overwrite any of them.
 """
 
