@@ -7,11 +7,12 @@ from untouched ones when nothing else says how many layers are adapted.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ckpt_doctor.directories import read_json_object
+from ckpt_doctor.errors import UnreadableError
 from ckpt_doctor.families import PEFT_LORA, UNKNOWN, Family, detect_family, peft_lora, unexplained
 from ckpt_doctor.families.llama_adapter_v1 import QUERY_KEY
 from ckpt_doctor.families.llama_adapter_v2 import MULTIMODAL
@@ -133,11 +134,11 @@ def lora_config(ckpt: Checkpoint) -> tuple[dict[str, Any] | None, str | None]:
     path = folder / peft_lora.CONFIG_FILE
     if not path.is_file():
         return None, None
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
+    try:  # read as the directory readers read their JSON: bounded, the right shape
+        config = read_json_object(path, directory=folder)
+    except UnreadableError:
         return None, None
-    if not isinstance(config, dict) or config.get("peft_type") != peft_lora.PEFT_TYPE:
+    if config.get("peft_type") != peft_lora.PEFT_TYPE:
         return None, None
     return config, str(path)
 

@@ -122,7 +122,7 @@ def convert(
             hint="use the adapter with its own library; nothing was written",
         )
     dest = layouts.destination(out, target, fmt)
-    layouts.check(dest, force=force, sources=[*ckpt.files, *(base.files if base else [])])
+    layouts.check(dest, force=force, sources=[*ckpt.inputs(), *(base.inputs() if base else [])])
     metadata = _metadata(tensors, ckpt, family, target, config, facts)
     extra = (
         peft_config(ckpt, _target_config(config, target))

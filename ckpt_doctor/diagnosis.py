@@ -99,6 +99,7 @@ class Diagnosis:
     exit_code: int = 0
     gates: list[GateRow] = field(default_factory=list)  # the file's, as inspect reads them
     base_path: Path | None = None
+    refused: CkptDoctorError | None = None  # the input could not be read: nothing diagnosed
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -136,7 +137,9 @@ def diagnose(
         ckpt = open_checkpoint(path, trust_pickle=trust_pickle)
     except CkptDoctorError as exc:
         found = finding(exc.code, exc.message, exc.hint) if exc.code in CAUSES else None
-        return Diagnosis(path, exc.code, exc.message, None, [found] if found else [], [], 2)
+        return Diagnosis(
+            path, exc.code, exc.message, None, [found] if found else [], [], 2, refused=exc
+        )
     with ckpt, open_checkpoint(base_path, trust_pickle=trust_pickle) as base:
         # Same rule as smoke-generate: no tokenizer, no A/B run, so say so up front.
         tokenizer_path = resolve_tokenizer(base, tokenizer_path)

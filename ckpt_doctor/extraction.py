@@ -151,7 +151,7 @@ def extract(
     if family is UNKNOWN:  # which tensors are the adapter is exactly what is unknown
         require_runs_here(family, ckpt.path, command="extract")
     dest = layouts.destination(out, family, fmt)
-    layouts.check(dest, force=force, sources=[*ckpt.files, *(base.files if base else [])])
+    layouts.check(dest, force=force, sources=[*ckpt.inputs(), *(base.inputs() if base else [])])
     dtype = None if dtype is None else canonical_dtype(dtype)  # bf16, fp16, half, fp32
     if dtype is not None and dtype not in CAST_DTYPES:
         raise UsageError(

@@ -168,7 +168,9 @@ def _save(obj: Any, path: Path, fmt: str, metadata: Mapping[str, str]) -> None:
     import torch
 
     if fmt == "safetensors":
-        from safetensors.torch import save_file
+        # In place: the library's save_file writes beside its target and renames, which an
+        # O_TMPFILE's /proc/self/fd path cannot take (see safetensors_format).
+        from ckpt_doctor.safetensors_format import save as save_file
 
         save_file(obj, str(path), metadata=dict(metadata))
     else:

@@ -97,6 +97,11 @@ def model_args(
             hint="inspect, diff, extract and verify's static checks still work on this base",
         )
     theta = params.get("rope_theta", 10000.0)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+        raise UsageError(
+            f"{base.path}: rope_theta {theta!r} is not a positive number",
+            hint="fix params.json / config.json (LLaMA's theta is 10000; LLaMA 3's 500000)",
+        )
     ffn = facts.ffn_hidden or ffn_hidden_size(facts.dim or 0, facts.multiple_of or 256)
     a_len = adapter.adapter_len if adapter and adapter.adapter_len else 0
     a_layer = adapter.adapter_layer if adapter and adapter.adapter_layer else 0

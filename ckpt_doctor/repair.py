@@ -206,7 +206,7 @@ def repair(
     if family is UNKNOWN:
         require_runs_here(family, ckpt.path, command="repair")
     dest = layouts.destination(out, family, fmt)
-    layouts.check(dest, force=force, sources=[*ckpt.files, *(base.files if base else [])])
+    layouts.check(dest, force=force, sources=[*ckpt.inputs(), *(base.inputs() if base else [])])
     tensors, changes = plan_repair(
         ckpt,
         family=family,
