@@ -27,6 +27,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from fixtures.make_fixtures import hf_state_dict  # noqa: E402
 from tests.hostile_files import patch_zip_flags  # noqa: E402
 
 INTERESTING = [0, 1, -1, 2, 255, 256, 65535, 2**31 - 1, -(2**31), 2**32, 2**40, -(2**40)]
@@ -67,7 +68,7 @@ def build_seeds(work: Path) -> dict[str, Seed]:
     params = json.loads((fx / "tiny" / "base" / "params.json").read_text())
     hf = work / "tiny_hf"
     hf.mkdir(exist_ok=True)
-    hf_sd = {_hf_name(k): _hf_rows(k, v, params["n_heads"]) for k, v in sd.items()}
+    hf_sd = hf_state_dict(sd, params["n_heads"])
     names = sorted(hf_sd)
     weight_map = {}
     for i, group in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
@@ -89,33 +90,6 @@ def build_seeds(work: Path) -> dict[str, Seed]:
     save_file({k: v.contiguous() for k, v in adapter.items()}, str(st_adapter))
     seeds["st_adapter"] = Seed("st_adapter", st_adapter, "safetensors", "ckpt", "tiny_base")
     return seeds
-
-
-_HF = {
-    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-    "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}  # fmt: skip
-
-
-def _hf_name(meta: str) -> str:
-    """A Meta tensor name as HF transformers names it."""
-    top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
-    if meta in top or meta == "output.weight":
-        return top.get(meta, "lm_head.weight")
-    _, layer, rest = meta.split(".", 2)
-    part, _, suffix = rest.rpartition(".")
-    return f"model.layers.{layer}.{_HF[part]}.{suffix}"
-
-
-def _hf_rows(meta: str, w: Any, heads: int) -> Any:
-    """HF's conversion reorders q/k rows per head for its rotary layout (the reader undoes it)."""
-    if not meta.endswith(("attention.wq.weight", "attention.wk.weight")):
-        return w
-    rows, cols = w.shape
-    return w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 # --------------------------------------------------------------------------- byte level
