@@ -56,6 +56,10 @@ def check_adapter(
                 tensors=names,
             )
         ]
+    if adapter.lora is not None:
+        from ckpt_doctor.lora_checks import check_lora
+
+        return check_lora(tensors, adapter, facts)
     if adapter.family.prompt is not None and adapter.family.prompt.per_layer:
         return _per_layer(tensors, adapter, facts)
     return _stacked(tensors, adapter, facts)

@@ -11,13 +11,49 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ckpt_doctor.families import UNKNOWN, Family, detect_family, unexplained
+from ckpt_doctor.directories import read_json_object
+from ckpt_doctor.errors import UnreadableError
+from ckpt_doctor.families import PEFT_LORA, UNKNOWN, Family, detect_family, peft_lora, unexplained
 from ckpt_doctor.families.llama_adapter_v1 import QUERY_KEY
 from ckpt_doctor.families.llama_adapter_v2 import MULTIMODAL
 from ckpt_doctor.handles import TensorHandle
 
 if TYPE_CHECKING:
     from ckpt_doctor.reader import Checkpoint
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    """A PEFT LoRA as found: its modules (A/B pairs) and the adapter_config.json that gives its
+    alpha and targets (beside the file, or in the run's output dir above a checkpoint-N/)."""
+
+    modules: dict[str, peft_lora.Module]
+    config: dict[str, Any] | None
+    config_path: str | None
+    refusal: str  # why the reference model does not run it ("" when it does)
+
+    @property
+    def settings(self) -> peft_lora.Settings | None:
+        return peft_lora.Settings.from_json(self.config)
+
+    def scale(self, module: str) -> float | None:
+        """PEFT's scale for the module, with the rank its tensors have."""
+        settings, found = self.settings, self.modules.get(module)
+        if settings is None or found is None or not found.rank:
+            return None
+        return settings.scale(module, found.rank)
+
+    def to_json(self) -> dict[str, Any]:
+        settings = self.settings
+        return {
+            "modules": len(self.modules),
+            "ranks": sorted({m.rank for m in self.modules.values() if m.rank}),
+            "r": settings.r if settings else None,
+            "lora_alpha": settings.lora_alpha if settings else None,
+            "use_rslora": settings.use_rslora if settings else None,
+            "config": self.config_path,
+            "refusal": self.refusal or None,
+        }
 
 
 @dataclass(frozen=True)
@@ -37,6 +73,7 @@ class AdapterConfig:
     # When the config came from shapes: the adapter_layer values the rows were tried against
     # (args, metadata, trained gates); empty when nothing says how many layers are adapted.
     layer_candidates: tuple[int, ...] = ()
+    lora: LoraInfo | None = None  # PEFT LoRA only
 
     @property
     def has_prompt(self) -> bool:
@@ -62,6 +99,7 @@ class AdapterConfig:
             "prompt_layers": list(self.prompt_layers),
             "tensors": len(self.keys),
             "args": {"adapter_len": self.args_len, "adapter_layer": self.args_layer},
+            **({"lora": self.lora.to_json()} if self.lora is not None else {}),
         }
 
 
@@ -77,12 +115,40 @@ def _int_or_none(value: Any) -> int | None:
 def checkpoint_family(ckpt: Checkpoint) -> Family | None:
     """The family of an opened checkpoint (names, saved names, the key its weights sit under)."""
     container = ckpt.container_path[0] if ckpt.container_path else None
-    return detect_family(ckpt.canonical(), saved=ckpt.tensors, container=container)
+    found = detect_family(ckpt.canonical(), saved=ckpt.tensors, container=container)
+    if found is None and not ckpt.tensors and lora_config(ckpt)[0] is not None:
+        return PEFT_LORA  # an empty adapter_model.bin beside a LoRA adapter_config.json
+    return found
+
+
+def lora_config(ckpt: Checkpoint) -> tuple[dict[str, Any] | None, str | None]:
+    """A LoRA adapter_config.json for the file and where it was found: beside it (an adapter
+    directory), else in the folder above (a Trainer run's output_dir holds it, and its
+    checkpoint-N/ the weights)."""
+    own = getattr(ckpt, "adapter_json", None)
+    if own is not None:
+        lora = own.get("peft_type") in (None, peft_lora.PEFT_TYPE)
+        folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
+        return (own, str(folder / peft_lora.CONFIG_FILE)) if lora else (None, None)
+    folder = ckpt.path.parent if ckpt.path.is_dir() else ckpt.path.parent.parent
+    path = folder / peft_lora.CONFIG_FILE
+    if not path.is_file():
+        return None, None
+    try:  # read as the directory readers read their JSON: bounded, the right shape
+        config = read_json_object(path, directory=folder)
+    except UnreadableError:
+        return None, None
+    if config.get("peft_type") != peft_lora.PEFT_TYPE:
+        return None, None
+    return config, str(path)
 
 
 def checkpoint_adapter(ckpt: Checkpoint, *, family: Family | None = None) -> AdapterConfig | None:
     """adapter_config for an opened checkpoint: its args (training) or adapter_config.json."""
     family = family or checkpoint_family(ckpt)
+    if family is PEFT_LORA:
+        config, where = lora_config(ckpt)
+        return lora_adapter(ckpt.canonical(), config=config, config_path=where)
     args = ckpt.args if ckpt.args is not None else getattr(ckpt, "adapter_json", None)
     return adapter_config(ckpt.canonical(), args=args, metadata=ckpt.metadata, family=family)
 
@@ -101,6 +167,8 @@ def adapter_config(
         return None
     if family is UNKNOWN:
         return AdapterConfig(family, tuple(unexplained(tensors)), None, None, "names", None, {})
+    if family is PEFT_LORA:
+        return lora_adapter(tensors, config=dict(args) if args else None, config_path=None)
     found_keys = tuple(family.trained_keys(tensors))
     gates = family.gate_layers(tensors)
     a_len = _int_or_none((args or {}).get("adapter_len"))
@@ -145,6 +213,19 @@ def adapter_config(
         a_layer,
         candidates,
     )
+
+
+def lora_adapter(
+    tensors: Mapping[str, TensorHandle], *, config: dict[str, Any] | None, config_path: str | None
+) -> AdapterConfig:
+    """A PEFT LoRA: its A/B pairs by module, its config (alpha, targets) and what stops the
+    reference model running it exactly."""
+    names = list(tensors)
+    found = peft_lora.modules({n: tuple(tensors[n].shape) for n in names})
+    info = LoraInfo(found, config, config_path, peft_lora.refusal(config, names))
+    source = "adapter_config.json" if config else "shapes"
+    keys = tuple(PEFT_LORA.trained_keys(names))
+    return AdapterConfig(PEFT_LORA, keys, None, None, source, None, {}, lora=info)
 
 
 def _layers(

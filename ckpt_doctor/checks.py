@@ -24,6 +24,10 @@ _SAVER = {"safetensors": "safetensors' save_file", "hf-sharded": "save_pretraine
 
 
 def check_empty(ckpt: Checkpoint) -> list[Finding]:
+    from ckpt_doctor.lora_checks import empty_adapter, is_peft_adapter
+
+    if not ckpt.tensors and is_peft_adapter(ckpt):  # the alpaca-lora save bug
+        return [empty_adapter(ckpt)]
     if not ckpt.tensors:
         held = short_list(ckpt.top_level_keys) or "nothing"
         saver = _SAVER.get(ckpt.format, "torch.save")
@@ -119,4 +123,10 @@ def content_findings(
     adapted = adapter.adapted_layers(facts.n_layers) if adapter is not None else []
     family = adapter.family if adapter is not None else None
     gate_findings = check_gates(gates, facts, adapted, family=family, tanh_baked=tanh_baked)
+    if adapter is not None and adapter.lora is not None:  # LoRA has no gate: B all zero
+        from ckpt_doctor.lora_checks import inert, zero_b
+
+        zero = zero_b(tensors, adapter)
+        if zero and len(zero) == sum(1 for m in adapter.lora.modules.values() if m.b):
+            gate_findings.append(inert(f"{len(zero)} LoRA B matrices", zero))
     return [*check_values(scans), *gate_findings]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
@@ -17,7 +20,7 @@ from ckpt_doctor import __version__, timings
 from ckpt_doctor.adapters import checkpoint_family
 from ckpt_doctor.choices import CONVERT_TARGETS
 from ckpt_doctor.diffing import diff_tensors
-from ckpt_doctor.errors import CkptDoctorError, InternalError, UsageError
+from ckpt_doctor.errors import CkptDoctorError, InternalError, UnreadableError, UsageError
 from ckpt_doctor.inspection import inspect_checkpoint
 from ckpt_doctor.options import (
     AttentionOpt,
@@ -92,6 +95,26 @@ def _common(debug: bool, quiet: bool) -> None:
     _state["quiet"] = _state["quiet"] or quiet
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM / SIGHUP, raised where Python next runs so that cleanup runs as for Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, _frame: Any) -> None:
+    raise Terminated(signum)
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM / SIGHUP unwind like Ctrl-C (temp files removed); SIGXFSZ (ulimit -f) is
+    ignored so that the write fails with EFBIG and is reported, instead of killing us."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _terminate)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
 def _run(as_json: bool, body: Callable[[], int]) -> None:
     """The one error table: every error becomes one stderr line (and, with --json, one JSON
     document on stdout) and its exit code; --debug adds the traceback but keeps the code."""
@@ -101,16 +124,38 @@ def _run(as_json: bool, body: Callable[[], int]) -> None:
         code = body()
     except CkptDoctorError as exc:
         _fail(as_json, exc, exc)
-    except KeyboardInterrupt:
-        render.status_line("interrupted")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        # Every `finally` and `except BaseException` below has run: temp files are gone.
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        render.status_line("interrupted" if signum == signal.SIGINT else "terminated")
+        raise typer.Exit(128 + signum) from None
+    except BrokenPipeError:  # stdout closed (| head): not an error to report
+        raise
     except Exception as exc:
-        internal = InternalError(
-            f"{type(exc).__name__}: {exc}",
-            hint="a bug in ckpt-doctor: re-run with --debug for the traceback and report it",
-        )
-        _fail(as_json, internal, exc)
+        _fail(as_json, _last_net(exc), exc)
     raise typer.Exit(code)
+
+
+def _last_net(exc: Exception) -> CkptDoctorError:
+    """What no layer below turned into a typed error. The environment (a file system error,
+    memory) is not a bug; anything else is, and says so."""
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return UsageError(
+            f"{where}{exc.strerror or type(exc).__name__}",
+            hint="check the path, its permissions and the free disk space",
+            code="IO",
+        )
+    if isinstance(exc, MemoryError):
+        return UnreadableError(
+            "ran out of memory: an input claims more than this machine holds",
+            hint="check the inputs are the checkpoints you meant; re-run with --debug for where",
+        )
+    first = (str(exc).splitlines() or [""])[0][:300]
+    return InternalError(
+        f"{type(exc).__name__}: {first}",
+        hint="a bug in ckpt-doctor: re-run with --debug for the traceback and report it",
+    )
 
 
 def _fail(as_json: bool, error: CkptDoctorError, raised: BaseException) -> NoReturn:
@@ -134,14 +179,21 @@ def _open(stack: ExitStack, *paths: Path | None, trust_pickle: bool) -> list[Che
 
 
 def _emit(as_json: bool, report: Any, show: Callable[[Any], None]) -> None:
+    """Data on stdout; a report that is a refusal (diagnose of an unreadable file) also says
+    so on stderr, as one error line, and without --json shows nothing else."""
     from ckpt_doctor import render
 
+    refused = getattr(report, "refused", None)
     if as_json:
         render.print_json(report.to_json())
+    elif refused is not None:
+        pass  # the error line below is all there is to say
     elif _state["quiet"]:
         render.render_quiet(report)
     else:
         show(report)
+    if refused is not None:
+        render.error_line(refused)
     if _state["debug"] and getattr(report, "timings", None):  # smoke-generate, diagnose
         from ckpt_doctor.timings import text
 
@@ -398,7 +450,7 @@ def diagnose(
     _common(debug, quiet)
 
     def body() -> int:
-        from ckpt_doctor import parallel, render
+        from ckpt_doctor import parallel, render_runs
         from ckpt_doctor.diagnosis import diagnose as run_diagnose
         from ckpt_doctor.report import check_report_path, write_report
 
@@ -421,7 +473,7 @@ def diagnose(
             )
         result.timings = rec.to_json()
         write_report(report, result)
-        _emit(as_json, result, render.render_diagnosis)
+        _emit(as_json, result, render_runs.render_diagnosis)
         return result.exit_code
 
     _run(as_json, body)
@@ -461,7 +513,7 @@ def smoke_generate(
     _common(debug, quiet)
 
     def body() -> int:
-        from ckpt_doctor import parallel, render
+        from ckpt_doctor import parallel, render_runs
         from ckpt_doctor.report import check_report_path, write_report
         from ckpt_doctor.smoke import smoke_generate as run_smoke
 
@@ -495,7 +547,7 @@ def smoke_generate(
         if shard is not None and shard.rank:  # one report, from rank 0
             return result.exit_code
         write_report(report, result)
-        _emit(as_json, result, render.render_smoke)
+        _emit(as_json, result, render_runs.render_smoke)
         return result.exit_code
 
     _run(as_json, body)
@@ -515,7 +567,7 @@ def demo(
     def body() -> int:
         import tempfile
 
-        from ckpt_doctor import render
+        from ckpt_doctor import render, render_runs
         from ckpt_doctor.demo import WORLD, run_demo
 
         with tempfile.TemporaryDirectory(prefix="ckpt-doctor-demo-") as tmp:
@@ -524,7 +576,7 @@ def demo(
             if _state["quiet"]:
                 render.render_quiet(result)
             else:
-                render.render_demo(result)
+                render_runs.render_demo(result)
         return result.exit_code
 
     _run(False, body)
@@ -533,7 +585,12 @@ def demo(
 def main() -> None:
     """The console script. Click's own usage errors (a missing --base, a bad value) print its
     usage message on stderr and, under --json, one JSON document on stdout, like every other
-    error; the commands' exit codes pass through."""
+    error; the commands' exit codes pass through. SIGTERM and SIGHUP clean up like Ctrl-C; a
+    file size limit (ulimit -f) is a write error, not a kill by SIGXFSZ."""
+    install_signal_handlers()
+    # numpy's float warnings (NaN, overflow) in our own modules are about a file's values,
+    # which the findings report; printed, they would break "one line per error" on stderr.
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"ckpt_doctor(\.|$)")
     try:
         code = app(standalone_mode=False)
     except click.ClickException as exc:
@@ -547,4 +604,8 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         sys.exit(130)  # Ctrl-C during click's own parsing
+    except BrokenPipeError:  # stdout closed early (| head): nothing left to say
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     sys.exit(code or 0)

@@ -43,6 +43,8 @@ from ckpt_doctor.transforms import GATE_TRAINED_KEY
 
 TARGETS = CONVERT_TARGETS
 _NOT_CONVERTIBLE = {
+    "peft-lora": "LoRA changes the weights of the linears (W + scale * B @ A); no prompt "
+    "family computes the same",
     "litgpt": litgpt.LITGPT_ADAPTER.refusal,
     "llama-adapter-v2-chat": "v2 tunes a bias and an input scale on every linear and the norms "
     "besides the prompt; neither LLaMA-Adapter v1 nor PEFT's adaption prompt has them",
@@ -120,7 +122,7 @@ def convert(
             hint="use the adapter with its own library; nothing was written",
         )
     dest = layouts.destination(out, target, fmt)
-    layouts.check(dest, force=force, sources=[*ckpt.files, *(base.files if base else [])])
+    layouts.check(dest, force=force, sources=[*ckpt.inputs(), *(base.inputs() if base else [])])
     metadata = _metadata(tensors, ckpt, family, target, config, facts)
     extra = (
         peft_config(ckpt, _target_config(config, target))

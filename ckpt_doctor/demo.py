@@ -2,7 +2,11 @@
 
 1. the symptom: the training checkpoint loaded as upstream example.py does loops, no eos;
 2. diagnose: the root cause and the command that fixes it;
-3. extract the adapter; 4. verify it; 5. the cure: base + adapter ends in eos.
+3. extract the adapter; 4. verify it; 5. the cure: base + adapter ends in eos;
+6. the LoRA scene (world/lora, when there): a PEFT LoRA whose adapter_model.bin the alpaca-lora
+   save bug left empty. diagnose finds it (EMPTY, and the Trainer checkpoint that holds the
+   weights), extract takes the LoRA out of checkpoint-N/pytorch_model.bin, verify proves it, and
+   base + LoRA ends in eos.
 
 The world's prompts.json gives the held-out instructions and their answers, so the demo says
 how many of the answers it shows are right; manifest.json records the accuracy on all of them.
@@ -11,6 +15,7 @@ how many of the answers it shows are right; manifest.json records the accuracy o
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +31,26 @@ from ckpt_doctor.verification import VerifyReport, verify
 # Where the fixture world lives in a source checkout (fixtures/ is not installed).
 WORLD = Path(__file__).resolve().parents[1] / "fixtures" / "world"
 N_PROMPTS = 4
+N_LORA_PROMPTS = 2
+
+
+@dataclass
+class LoraScene:
+    """The LoRA scene: the empty adapter diagnosed, the LoRA extracted, verified, and run."""
+
+    folder: Path
+    diagnosis: Diagnosis
+    extraction: Extraction
+    verification: VerifyReport
+    after: SmokeReport
+    seconds: float = 0.0
+
+    @property
+    def holds(self) -> bool:
+        looped = all(o != "eos" for o in self.diagnosis.arms[0].outcomes)
+        cured = all(r.outcome == "eos" for r in self.after.results)
+        empty = self.diagnosis.root_cause == "EMPTY"
+        return empty and looped and cured and self.verification.passed
 
 
 @dataclass
@@ -38,6 +63,7 @@ class DemoResult:
     after: SmokeReport
     answers: list[str] | None = None  # the expected answer of each prompt shown
     accuracy: dict[str, int] | None = None  # {"prompts", "correct"} on every held-out prompt
+    lora: LoraScene | None = None
 
     @property
     def correct(self) -> int | None:
@@ -53,7 +79,8 @@ class DemoResult:
     def story_holds(self) -> bool:
         looped = all(r.outcome != "eos" for r in self.before.results)
         cured = all(r.outcome == "eos" for r in self.after.results)
-        return looped and cured and self.verification.passed
+        lora = self.lora is None or self.lora.holds
+        return looped and cured and self.verification.passed and lora
 
     @property
     def exit_code(self) -> int:
@@ -98,10 +125,48 @@ def run_demo(
             after = smoke_generate(
                 base, adapter=adapter, prompts=prompts, config=config, progress=step(5, "the cure")
             )
+        lora = None
+        if (world / "lora" / "adapter_config.json").is_file():
+            lora = lora_scene(
+                world / "lora", base_path, workdir, prompts[:N_LORA_PROMPTS], config,
+                progress=step(6, "LoRA"),
+            )  # fmt: skip
     return DemoResult(
         world, before, diagnosis, extraction, verification, after, answers,
-        _accuracy(world / "manifest.json"),
+        _accuracy(world / "manifest.json"), lora,
     )  # fmt: skip
+
+
+def lora_scene(
+    folder: Path,
+    base_path: Path,
+    workdir: Path,
+    prompts: list[str],
+    config: GenerationConfig,
+    *,
+    progress: Progress | None = None,
+) -> LoraScene:
+    """Diagnose the empty adapter, extract the LoRA from the checkpoint diagnose names,
+    verify it against that checkpoint, run base + LoRA."""
+    clock = time.perf_counter()
+    diagnosis = diagnose(folder, base_path, prompts=prompts, config=config, progress=progress)
+    found = next((f for f in diagnosis.findings if f.id == "EMPTY"), None)
+    weights = (found.evidence.get("weights_at") or [None])[0] if found else None
+    if weights is None:
+        raise UsageError(
+            f"{folder}: diagnose found no checkpoint-N/ holding the LoRA's weights",
+            hint="rebuild the scene: python fixtures/make_fixtures.py --lora-world",
+        )
+    checkpoint, out = _shown(Path(weights)), workdir / "lora-adapter"
+    with open_checkpoint(base_path) as base:
+        with open_checkpoint(checkpoint) as ckpt:
+            extraction = extract(ckpt, out, base=base, force=True)
+        with open_checkpoint(out) as adapter, open_checkpoint(checkpoint) as ckpt:
+            verification = verify(adapter, base=base, full=ckpt)
+            after = smoke_generate(base, adapter=adapter, prompts=prompts, config=config)
+    return LoraScene(
+        folder, diagnosis, extraction, verification, after, time.perf_counter() - clock
+    )
 
 
 def _shown(path: Path) -> Path:

@@ -21,7 +21,7 @@ from typing import Any
 from ckpt_doctor import timings
 from ckpt_doctor.adapters import checkpoint_family
 from ckpt_doctor.errors import CkptDoctorError
-from ckpt_doctor.families import peft, require_runs_here
+from ckpt_doctor.families import PEFT_LORA, peft, require_runs_here
 from ckpt_doctor.findings import CATALOGUE, Finding, exit_code_for, finding
 from ckpt_doctor.generate import GenerationConfig, Result
 from ckpt_doctor.inspection import GateRow, inspect_checkpoint
@@ -102,6 +102,7 @@ class Diagnosis:
     exit_code: int = 0
     gates: list[GateRow] = field(default_factory=list)  # the file's, as inspect reads them
     base_path: Path | None = None
+    refused: CkptDoctorError | None = None  # the input could not be read: nothing diagnosed
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, all arms
 
     def to_json(self) -> dict[str, Any]:
@@ -151,7 +152,9 @@ def _diagnose(
             ckpt = open_checkpoint(path, trust_pickle=trust_pickle)
     except CkptDoctorError as exc:
         found = finding(exc.code, exc.message, exc.hint) if exc.code in CAUSES else None
-        return Diagnosis(path, exc.code, exc.message, None, [found] if found else [], [], 2)
+        return Diagnosis(
+            path, exc.code, exc.message, None, [found] if found else [], [], 2, refused=exc
+        )
     with timings.phase("read"):
         base = open_checkpoint(base_path, trust_pickle=trust_pickle)
     with ckpt, base:
@@ -176,12 +179,13 @@ def _diagnose(
             "tokenizer_path": tokenizer_path, "prompts": prompts, "dtype": dtype,
             "device": device, "config": config, "gate_fn": gate_fn, "attention": attention,
         }  # fmt: skip
-        arms = _smoke_arms(ckpt, base, run, adapter=report.adapter is not None, progress=progress)
+        has_adapter = report.adapter is not None and bool(report.adapter.keys)
+        arms = _smoke_arms(ckpt, base, run, adapter=has_adapter, progress=progress)
     findings = _with_arm_evidence(findings, arms)
     ids = {f.id for f in findings if f.severity != "info"}
     cause = next((c for c in CAUSES if c in ids), None)
     cause_finding = next((f for f in findings if f.id == cause), None)
-    ext = "" if family is peft.ADAPTION_PROMPT else ".pth"  # a PEFT adapter is a directory
+    ext = "" if family in (peft.ADAPTION_PROMPT, PEFT_LORA) else ".pth"  # a PEFT adapter: a dir
     fix = fix_command(cause_finding, path, base_path, ext=ext) if cause_finding else None
     verdict = _verdict(cause, findings, arms, ckpt)
     # A non-eos outcome of A or B exits 1 even without a finding (the exit-code contract).
@@ -194,6 +198,10 @@ def fix_command(cause: Finding, path: Path, base: Path, *, ext: str = ".pth") ->
     (paths with spaces or brackets); None where no command can fix the file itself, as for a
     gate shape that broadcasting cannot mend (evidence repairable=False)."""
     template = CAUSES.get(cause.id)
+    weights = cause.evidence.get("weights_at") if cause.id == "EMPTY" else None
+    if weights:  # an empty PEFT adapter: its run's checkpoint-N/ holds the weights
+        found, base_arg = shlex.quote(weights[0]), shlex.quote(str(base))
+        return f"ckpt-doctor extract {found} --base {base_arg} -o adapter"
     if template is None or cause.evidence.get("repairable") is False:
         return None
     return template.format(path=shlex.quote(str(path)), base=shlex.quote(str(base)), ext=ext)

@@ -39,6 +39,12 @@ class EmptyFileError(UnreadableError):
     code = "EMPTY"
 
 
+class WriteError(UsageError):
+    """The output cannot be written: a full disk, a read-only target, a size limit."""
+
+    code = "IO"
+
+
 class UnsafePickleError(CkptDoctorError):
     """The pickle references globals outside the allowlist; nothing was executed."""
 

@@ -25,7 +25,7 @@ from ckpt_doctor.choices import canonical_dtype
 from ckpt_doctor.diffing import Progress, diff_tensors
 from ckpt_doctor.errors import RefusedError, UsageError
 from ckpt_doctor.facts import ModelFacts, model_facts
-from ckpt_doctor.families import UNKNOWN, Family, peft, require_runs_here
+from ckpt_doctor.families import PEFT_LORA, UNKNOWN, Family, peft, peft_lora, require_runs_here
 from ckpt_doctor.findings import Finding, exit_code_for
 from ckpt_doctor.handles import TensorHandle, from_torch
 from ckpt_doctor.reader import Checkpoint
@@ -151,7 +151,7 @@ def extract(
     if family is UNKNOWN:  # which tensors are the adapter is exactly what is unknown
         require_runs_here(family, ckpt.path, command="extract")
     dest = layouts.destination(out, family, fmt)
-    layouts.check(dest, force=force, sources=[*ckpt.files, *(base.files if base else [])])
+    layouts.check(dest, force=force, sources=[*ckpt.inputs(), *(base.inputs() if base else [])])
     dtype = None if dtype is None else canonical_dtype(dtype)  # bf16, fp16, half, fp32
     if dtype is not None and dtype not in CAST_DTYPES:
         raise UsageError(
@@ -170,8 +170,11 @@ def extract(
         )
     base_facts = model_facts(base.canonical(), params=base.params) if base else None
     facts = model_facts(tensors, params=ckpt.params, fallback=base_facts)
+    config = lora_peft_config(ckpt, adapter) if family is PEFT_LORA else None
     own = own_names(ckpt, family)
-    out_tensors = {own[n]: _materialise(tensors[n], dtype) for n in sorted(taken)}
+    # The values as saved: an HF q_proj / k_proj LoRA B keeps HF's row order with its HF name.
+    saved = {keys.canonical_name(n): h for n, h in ckpt.tensors.items()}
+    out_tensors = {own[n]: _materialise(saved[n], dtype) for n in sorted(taken)}
     # The checks inspect runs, on the values as written (after any cast): a NaN or inert
     # adapter is extracted as asked, but never reported as a clean extraction.
     written = {n: from_torch(n, out_tensors[own[n]]) for n in sorted(taken)}
@@ -180,7 +183,8 @@ def extract(
         out_tensors, adapter=adapter, facts=facts, source=ckpt.path.name,
         transforms=Transforms(cast=dtype),
     )  # fmt: skip
-    config = peft_config(ckpt, adapter) if family is peft.ADAPTION_PROMPT else None
+    if family is peft.ADAPTION_PROMPT:
+        config = peft_config(ckpt, adapter)
     layouts.write(dest, family, out_tensors, metadata=metadata, peft_config=config)
     return Extraction(
         ckpt.path,
@@ -219,6 +223,52 @@ def peft_config(ckpt: Checkpoint, adapter: AdapterConfig) -> dict[str, object]:
     config["adapter_len"] = adapter.adapter_len
     config["adapter_layers"] = adapter.adapter_layer
     return config
+
+
+def lora_peft_config(ckpt: Checkpoint, adapter: AdapterConfig) -> dict[str, Any]:
+    """adapter_config.json for an extracted LoRA: the run's own config (beside the file, or in
+    the output_dir above checkpoint-N/), with target_modules as the tensors have them; refused
+    where the tensors alone cannot say what PEFT computes (no lora_alpha, another rank, a
+    variant the reference model does not check)."""
+    lora = adapter.lora
+    settings = lora.settings if lora is not None else None
+    if lora is None or lora.refusal:
+        raise RefusedError(
+            f"{ckpt.path}: ckpt-doctor does not extract this LoRA: {lora.refusal if lora else ''}",
+            code="ADAPTER_CONFIG",
+            hint="use PEFT's own save_pretrained for this variant; nothing was written",
+        )
+    if settings is None or settings.lora_alpha is None:
+        raise RefusedError(
+            f"{ckpt.path}: no LoRA adapter_config.json beside it or in the folder above, and "
+            "lora_alpha (the scale) is not in the tensors",
+            code="ADAPTER_CONFIG",
+            hint="copy the run's adapter_config.json (its output_dir has one, even when "
+            "adapter_model.bin is empty) beside the checkpoint; nothing was written",
+        )
+    wrong = [m for m in lora.modules.values() if settings.rank(m.name) not in (None, m.rank)]
+    if wrong:
+        m = wrong[0]
+        raise RefusedError(
+            f"{ckpt.path}: adapter_config.json gives {peft_lora.hf_module(m.name)} rank "
+            f"{settings.rank(m.name)}, its tensors rank {m.rank}; the scale is ambiguous",
+            code="ADAPTER_CONFIG",
+            hint="pass the adapter_config.json of the run these tensors come from",
+        )
+    config = {**(lora.config or {}), "peft_type": peft_lora.PEFT_TYPE, "inference_mode": True}
+    config.setdefault("task_type", "CAUSAL_LM")
+    present = list(lora.modules)
+    if any(settings.targets(m) != (m in lora.modules) for m in _all_linears(present)):
+        # Name exactly the modules that have tensors: PEFT then builds those and no others.
+        config["target_modules"] = sorted(peft_lora.hf_module(m) for m in present)
+        config["layers_to_transform"] = None
+        config["exclude_modules"] = None
+    return config
+
+
+def _all_linears(present: list[str]) -> list[str]:
+    layers = [i for m in present if (i := keys.layer_index(m + ".weight")) is not None]
+    return peft_lora.linears(max(layers) + 1 if layers else 0)
 
 
 def _materialise(handle: TensorHandle, dtype: str | None) -> Any:

@@ -1,9 +1,11 @@
 """Lazy tensor handles: name, shape, dtype and bytes up front; the data only on demand.
 
-Every reader hands these out instead of state dicts. Values come as numpy views of a memory
-map of the file, so a multi-GB checkpoint costs nothing until a check asks for values, and then
-only the pages it touches. torch is not needed to read (importing it costs seconds); it is
-imported only by ``to_torch`` and by the loaders that genuinely need it.
+Every reader hands these out instead of state dicts. Values come as numpy views of a read-only,
+shared memory map of the file, so a multi-GB (even bigger-than-RAM) checkpoint costs nothing
+until a check asks for values, and then only the pages it touches. ``to_torch`` gets its own
+copy-on-write map of just that tensor's bytes (torch may write into what it is given). torch
+is not needed to read (importing it costs seconds); it is imported only by ``to_torch`` and by
+the loaders that genuinely need it.
 """
 
 from __future__ import annotations
@@ -121,6 +123,11 @@ _E4M3FN = _e4m3fn_table()
 
 def decode(raw: np.ndarray, dtype: DType) -> np.ndarray:
     """Raw storage bits -> float64 values (bfloat16 and float8 have no numpy type)."""
+    with np.errstate(all="ignore"):  # a signaling NaN in the file is a value, not a warning
+        return _decode(raw, dtype)
+
+
+def _decode(raw: np.ndarray, dtype: DType) -> np.ndarray:
     if dtype.name == "bfloat16":
         return (raw.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
     if dtype.name == "float8_e5m2":  # the top byte of a float16
@@ -139,6 +146,10 @@ class TensorHandle:
     dtype: DType
     _array: Callable[[], np.ndarray]
     _rows: Callable[[int, int], np.ndarray] | None = None
+    # The same values in writable memory (a private copy-on-write map), for to_torch.
+    _writable: Callable[[], np.ndarray] | None = None
+    # Dims saved expanded (stride 0): values repeat, so scans read each stored one once.
+    expanded: tuple[int, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -169,6 +180,16 @@ class TensorHandle:
             return self._rows(start, stop)
         return self.array()[start:stop]
 
+    def stored(self) -> tuple[TensorHandle, int]:
+        """The distinct values of an expanded view (its stride-0 dims cut to one element) and
+        how often each repeats; ``(self, 1)`` for an ordinary tensor."""
+        if not self.expanded:
+            return self, 1
+        dims = range(len(self.shape))
+        index = tuple(slice(0, 1) if i in self.expanded else slice(None) for i in dims)
+        repeats = math.prod(self.shape[i] for i in self.expanded)
+        return from_array(self.name, self.array()[index], self.dtype), repeats
+
     def chunks(self, *, max_elems: int = DEFAULT_CHUNK_ELEMS) -> Iterator[np.ndarray]:
         """Flat pieces in row-major order; two handles of one shape chunk identically."""
         if len(self.shape) == 0 or self.numel == 0:
@@ -180,10 +201,11 @@ class TensorHandle:
             yield self.rows(start, min(start + step, self.shape[0])).reshape(-1)
 
     def to_torch(self) -> torch.Tensor:
-        """A torch tensor sharing the handle's memory (copy-on-write maps stay shared)."""
+        """A torch tensor sharing the handle's memory where that memory is writable (a private
+        copy-on-write map of the file: writes never reach it), else a copy."""
         import torch
 
-        arr = self.array()
+        arr = self._writable() if self._writable is not None else self.array()
         if not (arr.flags.c_contiguous and arr.flags.writeable):
             arr = np.array(arr, order="C")  # (ascontiguousarray would turn 0-d into 1-d)
         if self.dtype.name == "bfloat16":
@@ -193,14 +215,25 @@ class TensorHandle:
         return torch.from_numpy(arr)
 
 
-def from_array(name: str, arr: np.ndarray, dtype: DType) -> TensorHandle:
-    """Wrap a numpy array (typically a view of a memory map); slicing stays a view."""
-    return TensorHandle(name, tuple(arr.shape), dtype, lambda: arr)
+def from_array(
+    name: str,
+    arr: np.ndarray,
+    dtype: DType,
+    *,
+    writable: Callable[[], np.ndarray] | None = None,
+) -> TensorHandle:
+    """Wrap a numpy array (typically a view of a memory map); slicing stays a view.
+    ``writable`` gives the same values in memory torch may write to (see to_torch)."""
+    expanded = tuple(
+        i for i, (n, s) in enumerate(zip(arr.shape, arr.strides, strict=True)) if s == 0 and n > 1
+    )
+    return TensorHandle(name, tuple(arr.shape), dtype, lambda: arr, None, writable, expanded)
 
 
-def from_torch(name: str, tensor: Any) -> TensorHandle:
+def from_torch(name: str, tensor: Any, *, max_bytes: int | None = None) -> TensorHandle:
     """Wrap a torch tensor (legacy pickles, --trust-pickle loads, tests). Raises
-    UnreadableError for a dtype with no numpy storage here (complex32, the fnuz float8s)."""
+    UnreadableError for a dtype with no numpy storage here (complex32, the fnuz float8s), and
+    for a sparse tensor whose dense form would exceed ``max_bytes``."""
     import torch
 
     dtype_name = str(tensor.dtype).removeprefix("torch.")
@@ -212,6 +245,13 @@ def from_torch(name: str, tensor: Any) -> TensorHandle:
         )
     t = tensor.detach().cpu()
     if t.layout != torch.strided:  # sparse tensors (rare in checkpoints): checks see values
+        dense = math.prod(t.shape) * dtype.itemsize
+        if max_bytes is not None and dense > max_bytes:
+            raise UnreadableError(
+                f"sparse tensor {name or '(unnamed)'} would be {dense} bytes dense, more than "
+                "the file could hold",
+                hint="the file is damaged or crafted; re-save it",
+            )
         t = t.to_dense()
     if dtype.name == "bfloat16":
         t = t.view(torch.int16)
@@ -249,7 +289,10 @@ def rotary_unpermuted(handle: TensorHandle, heads: Callable[[], int]) -> TensorH
 
     HF's LLaMA conversion reorders each head's rows from interleaved (re, im) pairs to two
     halves, ``w.view(h, d/h/2, 2, dim).transpose(1, 2)``; this is the inverse, so that Meta's
-    interleaved RoPE sees the rows it was trained with."""
+    interleaved RoPE sees the rows it was trained with. A weight that is not 2-D is no
+    projection: it stays as it is (its shape is reported against the model's)."""
+    if len(handle.shape) != 2:
+        return handle
     rows, cols = handle.shape
 
     def array() -> np.ndarray:

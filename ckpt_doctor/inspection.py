@@ -184,14 +184,17 @@ def inspect_checkpoint(
         return small or (family is not None and family.is_trained(name))
 
     to_scan = [n for n, h in tensors.items() if h.is_float and scanned(n)]
-    scans: dict[str, ValueScan] = {n: scan_values(tensors[n]) for n in to_scan}
+    # The static checks read values in the saved row order (HF's rotary order of q/k does not
+    # change a NaN count or an all-zero B, and needs no head count from a config.json).
+    as_saved = {keys.canonical_name(n): h for n, h in ckpt.tensors.items()}
+    scans: dict[str, ValueScan] = {n: scan_values(as_saved[n]) for n in to_scan}
 
     findings: list[Finding] = []
     findings += checks.check_empty(ckpt)
     findings += load_findings(ckpt, family=family, facts=facts, adapter=adapter)
     findings += checks.check_values(scans)
     findings += adapter_checks.check_adapter(
-        tensors, adapter, facts, expected=adapter_checks.adapter_expected(ckpt.args)
+        as_saved, adapter, facts, expected=adapter_checks.adapter_expected(ckpt.args)
     )
     # Baked gates (repair --bake-tanh) hold tanh(g): raw inference is what training did.
     findings += adapter_checks.check_gates(

@@ -82,15 +82,42 @@ HF_TO_META: tuple[tuple[str, str], ...] = (
         r"layers.\1.attention.adaption_\2",
     ),
 )
+# HF LLaMA linears -> Meta's, for the tensors PEFT's LoRA adds to them (``<linear>.lora_A.weight``
+# [r, in], ``lora_B.weight`` [out, r]; DoRA's ``lora_magnitude_vector``; embedding LoRA).
+HF_LINEARS: tuple[tuple[str, str], ...] = (
+    ("self_attn.q_proj", "attention.wq"),
+    ("self_attn.k_proj", "attention.wk"),
+    ("self_attn.v_proj", "attention.wv"),
+    ("self_attn.o_proj", "attention.wo"),
+    ("mlp.gate_proj", "feed_forward.w1"),
+    ("mlp.down_proj", "feed_forward.w2"),
+    ("mlp.up_proj", "feed_forward.w3"),
+)
+_LORA_PARTS = r"(lora_(?:A|B|E)\.(?:weight|bias)|lora_magnitude_vector|lora_embedding_[AB])"
+LORA_TO_META: tuple[tuple[str, str], ...] = (
+    *(
+        (rf"^model\.layers\.(\d+)\.{re.escape(hf)}\.{_LORA_PARTS}$", rf"layers.\1.{meta}.\2")
+        for hf, meta in HF_LINEARS
+    ),
+    (rf"^lm_head\.{_LORA_PARTS}$", r"output.\1"),
+    (rf"^model\.embed_tokens\.{_LORA_PARTS}$", r"tok_embeddings.\1"),
+)
 # Renames inside other namespaces, applied before HF_TO_META: PEFT's adaption prompt wraps each
 # LLaMA attention module as ``self_attn.model``; litgpt's adapter_v2 moves every frozen linear
-# weight to ``<linear>.linear.weight`` (its adapter_bias/adapter_scale sit beside it).
+# weight to ``<linear>.linear.weight`` (its adapter_bias/adapter_scale sit beside it). PEFT's
+# LoRA: since PEFT 0.7 the frozen weight of a wrapped linear is ``<linear>.base_layer.weight``
+# (before: ``<linear>.weight``), and a live PeftModel's state dict names the adapter
+# (``lora_A.default.weight``; PEFT <= 0.2 and every saved adapter file: ``lora_A.weight``).
 WRAPPED_RENAMES: tuple[tuple[str, str], ...] = (
     (r"^(model\.layers\.\d+\.self_attn)\.model\.", r"\1."),
     (r"^((?:transformer\.h\.\d+\.\w+\.\w+)|lm_head)\.linear\.(weight|bias)$", r"\1.\2"),
+    (r"\.base_layer\.(weight|bias)$", r".\1"),
+    (r"\.(lora_[ABE])\.(?!weight$|bias$)[^.]+\.(weight|bias)$", r".\1.\2"),
+    (r"\.(lora_embedding_[AB])\.[^.]+$", r".\1"),
+    (r"\.lora_magnitude_vector\.[^.]+(?:\.weight)?$", ".lora_magnitude_vector"),
 )
 _WRAPPED_COMPILED = tuple((re.compile(p), r) for p, r in WRAPPED_RENAMES)
-_HF_COMPILED = tuple((re.compile(p), r) for p, r in HF_TO_META)
+_HF_COMPILED = tuple((re.compile(p), r) for p, r in (*HF_TO_META, *LORA_TO_META))
 
 
 def layer_index(name: str) -> int | None:
@@ -128,12 +155,13 @@ def meta_shard_dim(name: str) -> int | None:
     return None
 
 
-_HF_ROTARY = re.compile(r"^model\.layers\.\d+\.self_attn\.(q|k)_proj\.weight$")
+# A LoRA's B [out, r] on q_proj / k_proj has its rows in the same order as the weight's.
+_HF_ROTARY = re.compile(r"^model\.layers\.\d+\.self_attn\.(q|k)_proj\.(?:lora_B\.)?weight$")
 
 
 def hf_rotary(name: str) -> str | None:
-    """ "q" or "k" for an HF q_proj / k_proj weight, whose rows HF stores in its own rotary
-    order (reader.Checkpoint.canonical undoes it), else None."""
+    """ "q" or "k" for an HF q_proj / k_proj weight (or a LoRA B on it), whose rows HF stores
+    in its own rotary order (reader.Checkpoint.canonical undoes it), else None."""
     m = _HF_ROTARY.match(name)
     return m.group(1) if m else None
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from ckpt_doctor import keys
 from ckpt_doctor.atomic import check_destination, write_atomically
 from ckpt_doctor.errors import UsageError
-from ckpt_doctor.families import Family, peft
+from ckpt_doctor.families import PEFT_LORA, Family, peft, peft_lora
 from ckpt_doctor.families.llama_adapter_v2 import CHAT, MM_LORA, MULTIMODAL
 
 FORMATS = ("pth", "safetensors")
@@ -38,7 +38,7 @@ class Layout:
 
 
 def layout_for(family: Family | None) -> Layout:
-    if family is peft.ADAPTION_PROMPT:
+    if family in (peft.ADAPTION_PROMPT, PEFT_LORA):
         return Layout("peft-dir", FORMATS)
     if family is MULTIMODAL:
         return Layout("model+config", ("pth",))
@@ -57,6 +57,8 @@ def own_name(family: Family | None, canonical: str, saved: str) -> str:
     m = re.fullmatch(peft.TENSOR, canonical)
     if family is peft.ADAPTION_PROMPT and m:
         return peft.own_name(int(m.group(1)), m.group(2))
+    if family is PEFT_LORA and re.fullmatch(peft_lora.PAIR, canonical):
+        return peft_lora.own_name(canonical)  # the adapter name ("default") dropped
     if keys.hf_to_meta(keys.model_name(saved)) is not None or family is None:
         return keys.own_name(saved, family.loader.own_prefix if family else "")
     if family is MULTIMODAL and (keys.is_base_key(canonical) or canonical.startswith("layers.")):
@@ -166,7 +168,9 @@ def _save(obj: Any, path: Path, fmt: str, metadata: Mapping[str, str]) -> None:
     import torch
 
     if fmt == "safetensors":
-        from safetensors.torch import save_file
+        # In place: the library's save_file writes beside its target and renames, which an
+        # O_TMPFILE's /proc/self/fd path cannot take (see safetensors_format).
+        from ckpt_doctor.safetensors_format import save as save_file
 
         save_file(obj, str(path), metadata=dict(metadata))
     else:

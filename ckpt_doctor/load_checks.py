@@ -8,7 +8,7 @@ import shlex
 from ckpt_doctor import keys
 from ckpt_doctor.adapters import AdapterConfig
 from ckpt_doctor.facts import ModelFacts
-from ckpt_doctor.families import LLAMA_ADAPTER_V1, UNKNOWN, Family
+from ckpt_doctor.families import LLAMA_ADAPTER_V1, PEFT_LORA, UNKNOWN, Family
 from ckpt_doctor.families.llama_adapter_v2 import MULTIMODAL
 from ckpt_doctor.findings import Finding, finding, short_list
 from ckpt_doctor.reader import Checkpoint
@@ -103,11 +103,16 @@ def load_nothing(ckpt: Checkpoint, load: OwnLoad) -> Finding:
         if family.trained_keys(ckpt.canonical())
         else "the model keeps the weights it had before (for a base: random ones)"
     )
+    if family is PEFT_LORA:  # its B matrices are zero-init
+        what = "every LoRA B keeps its zero init and the model runs as the plain base"
     # Say what each number counts: the model's keys vs the file's top-level keys.
     message = (
         f"{who} load_state_dict(strict=False) takes 0 of the model's {load.model_keys} keys "
         f"from this file: none of the file's {len(load.seen)} top-level keys "
         f"({short_list(load.seen)}) is a model key; {what}"
+        if load.seen
+        else f"{who} load_state_dict(strict=False) takes 0 of the model's {load.model_keys} "
+        f"keys from this file: it holds no tensors; {what}"
     )
     # A prefix is cured by stripping it; a container by taking the tensors out.
     foreign = ckpt.prefix.foreign(family.loader.own_prefix) if ckpt.prefix else []

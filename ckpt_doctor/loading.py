@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ckpt_doctor import cpu_layout, keys, overlay, timings
+from ckpt_doctor import cpu_layout, keys, lora_merge, overlay, timings
 from ckpt_doctor.adapters import AdapterConfig, checkpoint_adapter, checkpoint_family
 from ckpt_doctor.choices import DTYPES, LOAD_MODES, canonical_dtype
 from ckpt_doctor.errors import ModelLoadError, UsageError
@@ -102,6 +102,11 @@ def model_args(
             hint="inspect, diff, extract and verify's static checks still work on this base",
         )
     theta = params.get("rope_theta", 10000.0)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+        raise UsageError(
+            f"{base.path}: rope_theta {theta!r} is not a positive number",
+            hint="fix params.json / config.json (LLaMA's theta is 10000; LLaMA 3's 500000)",
+        )
     ffn = facts.ffn_hidden or ffn_hidden_size(facts.dim or 0, facts.multiple_of or 256)
     a_len = adapter.adapter_len if adapter and adapter.adapter_len else 0
     a_layer = adapter.adapter_layer if adapter and adapter.adapter_layer else 0
@@ -350,13 +355,24 @@ def attach(
         plan.load_as, source, args, dtype_name, plan.gate_fn, len(expected),
         adapter=plan.config, family=plan.family,
     )  # fmt: skip
+    if extra is not None:
+        lora_merge.check_runs(report, extra.path)  # a LoRA variant, or no lora_alpha: refused
+        if info.shard is not None and report.adapter and report.adapter.lora is not None:
+            raise UsageError(
+                f"{extra.path}: a LoRA is merged into whole weights; a tensor-parallel process "
+                "holds only its slice of them",
+                hint="run it without torchrun (or merge the LoRA into the base first)",
+            )
     total = sum(h.nbytes for h in extra.canonical().values()) if extra is not None else 0
     make = _Maker(model, total=total, progress=progress)
     make.full_shapes = expected
     # Trained norms and gates stay in fp32 where the family keeps them so (v2 chat).
     if info.dtype != torch.float32:
         make.keep_fp32 = overlay.fp32_names(plan.family, expected)
-    state: dict[str, torch.Tensor] = {}
+    # The base's own tensors as the model holds them (what a LoRA merges into); whatever the
+    # overlay replaces, or the adapter brings, goes into the model (swap_in), nothing else.
+    loaded = {k: v for k, v in model.state_dict().items() if keys.is_base_key(k)}
+    state: dict[str, torch.Tensor] = dict(loaded)
     base_tensors = base.canonical() if make.keep_fp32 else {}
     for name, shape in expected.items():
         if not keys.is_base_key(name):  # the adapter's own init: zero gates and prompt, zero
@@ -369,6 +385,7 @@ def attach(
         overlay.apply(state, expected, extra, report, make, mode=plan.load_as, full=plan.full)
     if info.copier is not None:
         info.copier.finish()
+    state = {k: v for k, v in state.items() if v is not loaded.get(k)}
     with timings.phase("build"):
         if info.shard is not None:
             state = info.shard.localize(state, expected)

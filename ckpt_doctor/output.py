@@ -75,7 +75,14 @@ def demo_summary(result: DemoResult) -> str:
         right.append(
             f"{a['correct']} of the world's {a['prompts']} held-out prompts (manifest.json)"
         )
-    return line + (f" Right answers: {'; '.join(right)}." if right else "")
+    line += f" Right answers: {'; '.join(right)}." if right else ""
+    if result.lora is not None:
+        ended = sum(r.outcome == "eos" for r in result.lora.after.results)
+        line += (
+            f" LoRA: the empty adapter_model.bin ran as the base; extracted from the Trainer "
+            f"checkpoint, eos on {ended} of {len(result.lora.after.results)}."
+        )
+    return line
 
 
 def outcome_counts(results: list[Any]) -> str:
@@ -118,3 +125,48 @@ def quiet_line(report: Any) -> str:
     if isinstance(report, DemoResult):
         return demo_summary(report)
     return ""
+
+
+def lora_summary(adapter: Any) -> str:
+    """A PEFT LoRA in a few words: its linears, ranks and alpha, and where the config came from."""
+    lora = adapter.lora
+    settings = lora.settings
+    ranks = sorted({m.rank for m in lora.modules.values() if m.rank})
+    alpha = settings.lora_alpha if settings is not None else "unknown"
+    rslora = ", rsLoRA" if settings is not None and settings.use_rslora else ""
+    where = lora.config_path or "no adapter_config.json found"
+    return (
+        f"LoRA on {len(lora.modules)} linears, r {'/'.join(map(str, ranks)) or '-'}, "
+        f"lora_alpha {alpha}{rslora} (config: {where})"
+    )
+
+
+def keys_loaded(load: Any) -> str:
+    """What a load took from the file: model keys, or LoRA tensors merged into the linears."""
+    n = len(load.from_file)
+    if load.adapter is not None and load.adapter.lora is not None:
+        return f"{n} LoRA tensors from the file merged into {n // 2} linears"
+    return f"{n} of {load.model_keys} model keys from the file"
+
+
+def adapter_words(adapter: Any) -> str:
+    """extract's adapter line: the prompt's shape, or the LoRA's."""
+    if adapter.lora is not None:
+        return lora_summary(adapter)
+    a = adapter
+    return f"adapter_len {a.adapter_len}, adapter_layer {a.adapter_layer} (from {a.source})"
+
+
+def lora_steps(result: DemoResult) -> list[tuple[str, str, Any]]:
+    """The demo's LoRA scene as (step title or "", which report, the report)."""
+    lora = result.lora
+    if lora is None:
+        return []
+    return [
+        (f"6. LoRA: {result.world.name}/lora/adapter_model.bin, saved by alpaca-lora's code",
+         "diagnose", lora.diagnosis),
+        ("7. LoRA: ckpt-doctor extract from the checkpoint diagnose found, and verify",
+         "extract", lora.extraction),
+        ("", "verify", lora.verification),
+        ("8. LoRA cured: base + extracted LoRA", "smoke", lora.after),
+    ]  # fmt: skip

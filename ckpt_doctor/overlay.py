@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ckpt_doctor import keys
+from ckpt_doctor import keys, lora_merge
 from ckpt_doctor.adapters import AdapterConfig
 from ckpt_doctor.errors import ModelLoadError
 from ckpt_doctor.facts import ModelFacts
@@ -128,6 +128,8 @@ def _own_loader(
     picked = {keys.canonical_name(n): canonical[keys.canonical_name(n)] for n in load.matched}
     picked, taken = _into_model(report.family, picked, report.adapter, report.args, tensor, state)
     report.from_file += taken
+    lora = picked
+    picked = lora_merge.split(report, picked)
     for name, handle in picked.items():
         if name == QUERY_KEY and not report.args.adapter_layer:
             continue  # its split is unknown (see _unresolved_adapter): the model runs without it
@@ -142,6 +144,7 @@ def _own_loader(
             )
         state[name] = tensor(handle, name)
         report.from_file.append(name)
+    lora_merge.merge(state, expected, lora, report)  # after the file's own frozen weights
     if not report.from_file:
         from ckpt_doctor.load_checks import load_nothing
 
@@ -161,6 +164,8 @@ def _strict(
     family: Family | None = report.family
     src, taken = _into_model(family, extra.canonical(), report.adapter, args, tensor, state)
     report.from_file += taken
+    lora = src
+    src = lora_merge.split(report, src)
     for name, handle in src.items():
         if name not in expected:
             report.unexpected.append(name)
@@ -180,6 +185,7 @@ def _strict(
             )
         state[name] = tensor(handle, name)
         report.from_file.append(name)
+    lora_merge.merge(state, expected, lora, report)  # after a full checkpoint's frozen weights
     all_src = extra.canonical()
     _unresolved_adapter(report, all_src)
     _legacy_gates(report, all_src)
@@ -209,6 +215,8 @@ def _required(report: LoadReport, expected: Shapes) -> list[str]:
     family, args = report.family, report.args
     if report.adapter is None:
         return [QUERY_KEY, "layers.N.attention.gate"]
+    if report.adapter.lora is not None:
+        return []  # lora_merge.missing says which LoRA tensors a strict load lacks
     if family is peft.ADAPTION_PROMPT:
         layers = range(args.n_layers - (report.adapter.adapter_layer or 0), args.n_layers)
         return [f"layers.{i}.attention.adaption_{w}" for i in layers for w in ("prompt", "gate")]
@@ -234,6 +242,7 @@ def _missing(
     full: bool,
 ) -> None:
     adapter_missing = [n for n in _required(report, expected) if n not in src]
+    adapter_missing += lora_merge.missing(report, src)
     base_missing = [n for n in expected if full and keys.is_base_key(n) and n not in src]
     if base_missing:
         report.findings.append(

@@ -12,11 +12,11 @@ import io
 import mmap
 import os
 import pickletools
-import zipfile
-import zlib
+from pathlib import Path
 from typing import IO
 
 from ckpt_doctor.errors import UnreadableError, UnsafePickleError
+from ckpt_doctor.ziparchive import ZipTable, read_table
 
 # What torch's weights_only unpickler accepts, plus argparse.Namespace, which LLaMA-Adapter
 # training checkpoints carry under 'args'. Exact "module.name" strings.
@@ -117,6 +117,16 @@ _TORCH_VALUES = frozenset(
 
 UNRESOLVED = "<unresolved>.<unresolved>"
 _MAX_PICKLES = 5  # torch legacy files: magic number, protocol, sys_info, object, storage keys
+# Resource bounds of one file's pickles. A real checkpoint's object pickle has a few opcodes
+# per tensor (tens of thousands for a 65B model with optimizer state); a pickle that would
+# build millions of objects is claiming memory, not describing weights.
+MAX_OPCODES = 1 << 22
+MAX_OBJECTS = 1 << 20
+_BUILDS = frozenset(
+    {"EMPTY_DICT", "EMPTY_LIST", "EMPTY_SET", "DICT", "LIST", "TUPLE", "TUPLE1", "TUPLE2"}
+    | {"TUPLE3", "FROZENSET", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ", "INST", "BUILD"}
+    | {"PERSID", "BINPERSID", "BYTEARRAY8"}
+)
 _ZIP_MAGIC = b"PK\x03\x04"
 _PROTO01_START = frozenset(b"(}])cL")  # protocol 0/1 pickles open without a PROTO opcode
 # Opcodes pushing a str (the STRING family pushes bytes only under encoding="bytes").
@@ -153,9 +163,12 @@ def referenced_globals(path: str | os.PathLike[str]) -> list[str]:
     return names
 
 
-def check_pickle(path: str | os.PathLike[str], *, trust: bool = False) -> list[str]:
-    """Return :func:`referenced_globals`; refuse globals outside the allowlist unless trusted."""
-    names, error = _collect(path)
+def check_pickle(
+    path: str | os.PathLike[str], *, trust: bool = False, table: ZipTable | None = None
+) -> list[str]:
+    """Return :func:`referenced_globals`; refuse globals outside the allowlist unless trusted.
+    ``table``: the zip's member table when the caller parsed it (the loader uses the same)."""
+    names, error = _collect(path, table)
     bad = [n for n in names if not is_allowed(n)]
     if bad and not trust:
         # Reported even when the stream is also corrupt: the unpickler runs opcodes in order,
@@ -163,7 +176,7 @@ def check_pickle(path: str | os.PathLike[str], *, trust: bool = False) -> list[s
         corrupt = " (the stream is also truncated or corrupt)" if error is not None else ""
         raise UnsafePickleError(
             f"{os.fspath(path)}: pickle references globals outside the allowlist: "
-            f"{', '.join(bad)}; "
+            f"{_shown(bad)}; "
             f"nothing was executed{corrupt}",
             globals_found=bad,
             hint="re-run with --trust-pickle only if the file comes from a trusted source: "
@@ -174,59 +187,76 @@ def check_pickle(path: str | os.PathLike[str], *, trust: bool = False) -> list[s
     return names
 
 
-def _collect(path: str | os.PathLike[str]) -> tuple[list[str], UnreadableError | None]:
+def _shown(names: list[str]) -> str:
+    """Names for a message: Python names as they are; anything else (a text file read as a
+    pickle, say) is counted, not echoed."""
+    plain = [n for n in names if n in (UNRESOLVED,) or _is_dotted_name(n) or n[:1] == "<"]
+    odd = len(names) - len(plain)
+    return ", ".join([*plain, *([f"{odd} operand(s) that are not Python names"] if odd else [])])
+
+
+def _is_dotted_name(name: str) -> bool:
+    return all(part.isidentifier() for part in name.split("."))
+
+
+def _collect(
+    path: str | os.PathLike[str], table: ZipTable | None = None
+) -> tuple[list[str], UnreadableError | None]:
     # Globals seen before a scan fails are kept, so check_pickle can still name them.
     found: dict[str, None] = {}
     try:
-        _scan_file(os.fspath(path), found)
+        _scan_file(os.fspath(path), found, table)
     except UnreadableError as exc:
         return list(found), exc
     return list(found), None
 
 
-def _scan_file(path: str, found: dict[str, None]) -> None:
+def _scan_file(path: str, found: dict[str, None], table: ZipTable | None) -> None:
+    budget = _Budget()
     try:
         with open(path, "rb") as fh:
             head = fh.read(len(_ZIP_MAGIC))
             if not head:
                 raise UnreadableError(f"{path} is empty", hint=_NOT_A_CHECKPOINT_HINT)
             # torch picks the format from these magic bytes, so dispatch on them too:
-            # is_zipfile alone also accepts a pickle with a zip appended, which torch unpickles.
+            # a pickle with a zip appended is unpickled by torch, so scanned as a pickle.
             if head == _ZIP_MAGIC:
-                _scan_zip(path, fh, found)
+                _scan_zip(path, found, table, budget)
                 return
             # mmap: a legacy file can be gigabytes; only its leading pickles are touched.
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                _scan_pickles(mm, found, limit=_MAX_PICKLES, what=path)
+                _scan_pickles(mm, found, limit=_MAX_PICKLES, what=path, budget=budget)
     except OSError as exc:
-        raise UnreadableError(f"cannot read {path}: {exc}", hint="check the path") from exc
-
-
-def _scan_zip(path: str, fh: IO[bytes], found: dict[str, None]) -> None:
-    if not zipfile.is_zipfile(fh):
         raise UnreadableError(
-            f"{path} starts like a zip checkpoint but is truncated or corrupt",
-            hint="re-download or re-save the checkpoint",
-        )
-    try:
-        with zipfile.ZipFile(fh) as zf:
-            # Every entry, duplicate names included: a loader might pick either copy.
-            members = [info for info in zf.infolist() if info.filename.endswith(".pkl")]
-            if not members:
-                raise UnreadableError(
-                    f"{path} is a zip archive without a .pkl member", hint=_NOT_A_CHECKPOINT_HINT
-                )
-            for info in members:
-                data = zf.read(info)
-                what = f"{path}:{info.filename}"
-                _scan_pickles(data, found, limit=1, what=what)
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
-        raise UnreadableError(
-            f"{path}: corrupt zip checkpoint ({exc})", hint="re-download or re-save the checkpoint"
+            f"cannot read {path}: {exc.strerror or exc}", hint="check the path"
         ) from exc
 
 
-def _scan_pickles(buf: bytes | mmap.mmap, found: dict[str, None], *, limit: int, what: str) -> None:
+def _scan_zip(path: str, found: dict[str, None], table: ZipTable | None, budget: _Budget) -> None:
+    # The member table the loader uses too: one parse, so both read the same pickle.
+    table = table or read_table(Path(path))
+    # Every .pkl member: torch reads data.pkl, but TorchScript archives hold others.
+    members = [m for m in table.members.values() if m.name.endswith(".pkl")]
+    if not members:
+        raise UnreadableError(
+            f"{path} is a zip archive without a .pkl member", hint=_NOT_A_CHECKPOINT_HINT
+        )
+    for member in members:
+        data = table.read(member)
+        _scan_pickles(data, found, limit=1, what=f"{path}:{member.name}", budget=budget)
+
+
+class _Budget:
+    """Opcodes and built objects left for one file's pickles (see MAX_OPCODES)."""
+
+    def __init__(self) -> None:
+        self.ops = MAX_OPCODES
+        self.objects = MAX_OBJECTS
+
+
+def _scan_pickles(
+    buf: bytes | mmap.mmap, found: dict[str, None], *, limit: int, what: str, budget: _Budget
+) -> None:
     """Scan up to ``limit`` pickles laid back to back at the start of ``buf``."""
     stream = buf if isinstance(buf, mmap.mmap) else io.BytesIO(buf)
     first = bytes(buf[:2])
@@ -245,8 +275,8 @@ def _scan_pickles(buf: bytes | mmap.mmap, found: dict[str, None], *, limit: int,
         if index > 0 and start >= len(buf):
             return
         try:
-            _scan_one(buf, stream, found)
-        except (ValueError, EOFError, OverflowError) as exc:
+            _scan_one(buf, stream, found, budget)
+        except (ValueError, EOFError, OverflowError, UnicodeDecodeError) as exc:
             raise UnreadableError(
                 f"{what}: pickle #{index + 1} at byte {start} is truncated or corrupt ({exc})",
                 hint="re-download or re-save the checkpoint",
@@ -254,14 +284,25 @@ def _scan_pickles(buf: bytes | mmap.mmap, found: dict[str, None], *, limit: int,
 
 
 def _scan_one(
-    buf: bytes | mmap.mmap, stream: IO[bytes] | mmap.mmap, found: dict[str, None]
+    buf: bytes | mmap.mmap, stream: IO[bytes] | mmap.mmap, found: dict[str, None], budget: _Budget
 ) -> None:
     """Walk one pickle up to its STOP, simulating just enough stack to resolve STACK_GLOBAL."""
     stack: list[object] = []
-    memo: dict[int, object] = {}
+    memo = _Memo()
     proto = 0  # what the unpickler assumes until a PROTO opcode says otherwise
     frame_end = prev = -1
-    for op, arg, pos in pickletools.genops(stream):
+    for ops, (op, arg, pos) in enumerate(pickletools.genops(stream), start=1):
+        budget.ops -= 1
+        budget.objects -= op.name in _BUILDS
+        if budget.ops < 0 or budget.objects < 0:
+            raise ValueError(
+                f"more than {MAX_OPCODES} opcodes or {MAX_OBJECTS} objects: a pickle that "
+                "claims that much memory is not a checkpoint"
+            )
+        # The unpickler grows its memo table to the index it is given: an index beyond the
+        # opcodes so far is no pickler's output and would allocate gigabytes.
+        if op.name in _PUT_OPS and isinstance(arg, int) and arg > ops:
+            raise ValueError(f"memo index {arg} at byte {pos} is beyond any pickler's")
         # The C unpickler drops the in-frame part of a line that runs past its FRAME (pure
         # Python pickle raises), so it would read other names than genops: treat as corrupt.
         if prev < frame_end < pos:
@@ -310,20 +351,18 @@ def _qualname(module: str, name: str, proto: int) -> str:
     return f"{module}.{name}"
 
 
-def _apply(
-    op: pickletools.OpcodeInfo, arg: object, stack: list[object], memo: dict[int, object]
-) -> None:
+def _apply(op: pickletools.OpcodeInfo, arg: object, stack: list[object], memo: _Memo) -> None:
     """Apply one opcode's stack effect; only strings (and memo copies of them) keep a value."""
     name = op.name
     top = stack[-1] if stack and stack[-1] is not _MARK else _UNKNOWN
     if name in _STRING_OPS:
         stack.append(arg)
     elif name in _PUT_OPS:
-        memo[arg] = top
+        memo.put(arg, top)
     elif name == "MEMOIZE":
-        memo[len(memo)] = top
+        memo.put(memo.size, top)
     elif name in _GET_OPS:
-        stack.append(memo.get(arg, _UNKNOWN))
+        stack.append(memo.get(arg))
     elif name == "DUP":
         stack.append(top)
     else:
@@ -337,3 +376,31 @@ def _apply(
         else:
             del stack[max(0, len(stack) - len(before)) :]
         stack.extend(_MARK if s is pickletools.markobject else _UNKNOWN for s in op.stack_after)
+
+
+class _Memo:
+    """The unpickler's memo as far as the scan needs it: the strings at each index (STACK_GLOBAL
+    operands), and which indices are taken (MEMOIZE stores at the count of taken indices),
+    as a bitmap: a million PUTs of other objects cost 128 KiB here, not a dict entry each."""
+
+    def __init__(self) -> None:
+        self.strings: dict[int, str] = {}
+        self.taken = bytearray()
+        self.size = 0
+
+    def put(self, index: object, value: object) -> None:
+        if not isinstance(index, int) or index < 0:
+            return
+        byte, bit = divmod(index, 8)
+        if byte >= len(self.taken):
+            self.taken.extend(bytes(byte + 1 - len(self.taken)))
+        if not self.taken[byte] >> bit & 1:
+            self.taken[byte] |= 1 << bit
+            self.size += 1
+        if isinstance(value, str):
+            self.strings[index] = value
+        else:
+            self.strings.pop(index, None)
+
+    def get(self, index: object) -> object:
+        return self.strings.get(index, _UNKNOWN) if isinstance(index, int) else _UNKNOWN

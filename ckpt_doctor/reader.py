@@ -3,37 +3,34 @@
 Readers return lazy tensor handles (see handles.py), never whole state dicts. Every pickle is
 scanned for the globals it references before anything is unpickled; zip checkpoints are then
 read by torchzip (a memory map, no torch import), safetensors through a memory map of the
-validated header's offsets. torch.load is the fallback for legacy pickles and exotic content.
+validated header's offsets. torch.load is the fallback for legacy pickles and exotic content,
+and sees a file only after the same checks passed on it (torchzip.validate, torchlegacy).
+
+The bounded-reader contract (bounds.py) holds for every layout: each number a file claims is
+checked against the bytes that exist before anything is allocated or mapped; readers of a
+directory only open files inside it (directories.py); every file a checkpoint was read
+from is listed in ``read_files``, so writers can refuse to overwrite any of them.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import pickle
-import struct
-import zipfile
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from safetensors import safe_open
-
-from ckpt_doctor import keys, torchzip
-from ckpt_doctor.containers import Entry, resolve_container, subscripts
+from ckpt_doctor import bounds, directories, keys, torchlegacy, torchzip
+from ckpt_doctor.containers import Entry, check_tree, resolve_container, subscripts
+from ckpt_doctor.directories import HF_INDEX_FILES, HF_SINGLE_FILES
 from ckpt_doctor.errors import EmptyFileError, UnreadableError, UnsafePickleError
-from ckpt_doctor.handles import (
-    DTYPES,
-    SAFETENSORS_DTYPES,
-    TensorHandle,
-    from_array,
-    from_torch,
-    merged,
-    rotary_unpermuted,
-)
+from ckpt_doctor.handles import TensorHandle, from_torch, merged, rotary_unpermuted
 from ckpt_doctor.pickle_scan import check_pickle, is_allowed
+from ckpt_doctor.safetensors_format import read_safetensors
 from ckpt_doctor.units import human_bytes
+from ckpt_doctor.ziparchive import read_table
+
+__all__ = ["HF_INDEX_FILES", "HF_SINGLE_FILES", "Checkpoint", "Entry", "open_checkpoint"]
 
 
 @dataclass
@@ -56,6 +53,8 @@ class Checkpoint:
     notes: list[str] = field(default_factory=list)
     # A PEFT adapter's adapter_config.json (in its directory, or beside the weights file).
     adapter_json: dict[str, Any] | None = None
+    # Every file the reader opened (shards, params / config / index JSON); see inputs().
+    read_files: list[Path] = field(default_factory=list)
 
     @property
     def container_subscripts(self) -> str:
@@ -118,6 +117,14 @@ class Checkpoint:
             self.params = dict(base.params)
         return self
 
+    def inputs(self) -> list[Path]:
+        """What a command that writes must never overwrite: every file read, the tokenizer,
+        and the checkpoint path itself (a directory protects the names its layout reads)."""
+        paths = [self.path, *self.files, *self.read_files]
+        if self.tokenizer_path is not None:
+            paths.append(self.tokenizer_path)
+        return list(dict.fromkeys(paths))
+
     @property
     def total_bytes(self) -> int:
         return sum(h.nbytes for h in self.tensors.values())
@@ -137,32 +144,66 @@ class Checkpoint:
 def open_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoint:
     """Open a file or directory lazily. Raises UnreadableError / UnsafePickleError."""
     path = Path(path)
-    if not path.exists():
+    try:
+        mode = path.stat().st_mode  # follows a symlink the user passed: its target is the input
+    except FileNotFoundError:
         raise UnreadableError(
             f"{path}: no such file or directory", hint="check the path (and the current dir)"
-        )
-    if path.is_dir():
-        return _with_sidecars(_open_dir(path, trust_pickle=trust_pickle), path)
-    return _with_sidecars(_open_file(path, trust_pickle=trust_pickle), path.parent)
+        ) from None
+    except OSError as exc:
+        raise _os_error(path, exc) from exc
+    try:
+        if stat.S_ISDIR(mode):
+            ckpt = _open_dir(path, trust_pickle=trust_pickle)
+        elif stat.S_ISREG(mode):
+            ckpt = _open_file(path, trust_pickle=trust_pickle)
+        else:  # a FIFO would block forever, a device never ends
+            raise UnreadableError(
+                f"{path}: not a regular file or directory",
+                hint="point ckpt-doctor at a checkpoint file or a model directory",
+            )
+    except OSError as exc:  # a file that vanished, a permission, a directory named like a file
+        raise _os_error(Path(exc.filename or path), exc) from exc
+    bounds.check_names(str(ckpt.path), list(ckpt.tensors))
+    return _with_sidecars(ckpt, path if stat.S_ISDIR(mode) else path.parent)
+
+
+def _os_error(path: Path, exc: OSError) -> UnreadableError:
+    return UnreadableError(
+        f"{path}: cannot be read ({exc.strerror or type(exc).__name__})",
+        hint="check that the path is a readable checkpoint file or directory",
+    )
 
 
 def _with_sidecars(ckpt: Checkpoint, folder: Path) -> Checkpoint:
     """The config files that travel with weights: a single Meta or HF weights file reads the
     params.json / config.json beside it (the model's shape, HF's head count for its rotary
-    layout); a PEFT adapter its adapter_config.json."""
+    layout); a PEFT adapter its adapter_config.json. Each is read as the directory readers
+    read theirs (inside the folder, the right JSON shape) and listed in read_files."""
     if ckpt.params is None and ckpt.format != "meta-dir":
-        if (folder / "params.json").is_file():
-            ckpt.params = _read_json(folder / "params.json")
+        params_file = folder / "params.json"
+        if params_file.is_file():
+            params = directories.read_json_object(params_file, directory=folder)
+            ckpt.read_files.append(params_file)
+            ckpt.params = bounds.check_params(
+                str(params_file), params, tensor_bytes=ckpt.total_bytes
+            )
         elif (folder / "config.json").is_file():
-            ckpt.params = _hf_params(folder)
+            ckpt.params = _hf_params(folder, ckpt)
     config = folder / "adapter_config.json"
     if ckpt.adapter_json is None and config.is_file():
-        ckpt.adapter_json = _read_json(config)
+        ckpt.adapter_json = directories.read_json_object(config, directory=folder)
+        ckpt.read_files.append(config)
     return ckpt
 
 
 def _open_file(path: Path, *, trust_pickle: bool) -> Checkpoint:
-    size = path.stat().st_size
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):  # a FIFO in a directory would block forever
+        raise UnreadableError(
+            f"{path}: not a regular file", hint="replace it with the checkpoint file itself"
+        )
+    size = info.st_size
     if size == 0:
         raise EmptyFileError(
             f"{path}: the file is empty (0 bytes)",
@@ -173,37 +214,44 @@ def _open_file(path: Path, *, trust_pickle: bool) -> Checkpoint:
     if head[:4] == b"PK\x03\x04":
         return _open_torch(path, trust_pickle=trust_pickle, zipped=True)
     if len(head) >= 9 and head[8:9] == b"{":
-        return _open_safetensors(path)
+        tensors, metadata = read_safetensors(path, size)
+        ckpt = Checkpoint(path, "safetensors", tensors, files=[path], metadata=metadata)
+        ckpt.top_level_keys = list(tensors)
+        ckpt.read_files = [path]
+        return ckpt
     if head[:1] == b"\x80" or head[:1] in (b"(", b"}", b"]", b"c"):
         return _open_torch(path, trust_pickle=trust_pickle, zipped=False)
+    # Never echo the bytes: the path may be any file at all (/etc/passwd, a key).
     raise UnreadableError(
-        f"{path}: not a checkpoint (starts with {head[:8]!r}; expected a torch zip, a legacy "
-        "torch pickle or safetensors)",
+        f"{path}: not a checkpoint (expected a torch zip, a legacy torch pickle or "
+        "safetensors; its first bytes are none of these)",
         hint="point ckpt-doctor at a .pth/.pt/.bin/.safetensors file or a model directory",
     )
 
 
-def _unreadable(path: Path, exc: BaseException) -> UnreadableError:
-    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return UnreadableError(
-        f"{path}: cannot be read as a torch checkpoint ({first})",
-        hint="the file is truncated or corrupt; re-copy or re-save it and compare its size",
-    )
-
-
 def _open_torch(path: Path, *, trust_pickle: bool, zipped: bool) -> Checkpoint:
-    found = check_pickle(path, trust=trust_pickle)  # raises unless allowed or trusted
+    table = read_table(path) if zipped else None  # one parse: the scan and the load use it
+    found = check_pickle(path, trust=trust_pickle, table=table)  # raises unless allowed/trusted
     safe = all(is_allowed(g) for g in found)
     ckpt = Checkpoint(path, "torch-zip" if zipped else "torch-legacy", {}, files=[path])
     ckpt.pickle_globals = found
+    ckpt.read_files = [path]
     obj = None
-    if zipped and safe:
-        try:
-            obj = torchzip.load(path)
-        except torchzip.Unsupported as exc:
-            ckpt.notes.append(f"read with torch.load ({exc} needs torch's own reader)")
-        except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, KeyError, ValueError) as exc:
-            raise _unreadable(path, exc) from exc
+    try:
+        if zipped and safe:
+            try:
+                obj = torchzip.load(path, table, torchzip.file_map(path))
+            except torchzip.Unsupported as exc:
+                ckpt.notes.append(f"read with torch.load ({exc} needs torch's own reader)")
+                torchzip.validate(path, table)  # torch sees the file only if this passes
+        elif safe:
+            torchlegacy.validate(path)
+    except torchzip.Unsupported as exc:
+        raise UnreadableError(
+            f"{path}: uses {exc}, which cannot be checked before loading",
+            hint="re-save the checkpoint with a current torch.save; --trust-pickle skips the "
+            "checks only for files you trust",
+        ) from exc
     if obj is None:
         obj = _torch_load(path, found, safe=safe, zipped=zipped)
     if not zipped:
@@ -211,6 +259,7 @@ def _open_torch(path: Path, *, trust_pickle: bool, zipped: bool) -> Checkpoint:
             "legacy (non-zip) torch pickle: cannot be memory-mapped, so it was read into RAM "
             f"(about {human_bytes(path.stat().st_size)})"
         )
+    check_tree(obj, str(path))
     resolved = resolve_container(obj)
     ckpt.tensors = resolved.tensors
     ckpt.container_path = resolved.container_path
@@ -224,6 +273,7 @@ def _open_torch(path: Path, *, trust_pickle: bool, zipped: bool) -> Checkpoint:
 def _torch_load(path: Path, found: list[str], *, safe: bool, zipped: bool) -> Any:
     """torch.load with weights_only unless the user opted in; tensors become handles."""
     import argparse
+    import pickle
 
     import torch
 
@@ -236,92 +286,62 @@ def _torch_load(path: Path, found: list[str], *, safe: bool, zipped: bool) -> An
     except pickle.UnpicklingError as exc:
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise UnsafePickleError(
-                f"{path}: torch's weights_only loader refused it: {str(exc).splitlines()[0]}",
+                f"{path}: torch's weights_only loader refused it: {_first_line(exc)}",
                 globals_found=found,
                 hint="re-run with --trust-pickle only if you trust where the file came from",
             ) from exc
         raise _unreadable(path, exc) from exc
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # RuntimeError, EOFError, AssertionError, ...: torch says no
         raise _unreadable(path, exc) from exc
+    check_tree(obj, str(path))
+    limit = bounds.VIEW_RATIO * path.stat().st_size + bounds.VIEW_SLACK
     try:
-        return _handles_in(obj, torch.Tensor)
+        return _handles_in(obj, torch.Tensor, limit)
     except UnreadableError as exc:  # a dtype it cannot read: say in which file
         raise UnreadableError(f"{path}: {exc.message}", hint=exc.hint) from exc
 
 
-def _handles_in(value: Any, tensor_type: type, where: str = "") -> Any:
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _unreadable(path: Path, exc: BaseException) -> UnreadableError:
+    return UnreadableError(
+        f"{path}: cannot be read as a torch checkpoint ({_first_line(exc)})",
+        hint="the file is truncated or corrupt; re-copy or re-save it and compare its size",
+    )
+
+
+def _handles_in(value: Any, tensor_type: type, limit: int, where: str = "") -> Any:
     """Replace every tensor in a loaded tree by a handle, keeping the structure; ``where`` is
-    the key path so far (names a tensor whose dtype cannot be read)."""
+    the key path so far (names a tensor whose dtype cannot be read). check_tree bounded the
+    depth and size of the tree first."""
     if isinstance(value, tensor_type):
-        return from_torch(where, value)
+        return from_torch(where, value, max_bytes=limit)
     if isinstance(value, dict):
         return type(value)(
-            (k, _handles_in(v, tensor_type, f"{where}.{k}" if where else str(k)))
+            (k, _handles_in(v, tensor_type, limit, f"{where}.{k}" if where else str(k)))
             for k, v in value.items()
         )
     if isinstance(value, (list, tuple)):
         return type(value)(
-            _handles_in(v, tensor_type, f"{where}[{i}]") for i, v in enumerate(value)
+            _handles_in(v, tensor_type, limit, f"{where}[{i}]") for i, v in enumerate(value)
         )
     return value
 
 
-_HEADER_LEN = struct.Struct("<Q")
-
-
-def _open_safetensors(path: Path) -> Checkpoint:
-    try:
-        # safe_open validates the header (offsets, overlaps, sizes) before we trust it.
-        with safe_open(str(path), framework="numpy") as f:
-            metadata = f.metadata()
-        with path.open("rb") as f:
-            (n,) = _HEADER_LEN.unpack(f.read(_HEADER_LEN.size))
-            header = json.loads(f.read(n))
-    except Exception as exc:  # safetensors raises its own error types for a bad header
-        raise UnreadableError(
-            f"{path}: corrupt safetensors header ({exc})",
-            hint="the file is truncated or not safetensors; re-copy or re-save it",
-        ) from exc
-    header.pop("__metadata__", None)
-    data = np.memmap(path, dtype=np.uint8, mode="c") if header else None
-    start = _HEADER_LEN.size + n
-    tensors: dict[str, TensorHandle] = {}
-    for name, info in header.items():
-        dtype = DTYPES.get(SAFETENSORS_DTYPES.get(info["dtype"], ""))
-        if dtype is None:
-            raise UnreadableError(
-                f"{path}: tensor {name} has dtype {info['dtype']}, which ckpt-doctor cannot read",
-                hint="convert the file to a standard float dtype",
-            )
-        lo, hi = info["data_offsets"]
-        arr = data[start + lo : start + hi].view(dtype.storage).reshape(info["shape"])
-        tensors[name] = from_array(name, arr, dtype)
-    ckpt = Checkpoint(path, "safetensors", tensors, files=[path], metadata=metadata)
-    ckpt.top_level_keys = list(tensors)
-    return ckpt
-
-
-# HF layouts, preferred first: safetensors over pickles, full models over PEFT adapters.
-HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-HF_SINGLE_FILES = (
-    "model.safetensors",
-    "pytorch_model.bin",
-    "adapter_model.safetensors",
-    "adapter_model.bin",
-)
-
-
 def _open_dir(path: Path, *, trust_pickle: bool) -> Checkpoint:
-    shards = sorted(path.glob("consolidated.*.pth"))
+    shards = sorted(path.glob(directories.META_SHARDS))
     if shards:
+        shards = [directories.inside(path, s.name) for s in shards]
         return _open_meta_dir(path, shards, trust_pickle=trust_pickle)
     for index in HF_INDEX_FILES:
         if (path / index).exists():
             return _open_hf_sharded(path, path / index, trust_pickle=trust_pickle)
     for single in HF_SINGLE_FILES:
         if (path / single).exists():
-            ckpt = _open_file(path / single, trust_pickle=trust_pickle)
-            ckpt.params = _hf_params(path)
+            ckpt = _open_file(directories.inside(path, single), trust_pickle=trust_pickle)
+            ckpt.params = _hf_params(path, ckpt)
             ckpt.tokenizer_path = find_tokenizer(path)
             return ckpt
     raise UnreadableError(
@@ -332,7 +352,7 @@ def _open_dir(path: Path, *, trust_pickle: bool) -> Checkpoint:
 
 
 def _open_meta_dir(path: Path, shards: list[Path], *, trust_pickle: bool) -> Checkpoint:
-    parts = [_open_torch(s, trust_pickle=trust_pickle, zipped=_is_zip(s)) for s in shards]
+    parts = [_open_file(s, trust_pickle=trust_pickle) for s in shards]
     names = list(parts[0].tensors)
     for s, p in zip(shards[1:], parts[1:], strict=True):
         if set(p.tensors) != set(names):
@@ -344,16 +364,19 @@ def _open_meta_dir(path: Path, shards: list[Path], *, trust_pickle: bool) -> Che
     for name in names:
         dim = keys.meta_shard_dim(name) if len(parts) > 1 else None
         pieces = [p.tensors[name] for p in parts]
-        tensors[name] = pieces[0] if dim is None else merged(name, pieces, dim)
+        tensors[name] = pieces[0] if dim is None else _merged(path, name, pieces, dim)
     ckpt = Checkpoint(path, "meta-dir", tensors, files=shards)
     ckpt.top_level_keys = list(tensors)
     ckpt.pickle_globals = sorted({g for p in parts for g in p.pickle_globals})
     ckpt.notes += [n for p in parts for n in p.notes]
+    ckpt.read_files = list(shards)
     if len(parts) > 1:
         ckpt.notes.append(f"{len(parts)} tensor-parallel shards merged lazily")
     params_file = path / "params.json"
     if params_file.exists():
-        ckpt.params = _read_json(params_file)
+        params = directories.read_json_object(params_file, directory=path)
+        ckpt.read_files.append(params_file)
+        ckpt.params = bounds.check_params(str(params_file), params, tensor_bytes=ckpt.total_bytes)
     else:
         ckpt.notes.append("no params.json beside the shards; model facts come from shapes")
     _check_meta_shards(ckpt, shards)
@@ -361,11 +384,29 @@ def _open_meta_dir(path: Path, shards: list[Path], *, trust_pickle: bool) -> Che
     return ckpt
 
 
+def _merged(path: Path, name: str, pieces: list[TensorHandle], dim: int) -> TensorHandle:
+    """Tensor-parallel slices, once their shapes agree everywhere but along ``dim``."""
+    shapes = {p.shape[:dim] + p.shape[dim + 1 :] for p in pieces if len(p.shape) > dim}
+    if len(shapes) != 1 or any(len(p.shape) <= dim for p in pieces):
+        raise UnreadableError(
+            f"{path}: the shards' slices of {name} do not fit together "
+            f"({', '.join(str(list(p.shape)) for p in pieces)})",
+            hint="all consolidated.NN.pth shards must come from the same checkpoint",
+        )
+    if len({p.dtype for p in pieces}) != 1:
+        raise UnreadableError(
+            f"{path}: the shards' slices of {name} have different dtypes",
+            hint="all consolidated.NN.pth shards must come from the same checkpoint",
+        )
+    return merged(name, pieces, dim)
+
+
 def _check_meta_shards(ckpt: Checkpoint, shards: list[Path]) -> None:
     """A missing consolidated.NN.pth leaves every split tensor narrow: the merged embedding
     must be as wide as the model (params.json's dim, else the replicated norm's length)."""
     emb, norm = ckpt.tensors.get("tok_embeddings.weight"), ckpt.tensors.get("norm.weight")
-    dim = (ckpt.params or {}).get("dim") or (norm.shape[0] if norm is not None else None)
+    norm_dim = norm.shape[0] if norm is not None and len(norm.shape) == 1 else None
+    dim = (ckpt.params or {}).get("dim") or norm_dim
     if emb is None or len(emb.shape) != 2 or not dim or emb.shape[1] == dim:
         return
     raise UnreadableError(
@@ -377,36 +418,46 @@ def _check_meta_shards(ckpt: Checkpoint, shards: list[Path]) -> None:
 
 
 def _open_hf_sharded(path: Path, index: Path, *, trust_pickle: bool) -> Checkpoint:
-    weight_map: dict[str, str] = _read_json(index).get("weight_map", {})
+    weight_map = directories.read_json_object(index, directory=path).get("weight_map", {})
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise UnreadableError(
+            f"{index}: weight_map is not a map of tensor names to file names",
+            hint="the index file is damaged; re-download it",
+        )
     files = sorted(set(weight_map.values()))
-    missing = [f for f in files if not (path / f).exists()]
+    paths = {f: directories.inside(path, f, listed_in=index) for f in files}
+    missing = [f for f in files if not paths[f].exists()]
     if missing:
         raise UnreadableError(
-            f"{path}: shard(s) listed in {index.name} are missing: {', '.join(missing)}",
+            f"{path}: shard(s) listed in {index.name} are missing: {', '.join(missing[:10])}",
             hint="download or copy the missing shard files into the directory",
         )
-    opened = {f: _open_file(path / f, trust_pickle=trust_pickle) for f in files}
+    opened = {f: _open_file(paths[f], trust_pickle=trust_pickle) for f in files}
     tensors: dict[str, TensorHandle] = {}
     for name, f in weight_map.items():
         if name not in opened[f].tensors:
             raise UnreadableError(
-                f"{path / f}: has no tensor {name!r} although {index.name} maps it there",
+                f"{paths[f]}: has no tensor {name!r} although {index.name} maps it there",
                 hint="the index and the shards come from different saves; re-download them",
             )
         tensors[name] = opened[f].tensors[name]
-    ckpt = Checkpoint(path, "hf-sharded", tensors, files=[path / f for f in files])
+    ckpt = Checkpoint(path, "hf-sharded", tensors, files=[paths[f] for f in files])
     ckpt.top_level_keys = list(tensors)
-    ckpt.params = _hf_params(path)
+    ckpt.read_files = [index, *ckpt.files]
+    ckpt.params = _hf_params(path, ckpt)
     ckpt.tokenizer_path = find_tokenizer(path)
     return ckpt
 
 
-def _hf_params(path: Path) -> dict[str, Any] | None:
-    """Meta-style params from an HF config.json, when there is one."""
+def _hf_params(path: Path, ckpt: Checkpoint) -> dict[str, Any] | None:
+    """Meta-style params from an HF config.json, when there is one (checked like params.json)."""
     config = path / "config.json"
     if not config.exists():
         return None
-    c = _read_json(config)
+    c = directories.read_json_object(config, directory=path)
+    ckpt.read_files.append(config)
     mapping = {
         "dim": "hidden_size",
         "n_layers": "num_hidden_layers",
@@ -434,21 +485,7 @@ def _hf_params(path: Path) -> dict[str, Any] | None:
     )
     if kind not in (None, "default"):
         params["rope_scaling"] = kind
-    return params
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UnreadableError(
-            f"{path}: not valid JSON ({exc})", hint="re-copy the file or fix its syntax"
-        ) from exc
-
-
-def _is_zip(path: Path) -> bool:
-    with path.open("rb") as f:
-        return f.read(4) == b"PK\x03\x04"
+    return bounds.check_params(str(config), params, tensor_bytes=ckpt.total_bytes)
 
 
 def find_tokenizer(path: Path) -> Path | None:
@@ -456,6 +493,6 @@ def find_tokenizer(path: Path) -> Path | None:
     here = path if path.is_dir() else path.parent
     for folder in (here, here.parent):
         for name in ("tokenizer.model", "tokenizer.json"):
-            if (folder / name).exists():
+            if (folder / name).is_file():
                 return folder / name
     return None

@@ -26,9 +26,11 @@ from ckpt_doctor.inspection import InspectReport
 # The JSON document and the one-line summaries are plain text; cli.py and tests call them here.
 from ckpt_doctor.output import (  # noqa: F401  (re-exported)
     Unpadded,
+    adapter_words,
     demo_summary,
     error_json,
     json_safe,
+    lora_summary,
     outcome_counts,
     print_json,
     quiet_line,
@@ -38,12 +40,8 @@ from ckpt_doctor.units import human_bytes, human_count
 
 if TYPE_CHECKING:  # these import torch, which inspect and diff must never pay for
     from ckpt_doctor.convert import Conversion
-    from ckpt_doctor.demo import DemoResult
-    from ckpt_doctor.diagnosis import Diagnosis
     from ckpt_doctor.extraction import Extraction
-    from ckpt_doctor.generate import Result
     from ckpt_doctor.repair import RepairReport
-    from ckpt_doctor.smoke import SmokeReport
     from ckpt_doctor.verification import VerifyReport
 
 
@@ -172,6 +170,8 @@ def render_inspect(report: InspectReport) -> None:
         prompt = (
             f"adapter_len {a.adapter_len}, adapter_layer {a.adapter_layer} (from {a.source})"
             if a.has_prompt
+            else lora_summary(a)
+            if a.lora is not None
             else "no prompt"
         )
         row(
@@ -291,13 +291,6 @@ def render_diff(report: DiffReport, *, show_all: bool = False) -> None:
         out.print(Text.assemble(("adapter tensors", "green"), f" ({len(adapter)}): {names}"))
 
 
-# A colour for each of generate.OUTCOMES (the tables iterate those; generate imports torch, so
-# it is imported where outcomes are shown: smoke and diagnose have torch loaded already).
-OUTCOME_STYLE = {"eos": "green", "loop": "bold red", "max_tokens": "yellow", "nonfinite": "red"}
-# Where a loop starts in generated text, when underlining cannot show it (a pipe, a file).
-LOOP_MARK = "»"
-
-
 def _labelled(*rows: tuple[str | Text, str | Text]) -> None:
     """Label / value rows: a value too long for one line wraps under itself, not under the
     label, and a label never runs into its value."""
@@ -307,55 +300,6 @@ def _labelled(*rows: tuple[str | Text, str | Text]) -> None:
     for label, value in rows:
         grid.add_row(label, Text(value) if isinstance(value, str) else value)
     out.print(grid)
-
-
-def _text_header(results: list[Result]) -> str:
-    """The text column's title: it names the loop marking only when some text has a loop."""
-    if not any(r.loop_char is not None for r in results):
-        return "text"
-    return "text (repeating part underlined)" if out.is_terminal else f"text ({LOOP_MARK} loop)"
-
-
-def render_smoke(report: SmokeReport) -> None:
-    load = report.load
-    matched = f"{len(load.from_file)} of {load.model_keys} model keys from the file"
-    _labelled(
-        (
-            Text("smoke-generate:", "bold"),
-            f"{load.source}, load as {load.mode} ({matched}), {load.dtype} on "
-            f"{report.device}, gate {load.gate_fn}, attention {report.attention}"
-            + (", CUDA graph" if report.cuda_graph else ""),
-        )
-    )
-    table = Table(show_lines=True, expand=True)
-    table.add_column("prompt", ratio=2, overflow="fold")
-    for col in ("outcome", "tokens", "loop at, period", "max P(eos)"):
-        table.add_column(col, no_wrap=True)
-    table.add_column(_text_header(report.results), ratio=3, overflow="fold")
-    for r in report.results:
-        loop = f"{r.loop.start}, {r.loop.period}" if r.loop else ""
-        table.add_row(
-            Text(r.prompt),
-            Text(r.outcome, OUTCOME_STYLE[r.outcome]),
-            str(len(r.generated_ids)),
-            loop,
-            f"{r.max_eos_prob:.3f}",
-            _marked_text(r),
-        )
-    out.print(table)
-    out.print(outcome_counts(report.results))
-    if report.findings:
-        render_findings(report.findings)
-
-
-def _marked_text(r: Result) -> Text:
-    """The generation, with the repeating part (from the loop's start) marked: underlined on a
-    terminal, after LOOP_MARK elsewhere."""
-    text = r.text.replace("\n", "⏎")  # same length: loop_char still indexes it
-    if r.loop_char is None:
-        return Text(text)
-    mark = "" if out.is_terminal else LOOP_MARK
-    return Text(text[: r.loop_char] + mark) + Text(text[r.loop_char :], "red underline")
 
 
 def render_extraction(result: Extraction) -> None:
@@ -374,8 +318,7 @@ def render_extraction(result: Extraction) -> None:
         ),
         (
             "adapter",
-            f"{a.family.name}, adapter_len {a.adapter_len}, adapter_layer {a.adapter_layer} "
-            f"(from {a.source}); left behind: {len(result.left)} tensors",
+            f"{a.family.name}, {adapter_words(a)}; left behind: {len(result.left)} tensors",
         ),
     ]
     reasons: dict[str, list[str]] = {}
@@ -441,84 +384,6 @@ def render_repair(report: RepairReport) -> None:
     _labelled(*rows)
     if report.findings:
         render_findings(report.findings)
-
-
-ARM_LETTERS = "ABC"
-
-
-def render_diagnosis(d: Diagnosis) -> None:
-    from ckpt_doctor.generate import OUTCOMES
-
-    if d.findings:
-        render_findings(d.findings)
-    if d.arms:
-        table = Table(title="A/B smoke run", title_justify="left")
-        for col in ("", "arm", "keys loaded", *OUTCOMES, "note"):
-            table.add_column(col, overflow="fold")
-        for letter, arm in zip(ARM_LETTERS, d.arms, strict=False):
-            table.add_row(
-                letter,
-                Text(arm.name),
-                "" if arm.matched is None else str(arm.matched),
-                *(str(arm.outcomes.get(o, 0)) for o in OUTCOMES),
-                Text(arm.error or ""),
-            )
-        out.print(table)
-        _arm_texts(d)
-    style = "bold red" if d.root_cause else "green"
-    _labelled(
-        (
-            Text("root cause:", style),
-            Text.assemble((d.root_cause or "none", style), f"  {d.verdict}"),
-        )
-    )
-    if d.fix:
-        # A command to copy: one line however narrow the terminal, never hard-wrapped.
-        out.print(Text.assemble(("fix:", "bold"), f" {d.fix}"), soft_wrap=True)
-
-
-def _arm_texts(d: Diagnosis) -> None:
-    """What each arm generated for each prompt, the loop marked: the evidence behind the
-    counts."""
-    ran = [(letter, a) for letter, a in zip(ARM_LETTERS, d.arms, strict=False) if a.results]
-    if not ran:
-        return
-    everything = [r for _, a in ran for r in a.results]
-    table = Table(title="Generations", title_justify="left", expand=True)
-    table.add_column("prompt", ratio=2, overflow="fold")
-    table.add_column("arm", no_wrap=True)
-    table.add_column("outcome", no_wrap=True)
-    table.add_column(_text_header(everything), ratio=4, overflow="fold")
-    n = max(len(a.results) for _, a in ran)
-    for i in range(n):
-        rows = [(letter, a.results[i]) for letter, a in ran if i < len(a.results)]
-        for k, (letter, r) in enumerate(rows):
-            table.add_row(
-                Text(r.prompt) if k == 0 else "",
-                letter,
-                Text(r.outcome, OUTCOME_STYLE[r.outcome]),
-                _marked_text(r),
-                end_section=k == len(rows) - 1,
-            )
-    out.print(table)
-
-
-def render_demo(result: DemoResult) -> None:
-    def step(title: str) -> None:
-        out.rule(Text(title, "bold"), align="left")
-
-    w = result.world
-    step(f"1. The symptom: {w.name}/checkpoint-4.pth loaded as upstream example.py does")
-    render_smoke(result.before)
-    step("2. ckpt-doctor diagnose")
-    render_diagnosis(result.diagnosis)
-    step("3. ckpt-doctor extract")
-    render_extraction(result.extraction)
-    step("4. ckpt-doctor verify")
-    render_verify(result.verification)
-    step("5. The cure: base + extracted adapter")
-    render_smoke(result.after)
-    out.print(Text(demo_summary(result), "bold green" if result.story_holds else "bold red"))
 
 
 def render_quiet(report: Any) -> None:

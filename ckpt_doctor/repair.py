@@ -26,9 +26,9 @@ from ckpt_doctor.adapters import checkpoint_adapter, checkpoint_family
 from ckpt_doctor.checks import content_findings
 from ckpt_doctor.diffing import Progress, diff_tensors
 from ckpt_doctor.errors import RefusedError, UsageError
-from ckpt_doctor.extraction import adapter_metadata, peft_config
+from ckpt_doctor.extraction import adapter_metadata, lora_peft_config, peft_config
 from ckpt_doctor.facts import ModelFacts, model_facts
-from ckpt_doctor.families import UNKNOWN, Family, peft, require_runs_here
+from ckpt_doctor.families import PEFT_LORA, UNKNOWN, Family, peft, require_runs_here
 from ckpt_doctor.families.llama_adapter_v2 import MULTIMODAL
 from ckpt_doctor.findings import Finding, exit_code_for
 from ckpt_doctor.handles import TensorHandle, from_torch
@@ -206,7 +206,7 @@ def repair(
     if family is UNKNOWN:
         require_runs_here(family, ckpt.path, command="repair")
     dest = layouts.destination(out, family, fmt)
-    layouts.check(dest, force=force, sources=[*ckpt.files, *(base.files if base else [])])
+    layouts.check(dest, force=force, sources=[*ckpt.inputs(), *(base.inputs() if base else [])])
     tensors, changes = plan_repair(
         ckpt,
         family=family,
@@ -249,6 +249,8 @@ def repair(
     )
     metadata.update({k: v for k, v in fresh.items() if v})
     config = peft_config(ckpt, adapter) if family is peft.ADAPTION_PROMPT and adapter else None
+    if family is PEFT_LORA and adapter is not None:  # PEFT builds its modules from the config
+        config = lora_peft_config(ckpt, adapter)
     layouts.write(dest, family, state, metadata=metadata, peft_config=config)
     size = sum(f.stat().st_size for f in dest.files)
     changes.append(Change("wrote", f"{len(tensors)} tensors, {human_bytes(size)}"))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from ckpt_doctor import keys
 from ckpt_doctor.adapters import AdapterConfig
 from ckpt_doctor.facts import ModelFacts
-from ckpt_doctor.families import LLAMA_ADAPTER_V1, Family, peft
+from ckpt_doctor.families import LLAMA_ADAPTER_V1, PEFT_LORA, Family, peft, peft_lora
 from ckpt_doctor.families.llama_adapter_v1 import QUERY_KEY, gate_key
 from ckpt_doctor.families.llama_adapter_v2 import CHAT, MM_LORA, MULTIMODAL, VISUAL
 from ckpt_doctor.findings import short_list
@@ -54,6 +54,8 @@ def model_names(family: Family, facts: ModelFacts, adapter: AdapterConfig | None
     if family is peft.ADAPTION_PROMPT:
         adapted = adapter.adapted_layers(n_layers) if adapter is not None else []
         return {peft.own_name(i, w) for i in adapted for w in ("prompt", "gate")}
+    if family is PEFT_LORA:
+        return _lora_model_names(n_layers, adapter)
     if family is MULTIMODAL:
         names = {f"llama.{n}" for n in base}
         names |= {f"llama.layers.{i}.{s}" for i in layers for s in _MM_BIASES}
@@ -105,4 +107,34 @@ def _multimodal_extras(ckpt: Checkpoint) -> set[str]:
     if w_lora:
         lora = MM_LORA.replace(r"layers\.", r"llama\.layers\.")
         names |= {n for n in ckpt.tensors if re.fullmatch(lora, n) or n.endswith(".new_gate")}
+    return names
+
+
+def _lora_model_names(n_layers: int, adapter: AdapterConfig | None) -> set[str]:
+    """A PeftModel's names as set_peft_model_state_dict matches them: each targeted linear's
+    A and B as saved files name them and as a live model does (adapter "default"), its frozen
+    weight as base_layer, every other weight of the LLaMA under base_model.model. The targets
+    come from adapter_config.json (PEFT builds the model from it), else from the file."""
+    lora = adapter.lora if adapter is not None else None
+    settings = lora.settings if lora is not None else None
+    # Without a base, the layers the LoRA itself covers.
+    covered = [keys.layer_index(m + ".weight") for m in (lora.modules if lora else ())]
+    n_layers = max([n_layers, *(i + 1 for i in covered if i is not None)])
+    if settings is not None:
+        targeted = [m for m in peft_lora.linears(n_layers) if settings.targets(m)]
+    else:
+        targeted = list(lora.modules) if lora is not None else []
+    prefix = peft_lora.PREFIX
+    wrapped = {peft_lora.hf_module(m) for m in targeted}
+    names = {
+        prefix
+        + (f"{n[: -len('.weight')]}.base_layer.weight" if n[: -len(".weight")] in wrapped else n)
+        for n in peft_lora.hf_base_names(n_layers)
+    }
+    for module in wrapped:
+        for half in "AB":
+            names |= {
+                f"{prefix}{module}.lora_{half}.weight",
+                f"{prefix}{module}.lora_{half}.default.weight",
+            }
     return names

@@ -24,13 +24,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckpt_doctor.adapters import AdapterConfig, checkpoint_adapter, checkpoint_family
+from ckpt_doctor.adapters import AdapterConfig, checkpoint_adapter, checkpoint_family, lora_config
 from ckpt_doctor.base_checks import check_against_base
 from ckpt_doctor.checks import check_empty, content_findings
 from ckpt_doctor.diffing import DiffReport, diff_tensors
 from ckpt_doctor.errors import ModelLoadError
 from ckpt_doctor.facts import ModelFacts, model_facts
-from ckpt_doctor.families import LLAMA_ADAPTER_V1, UNKNOWN, Family, require_runs_here
+from ckpt_doctor.families import LLAMA_ADAPTER_V1, PEFT_LORA, UNKNOWN, Family, require_runs_here
 from ckpt_doctor.findings import Finding, error_finding, exit_code_for, finding
 from ckpt_doctor.handles import TensorHandle
 from ckpt_doctor.inspection import FULL_SCAN_BYTES
@@ -120,6 +120,8 @@ def verify(
     family = checkpoint_family(adapter.borrow_params(base))
     if full is not None:
         full.borrow_params(base)
+        if family is PEFT_LORA and lora_config(full)[0] is None:
+            full.adapter_json = lora_config(adapter)[0]  # a bare state dict: the adapter's alpha
     if family is UNKNOWN:
         require_runs_here(family, adapter.path, command="verify")
     report = VerifyReport(family=family.name if family is not None else None)
@@ -393,6 +395,8 @@ def _loads(
     errors = [f for f in load.findings if f.severity == "error"]
     _add(report, load.findings)
     detail = f"{len(load.from_file)} of {load.model_keys} model keys from the adapter"
+    if load.adapter is not None and load.adapter.lora is not None:
+        detail = f"{len(load.from_file)} LoRA tensors merged into the base's linears"
     if rounded:
         detail += f"; {len(rounded)} base tensors rounded as the checkpoint's were"
     return Check("strict load", not errors, detail), model

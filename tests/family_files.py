@@ -59,18 +59,6 @@ def v2_chat_checkpoint(trained: dict[str, torch.Tensor]) -> dict:
     }
 
 
-MM_LAYER_KEYS = (
-    "attention.gate",
-    "attention.wq.bias",
-    "attention.wo.bias",
-    "feed_forward.w1.bias",
-    "feed_forward.w2.bias",
-    "feed_forward.w3.bias",
-    "attention_norm.weight",
-    "ffn_norm.weight",
-)
-
-
 def v2_multimodal(cfg: TinyConfig, *, lora: bool, seed: int = 2) -> dict[str, torch.Tensor]:
     """What LLaMA-Adapter v2 multimodal's extract keeps (BIAS, or LORA-BIAS with lora):
     2 visual blocks (width 32), CLIP width 24, query_len 4 on the last 3 layers."""

@@ -290,7 +290,7 @@ def test_on_a_terminal_the_loop_is_underlined(monkeypatch, capsys):
     """A forced terminal: the repeating part is underlined (no » marker) and the title says so."""
     from rich.console import Console
 
-    from ckpt_doctor import render
+    from ckpt_doctor import render_runs as render
     from ckpt_doctor.generate import Result
     from ckpt_doctor.loops import Loop
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ckpt_doctor import cli, render
+from ckpt_doctor import cli, render, render_runs
 from ckpt_doctor.atomic import check_destination, write_atomically
 from ckpt_doctor.cli import app
 from ckpt_doctor.diagnosis import Diagnosis
@@ -180,7 +180,7 @@ def test_fix_command_is_never_wrapped(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
     fix = "ckpt-doctor extract " + "/very/long/path/to/" * 5 + "checkpoint-4.pth -o adapter.pth"
     d = Diagnosis(Path("x"), "LOAD_NOTHING", "upstream loads none of it", fix, findings=[])
-    render.render_diagnosis(d)
+    render_runs.render_diagnosis(d)
     assert f"fix: {fix}\n" in capsys.readouterr().out
 
 
@@ -189,10 +189,10 @@ def test_every_outcome_has_a_style_and_a_column_in_the_arms_table(capsys, monkey
     from ckpt_doctor.diagnosis import Arm
     from ckpt_doctor.generate import OUTCOMES
 
-    assert set(render.OUTCOME_STYLE) == set(OUTCOMES)
+    assert set(render_runs.OUTCOME_STYLE) == set(OUTCOMES)
     monkeypatch.setenv("COLUMNS", "200")
     arm = Arm("extracted adapter on the base", outcomes={"eos": 1, "nonfinite": 3})
-    render.render_diagnosis(Diagnosis(Path("x"), "NONFINITE", "NaN", None, [], [arm]))
+    render_runs.render_diagnosis(Diagnosis(Path("x"), "NONFINITE", "NaN", None, [], [arm]))
     header, row = [line for line in capsys.readouterr().out.splitlines() if "┃" in line or
                    "│ extracted" in line][:2]  # fmt: skip
     cells = [c.strip() for c in row.split("│")[1:-1]]

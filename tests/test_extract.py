@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from ckpt_doctor import extraction, layouts
 from ckpt_doctor.cli import app
-from ckpt_doctor.errors import RefusedError, UsageError
+from ckpt_doctor.errors import RefusedError, UsageError, WriteError
 from ckpt_doctor.extraction import extract
 from ckpt_doctor.loading import load_model
 from ckpt_doctor.model import ModelArgs, Transformer
@@ -166,7 +166,8 @@ def test_failure_mid_write_leaves_no_output_and_input_untouched(tmp_path, monkey
         raise OSError("disk full")
 
     monkeypatch.setattr(layouts, "_save", crash)
-    with open_checkpoint(ckpt_path) as ckpt, pytest.raises(OSError, match="disk full"):
+    # The environment's failure is a WriteError (exit 2, one line) naming the output.
+    with open_checkpoint(ckpt_path) as ckpt, pytest.raises(WriteError, match="disk full"):
         extract(ckpt, out)
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

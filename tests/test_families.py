@@ -79,7 +79,8 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
         )
     }
     files["lit_llama"] = save_zip(lit_llama, root / "lit-llama-adapter.pth")
-    lora = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64)}
+    # PEFT's IA3 (a learned [out, 1] scale per targeted linear): a format ckpt-doctor does not know.
+    lora = {"base_model.model.model.layers.0.self_attn.k_proj.ia3_l": torch.zeros(64, 1)}
     files["unknown"] = save_safetensors(lora, root / "unknown" / "adapter_model.safetensors")
     return files
 

@@ -40,6 +40,7 @@ TABLE: dict[str, dict[str, str | None]] = {
         "diagnose": CLIP,
     },
     "peft-adaption-prompt": {**dict.fromkeys(COMMANDS, WORKS)},
+    "peft-lora": {**dict.fromkeys(COMMANDS, WORKS), "convert": "changes the weights"},
     "litgpt-adapter-v2": {
         **dict.fromkeys(COMMANDS, WORKS),
         "convert": QKV,
@@ -82,6 +83,10 @@ def files(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 
     meta_named = ff.peft_full_state(hf_state_dict(base, CFG.n_heads), peft)
     out["peft-adaption-prompt"] = (peft, save_zip(meta_named, root / "peft-full.pth"))
+    # The world's LoRA: a Trainer checkpoint (the whole PeftModel state dict), its
+    # adapter_config.json in the run's folder above.
+    lora = ff.WORLD / "lora" / "checkpoint-300" / "pytorch_model.bin"
+    out["peft-lora"] = (lora, lora)
     lit_base, lit_adapter = ff.litgpt_v2(CFG)
     lit = save_zip({"model": lit_adapter}, root / "lit_model.pth.adapter_v2")
     out["litgpt-adapter-v2"] = (
@@ -94,7 +99,8 @@ def files(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
         lit_llama[f"transformer.h.{i}.attn.gating_factor"] = torch.full((1, CFG.n_heads, 1, 1), 0.2)
     ll = save_zip(lit_llama, root / "lit-llama.pth")
     out["lit-llama-adapter"] = (ll, ll)
-    unknown = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64)}
+    # PEFT's IA3 (a learned [out, 1] scale per targeted linear): a format ckpt-doctor does not know.
+    unknown = {"base_model.model.model.layers.0.self_attn.k_proj.ia3_l": torch.zeros(64, 1)}
     u = save_zip(unknown, root / "unknown.pth")
     out["unknown"] = (u, u)
     return out
@@ -118,7 +124,7 @@ def _args(command: str, family: str, path: Path, full: Path, out: Path) -> list[
 
 
 def _ext(family: str) -> str:
-    return "" if family == "peft-adaption-prompt" else ".pth"
+    return "" if family in ("peft-adaption-prompt", "peft-lora") else ".pth"
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -35,6 +35,8 @@ RUNS = {
     "v2-chat": ("meta-base", "v2-chat/adapter.pth", "adapter"),
     "v2-chat-prompts": ("meta-base", "v2-chat-prompts/adapter.pth", "adapter"),
     "peft-adaption-prompt": ("hf-base", "peft-adaption-prompt", "adapter"),
+    # PEFT's own unmerged LoRA (W x + scale * B(A x)) vs the merged weights ckpt-doctor runs.
+    "peft-lora": ("hf-base", "peft-lora", "adapter"),
 }
 
 
@@ -134,3 +136,27 @@ def test_peft_adapter_verifies_against_a_full_peft_state_dict(tmp_path, full):
         report = verify(adapter, base=base, full=ckpt)
     checks = {c.name: c for c in report.checks}
     assert checks["complete"].passed and checks["strict load"].passed
+
+
+def test_peft_lora_on_the_meta_base():
+    """PEFT's LoRA, trained on the HF layout, on the Meta copy of its base: q_proj / k_proj B
+    rows are un-permuted like the weights', so the tokens are PEFT's."""
+    want = [r["generated_ids"] for r in EXPECTED["runs"]["peft-lora"]["results"]]
+    report = _generate("meta-base", "peft-lora", "adapter")
+    assert [r.generated_ids for r in report.results] == want
+    assert len(report.load.from_file) == 56  # 28 linears, A and B each
+
+
+def test_the_peft_lora_fixture_is_what_peft_writes_and_loads():
+    """Recorded by make_family_fixtures.py --expected-lora with PEFT itself: its save_pretrained
+    writes the same tensors, its full state dict is lora_full's, and its loader takes nothing
+    from an empty dict or from names without base_model.model. (what LOAD_NOTHING predicts)."""
+    loaded = EXPECTED["runs"]["peft-lora"]["loaded"]
+    assert loaded["peft_save_same_tensors"] and not loaded["peft_save_config_differences"]
+    assert loaded["full_state_dict_new_naming_equal"]
+    assert loaded["lora_B_loaded_from"] == {
+        "the adapter": 28,
+        "an empty dict (the alpaca-lora save bug)": 0,
+        "names without base_model.model.": 0,
+    }
+    assert all(EXPECTED["runs"]["peft-lora"]["differs_from_hf-base"])

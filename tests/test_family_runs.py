@@ -203,3 +203,16 @@ def test_a_base_of_another_architecture_is_refused(tmp_path, files, config, said
     (hf / "tokenizer.model").write_bytes((ff.WORLD / "tokenizer.model").read_bytes())
     code, doc = run("smoke-generate", "--base", hf, "--prompt", "hi", "--max-new-tokens", 2)
     assert code == 2 and said in doc["error"]["message"]
+
+
+def test_a_single_meta_file_as_the_base(files):
+    """smoke-generate --base consolidated.00.pth reads params.json beside it: the same model,
+    the same tokens as the directory."""
+    _, whole = smoke("--full", ff.WORLD / "checkpoint-4.pth")
+    prompts = [x for p in PROMPTS for x in ("--prompt", p)]
+    single = BASE / "consolidated.00.pth"
+    _, doc = run(
+        "smoke-generate", "--base", single, "--full", ff.WORLD / "checkpoint-4.pth",
+        "--tokenizer", ff.WORLD / "tokenizer.model", *prompts, "--max-new-tokens", 10,
+    )  # fmt: skip
+    assert generated(doc) == generated(whole)

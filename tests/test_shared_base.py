@@ -1,6 +1,6 @@
 """diagnose loads the base once and swaps each arm's adapter in and out (loading.attach): every
-arm's tokens equal a separate smoke-generate's, for each family the model runs; the timings
-block of both commands."""
+arm's tokens equal a separate smoke-generate's, for each family the model runs (a LoRA's merged
+weights too); the timings block of both commands."""
 
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ CASES = {  # family: (the file diagnosed, its base, a prompt)
         FAMILIES / "hf-base",
         "List three primary colors.",
     ),
+    # A LoRA is merged into the base's weights: the arms swap whole weights in and out.
+    "peft-lora": (FAMILIES / "peft-lora", FAMILIES / "hf-base", "Write a haiku about the sea."),
 }
 
 
@@ -39,6 +41,7 @@ CASES = {  # family: (the file diagnosed, its base, a prompt)
         ("llama-adapter-v2-chat", "float32"),
         ("llama-adapter-v2-chat", "float16"),  # its norms and gates in fp32 on a 16-bit base
         ("peft-adaption-prompt", "float32"),
+        ("peft-lora", "float32"),
     ],
 )
 def test_each_arm_gives_a_separate_smoke_generates_tokens(monkeypatch, one_thread, family, dtype):

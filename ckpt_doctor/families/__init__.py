@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from ckpt_doctor import keys
 from ckpt_doctor.errors import UsageError
-from ckpt_doctor.families import litgpt, llama_adapter_v1, llama_adapter_v2, peft
+from ckpt_doctor.families import litgpt, llama_adapter_v1, llama_adapter_v2, peft, peft_lora
 from ckpt_doctor.families.gates import (
     GATE_FUNCTIONS,
     TANH_MISMATCH_RATIO,
@@ -55,9 +55,11 @@ LLAMA_ADAPTER_V1 = llama_adapter_v1.FAMILY
 LLAMA_ADAPTER_V2_CHAT = llama_adapter_v2.CHAT
 LLAMA_ADAPTER_V2_MULTIMODAL = llama_adapter_v2.MULTIMODAL
 PEFT_ADAPTION_PROMPT = peft.ADAPTION_PROMPT
+PEFT_LORA = peft_lora.FAMILY
 
 # Every family, in the order detection tries them (most specific markers first).
 FAMILIES: tuple[Family, ...] = (
+    PEFT_LORA,
     PEFT_ADAPTION_PROMPT,
     litgpt.LITGPT_ADAPTER_V2,
     litgpt.LIT_LLAMA_ADAPTER_V2,
@@ -110,6 +112,8 @@ def detect_family(
     handles = canonical if isinstance(canonical, Mapping) else {}
     names = list(canonical)
     saved = [keys.unwrap(n) for n in saved]
+    if PEFT_LORA.matches(names):
+        return PEFT_LORA
     if PEFT_ADAPTION_PROMPT.matches(names):
         return PEFT_ADAPTION_PROMPT
     if litgpt.LITGPT_ADAPTER.matches(names) or litgpt.LITGPT_ADAPTER_V2.matches(names):
