@@ -248,12 +248,12 @@ class _Maker:
         dtype = torch.float32 if name in self.keep_fp32 else info.dtype
         # The value a checkpoint's own (narrower) saved dtype gave it, then the model's dtype.
         casts = [getattr(torch, info.rounding[name])] if name in info.rounding else []
-        with timings.phase("read"):
+        with timings.phase("read", sync=False):
             t = h.to_torch()
             if self.defer and not casts and cpu_layout.LAID_OUT.fullmatch(name):
                 return t  # the CPU layout's copy casts it (load_base)
         if info.copier is not None:  # CUDA: file dtype over the bus, cast on the device
-            with timings.phase("host_to_device"):
+            with timings.phase("host_to_device", sync=False):
                 return info.copier.to_device(t, [*casts, dtype])
         with timings.phase("read"):
             for cast in [*casts, dtype]:

@@ -53,22 +53,22 @@ class Recorder:
         if self._stack:
             self._stack[-1] = (self._stack[-1][0], self._now())
 
-    def enter(self, name: str) -> None:
-        now = self._now()
+    def enter(self, name: str, *, sync: bool = True) -> None:
+        now = self._now(sync)
         if self._stack:  # pause the enclosing phase
             outer, since = self._stack[-1]
             self.seconds[outer] += now - since
         self._stack.append((name, now))
 
-    def leave(self) -> None:
-        now = self._now()
+    def leave(self, *, sync: bool = True) -> None:
+        now = self._now(sync)
         name, since = self._stack.pop()
         self.seconds[name] = self.seconds.get(name, 0.0) + now - since
         if self._stack:  # the enclosing phase runs again from now
             self._stack[-1] = (self._stack[-1][0], now)
 
-    def _now(self) -> float:
-        if self.sync is not None:
+    def _now(self, sync: bool = True) -> float:
+        if sync and self.sync is not None:
             self.sync()
         return time.perf_counter()
 
@@ -106,16 +106,19 @@ def recording(*, since_process_start: bool = False) -> Iterator[Recorder]:
 
 
 @contextmanager
-def phase(name: str) -> Iterator[None]:
+def phase(name: str, *, sync: bool = True) -> Iterator[None]:
+    """Charge the time inside to ``name``. ``sync=False``: no device synchronize at its edges
+    (the per-tensor steps of a load, whose copies overlap on a stream of their own: a
+    synchronize there would serialise them; what is still in flight goes to the next phase)."""
     rec = _ACTIVE.get()
     if rec is None:
         yield
         return
-    rec.enter(name)
+    rec.enter(name, sync=sync)
     try:
         yield
     finally:
-        rec.leave()
+        rec.leave(sync=sync)
 
 
 @contextmanager
