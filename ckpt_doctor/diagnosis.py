@@ -13,7 +13,9 @@ read, say), nothing was diagnosed and that error is raised as it is.
 
 from __future__ import annotations
 
+import functools
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -119,16 +121,21 @@ class Diagnosis:
         }
 
 
-def diagnose(path: Path, base_path: Path, **kwargs: Any) -> Diagnosis:
-    """Static findings, the three smoke arms, the root cause and its fix (keywords: see
-    _diagnose); the time each phase took is in its ``timings``."""
-    with timings.recording() as rec:
-        result = _diagnose(path, base_path, **kwargs)
-    result.timings = rec.to_json()
-    return result
+def _timed(fn: Callable[..., Diagnosis]) -> Callable[..., Diagnosis]:
+    """The diagnosis with the seconds each phase took (all arms together) in ``timings``."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Diagnosis:
+        with timings.recording() as rec:
+            result = fn(*args, **kwargs)
+        result.timings = rec.to_json()
+        return result
+
+    return run
 
 
-def _diagnose(
+@_timed
+def diagnose(
     path: Path,
     base_path: Path,
     *,
