@@ -114,12 +114,12 @@ def view_of(result: Diagnosis | SmokeReport) -> ReportView:
 
 # --------------------------------------------------------------------------- Markdown
 
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~#])")
+_MD_RESERVED = re.compile(r"([\\`*_\[\]<>|~#])")
 
 
 def md_escape(text: str) -> str:
     """Text as Markdown shows it literally, on one line (a table cell): newlines as ⏎."""
-    return _MD_SPECIAL.sub(r"\\\1", text.replace("&", "&amp;")).replace("\n", "⏎")
+    return _MD_RESERVED.sub(r"\\\1", text.replace("&", "&amp;")).replace("\n", "⏎")
 
 
 def _md_id(m: re.Match[str]) -> str:

@@ -108,8 +108,8 @@ def check_vocab(
     tokenizer: Tokenizer, ids: list[list[int]], *, vocab_size: int, tokenizer_path: Path
 ) -> None:
     """Every id the run feeds the model (prompt ids, bos, eos) must be a row of its embedding:
-    another model's tokenizer would index past it (an IndexError on the CPU, a device-side
-    assert on CUDA)."""
+    another model's tokenizer would index past it (an IndexError on the CPU, a kernel
+    failure on CUDA that poisons the whole process)."""
     used = {("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id)}
     used |= {("prompt token", i) for row in ids for i in row}
     beyond = sorted((i, role) for role, i in used if not 0 <= i < vocab_size)
