@@ -23,10 +23,11 @@ from typing import Any
 from ckpt_doctor import bounds, directories, keys, torchlegacy, torchzip
 from ckpt_doctor.containers import Entry, check_tree, resolve_container, subscripts
 from ckpt_doctor.directories import HF_INDEX_FILES, HF_SINGLE_FILES
-from ckpt_doctor.errors import EmptyFileError, UnreadableError, UnsafePickleError
-from ckpt_doctor.handles import TensorHandle, from_torch, merged, rotary_unpermuted
+from ckpt_doctor.errors import EmptyFileError, UnreadableError
+from ckpt_doctor.handles import TensorHandle, merged, rotary_unpermuted
 from ckpt_doctor.pickle_scan import check_pickle, is_allowed
 from ckpt_doctor.safetensors_format import read_safetensors
+from ckpt_doctor.torchload import torch_load
 from ckpt_doctor.units import human_bytes
 from ckpt_doctor.ziparchive import read_table
 
@@ -253,7 +254,7 @@ def _open_torch(path: Path, *, trust_pickle: bool, zipped: bool) -> Checkpoint:
             "checks only for files you trust",
         ) from exc
     if obj is None:
-        obj = _torch_load(path, found, safe=safe, zipped=zipped)
+        obj = torch_load(path, found, safe=safe, zipped=zipped)
     if not zipped:
         ckpt.notes.append(
             "legacy (non-zip) torch pickle: cannot be memory-mapped, so it was read into RAM "
@@ -268,66 +269,6 @@ def _open_torch(path: Path, *, trust_pickle: bool, zipped: bool) -> Checkpoint:
     ckpt.args = resolved.args
     ckpt.notes += resolved.notes
     return ckpt
-
-
-def _torch_load(path: Path, found: list[str], *, safe: bool, zipped: bool) -> Any:
-    """torch.load with weights_only unless the user opted in; tensors become handles."""
-    import argparse
-    import pickle
-
-    import torch
-
-    try:
-        if safe:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", mmap=zipped, weights_only=True)
-        else:  # --trust-pickle: the user said this file is theirs
-            obj = torch.load(path, map_location="cpu", mmap=zipped, weights_only=False)
-    except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            raise UnsafePickleError(
-                f"{path}: torch's weights_only loader refused it: {_first_line(exc)}",
-                globals_found=found,
-                hint="re-run with --trust-pickle only if you trust where the file came from",
-            ) from exc
-        raise _unreadable(path, exc) from exc
-    except Exception as exc:  # RuntimeError, EOFError, AssertionError, ...: torch says no
-        raise _unreadable(path, exc) from exc
-    check_tree(obj, str(path))
-    limit = bounds.VIEW_RATIO * path.stat().st_size + bounds.VIEW_SLACK
-    try:
-        return _handles_in(obj, torch.Tensor, limit)
-    except UnreadableError as exc:  # a dtype it cannot read: say in which file
-        raise UnreadableError(f"{path}: {exc.message}", hint=exc.hint) from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-
-
-def _unreadable(path: Path, exc: BaseException) -> UnreadableError:
-    return UnreadableError(
-        f"{path}: cannot be read as a torch checkpoint ({_first_line(exc)})",
-        hint="the file is truncated or corrupt; re-copy or re-save it and compare its size",
-    )
-
-
-def _handles_in(value: Any, tensor_type: type, limit: int, where: str = "") -> Any:
-    """Replace every tensor in a loaded tree by a handle, keeping the structure; ``where`` is
-    the key path so far (names a tensor whose dtype cannot be read). check_tree bounded the
-    depth and size of the tree first."""
-    if isinstance(value, tensor_type):
-        return from_torch(where, value, max_bytes=limit)
-    if isinstance(value, dict):
-        return type(value)(
-            (k, _handles_in(v, tensor_type, limit, f"{where}.{k}" if where else str(k)))
-            for k, v in value.items()
-        )
-    if isinstance(value, (list, tuple)):
-        return type(value)(
-            _handles_in(v, tensor_type, limit, f"{where}[{i}]") for i, v in enumerate(value)
-        )
-    return value
 
 
 def _open_dir(path: Path, *, trust_pickle: bool) -> Checkpoint:
