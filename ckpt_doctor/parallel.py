@@ -126,7 +126,9 @@ class Shard:
         import torch.distributed as dist
 
         t = t.contiguous()
-        parts = [torch.empty_like(t) for _ in range(self.world)]
+        # Plain tensors, not inference ones: torch < 2.5 refuses gloo's write into the latter.
+        with torch.inference_mode(False):
+            parts = [torch.empty_like(t) for _ in range(self.world)]
         dist.all_gather(parts, t)
         return torch.cat(parts, dim=-1)
 
