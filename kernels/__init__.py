@@ -12,6 +12,7 @@ from ckpt_doctor.kernels.launch import (
     gated_attention,
     interpreting,
     per_head_gate,
+    triton_problem,
 )
 from ckpt_doctor.kernels.reference import gated_attention_reference
 
@@ -23,4 +24,5 @@ __all__ = [
     "gated_attention_reference",
     "interpreting",
     "per_head_gate",
+    "triton_problem",
 ]

@@ -8,9 +8,11 @@ UsageError with a hint) on anything the kernels do not accept instead of computi
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,8 @@ from ckpt_doctor.errors import UsageError
 from ckpt_doctor.families import apply_gate
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Older Triton rejects what the kernels write (Triton 3.0: tl.arange of a non-constexpr bound).
+MIN_TRITON = (3, 2)
 MAX_ADAPTER_LEN = 256
 MAX_HEAD_DIM = 256
 DECODE_BLOCK_N = 64
@@ -44,14 +48,31 @@ def interpreting() -> bool:
 
 
 @functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+def triton_problem() -> str | None:
+    """Why the installed Triton cannot run the kernels (None: it can). Read from the package's
+    metadata: importing Triton costs seconds, and an old one fails inside the first launch."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install 'ckpt-doctor[triton]')"
+    for dist in ("triton", "pytorch-triton"):  # the second: torch nightlies' build
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        numbers = tuple(int(n) for n in re.findall(r"\d+", version)[:2])
+        if numbers < MIN_TRITON:
+            return (
+                f"Triton {version} is installed; the kernels need {MIN_TRITON[0]}."
+                f"{MIN_TRITON[1]} or newer (pip install 'triton>={MIN_TRITON[0]}.{MIN_TRITON[1]}')"
+            )
+        return None
+    return None  # importable without metadata (a source build): let the first launch tell
 
 
 def fused_unavailable_reason(device: torch.device) -> str | None:
     """None when the fused kernels can run on ``device``; otherwise why not."""
-    if not _triton_installed():
-        return "Triton is not installed (pip install 'ckpt-doctor[triton]')"
+    problem = triton_problem()
+    if problem is not None:
+        return problem
     if device.type == "cuda" or interpreting():
         return None
     return f"the fused kernels run on CUDA (or on the CPU under TRITON_INTERPRET=1), not {device}"

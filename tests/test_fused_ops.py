@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ckpt_doctor.kernels import interpreting
+from ckpt_doctor.kernels import interpreting, triton_problem
 from ckpt_doctor.kernels.fused import add_rmsnorm, rope_and_cache, swiglu
 from ckpt_doctor.kernels.reference import (
     add_rmsnorm_reference,
@@ -20,10 +20,13 @@ from ckpt_doctor.model import rope_table
 pytest.importorskip("triton", reason="pip install 'ckpt-doctor[triton]'")
 GPU = not interpreting() and torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
-pytestmark = pytest.mark.skipif(
-    not (GPU or interpreting()),
-    reason="needs Triton's interpreter (TRITON_INTERPRET=1) or CKPT_DOCTOR_GPU_TESTS=1 on CUDA",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (GPU or interpreting()),
+        reason="needs Triton's interpreter (TRITON_INTERPRET=1) or CKPT_DOCTOR_GPU_TESTS=1 on CUDA",
+    ),
+    pytest.mark.skipif(triton_problem() is not None, reason=str(triton_problem())),
+]
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else [])
 IDS = ["fp32", "fp16"] + (["bf16"] if GPU else [])
 SHAPES = [(2, 5, 64), (1, 1, 100), (3, 48)]  # width 100 and 48: not a block multiple

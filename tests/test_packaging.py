@@ -8,6 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -54,3 +56,39 @@ assert "triton" not in sys.modules
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "Triton is not installed" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("installed", "usable"),
+    [("3.0.0", False), ("3.1.0+git1", False), ("3.2.0", True), ("3.6.0", True), ("4.0.0", True)],
+)
+def test_a_triton_too_old_for_the_kernels_is_named_and_auto_takes_the_reference(
+    monkeypatch, installed, usable
+):
+    """torch 2.4 pins Triton 3.0, whose compiler rejects the kernels: the fused path says so
+    before a launch, auto picks the PyTorch reference, --attention fused is a usage error."""
+    import importlib.metadata
+
+    import torch
+    from ckpt_doctor.kernels import fused_unavailable_reason, launch
+
+    from ckpt_doctor.errors import UsageError
+    from ckpt_doctor.smoke import resolve_attention
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    monkeypatch.setattr(importlib.metadata, "version", lambda dist: installed)
+    launch.triton_problem.cache_clear()
+    try:
+        cuda = torch.device("cuda")
+        reason = fused_unavailable_reason(cuda)
+        if usable:
+            assert reason is None
+            assert resolve_attention("auto", cuda) == "fused"
+            return
+        assert reason is not None and f"Triton {installed} is installed" in reason
+        assert "triton>=3.2" in reason
+        assert resolve_attention("auto", cuda) == "reference"
+        with pytest.raises(UsageError, match="cannot run: Triton"):
+            resolve_attention("fused", cuda)
+    finally:
+        launch.triton_problem.cache_clear()
