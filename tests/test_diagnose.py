@@ -11,7 +11,6 @@ fixtures are never written) once per module; each diagnose runs a few held-out p
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -28,6 +27,7 @@ from ckpt_doctor.diagnosis import CAUSES, Diagnosis, diagnose, fix_command
 from ckpt_doctor.errors import CkptDoctorError, ModelLoadError, UnreadableError, UsageError
 from ckpt_doctor.families import LLAMA_ADAPTER_V1
 from ckpt_doctor.findings import finding
+from tests.trusted_load import load_training_checkpoint
 
 WORLD = Path(__file__).resolve().parents[1] / "fixtures" / "world"
 BASE, CKPT = WORLD / "base", WORLD / "checkpoint-4.pth"
@@ -54,8 +54,7 @@ class Variants:
 
 
 def _load_training_checkpoint() -> dict:
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(CKPT, weights_only=True)
+    return load_training_checkpoint(CKPT)
 
 
 def _gate_names(adapter: dict[str, torch.Tensor]) -> list[str]:

@@ -24,6 +24,7 @@ from fixtures.make_family_fixtures import (
     train_tokenizer,
     v2_chat_trainables,
 )
+from tests.trusted_load import load_training_checkpoint
 
 FAMILIES = DEFAULT_OUT
 EXPECTED = json.loads((FAMILIES / "expected.json").read_text())
@@ -32,8 +33,7 @@ NOT_BUILT = {"expected.json", "expected_logits.safetensors", "README.md"}
 
 
 def _load(path):
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return load_training_checkpoint(path)
 
 
 def _committed() -> set[str]:

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from ckpt_doctor.cli import app
 from fixtures.make_fixtures import hf_config, hf_state_dict, save_safetensors, save_zip
 from tests import family_files as ff
+from tests.trusted_load import load_training_checkpoint
 
 runner = CliRunner()
 CFG = ff.WORLD_CFG
@@ -171,12 +172,10 @@ def test_multimodal_is_refused_with_the_reason(files, command):
 def test_fsdp_wrapped_world_checkpoint_loads_its_adapter(tmp_path):
     """The world's training checkpoint as FSDP + activation checkpointing name it: a strict
     smoke run finds every adapter key (not 0) and generates what the clean file does."""
-    import argparse
 
     from tests.test_families import _fsdp
 
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = torch.load(ff.WORLD / "checkpoint-4.pth", weights_only=True)
+    ckpt = load_training_checkpoint(ff.WORLD / "checkpoint-4.pth")
     ckpt["model"] = {_fsdp(k): v for k, v in ckpt["model"].items()}
     wrapped = save_zip(ckpt, tmp_path / "fsdp.pth")
     _, clean = smoke("--full", ff.WORLD / "checkpoint-4.pth")

@@ -22,13 +22,13 @@ from fixtures.make_fixtures import (
     upstream_args,
     write_meta_dir,
 )
+from tests.trusted_load import load_training_checkpoint
 
 CFG = TinyConfig()
 
 
 def _load(path):
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, weights_only=True)
+    return load_training_checkpoint(path)
 
 
 def _all_tensors(obj):

@@ -72,7 +72,10 @@ def test_unsigned_and_complex128_tensors_read_back(tmp_path):
         "w": torch.ones(2, 2),
     }
     path = tmp_path / "odd.pth"
-    torch.save(state, path)
+    try:
+        torch.save(state, path)
+    except KeyError:  # torch 2.4 cannot pickle uint16/32/64 storages at all
+        pytest.skip(f"torch {torch.__version__} cannot save unsigned tensors")
     with open_checkpoint(path) as ckpt:
         assert {n: h.dtype.name for n, h in ckpt.tensors.items()} == {
             n: str(t.dtype).removeprefix("torch.") for n, t in state.items()
@@ -81,11 +84,14 @@ def test_unsigned_and_complex128_tensors_read_back(tmp_path):
             assert torch.equal(ckpt.tensors[name].to_torch(), tensor), name
 
 
-@pytest.mark.parametrize("dtype", [torch.float8_e8m0fnu, torch.float8_e5m2fnuz])
-def test_a_dtype_it_cannot_read_is_unreadable_naming_the_tensor(tmp_path, dtype):
+# Both exist from torch 2.7 (e8m0) and 2.2 (fnuz); an older torch cannot save them either.
+@pytest.mark.parametrize("name", ["float8_e8m0fnu", "float8_e5m2fnuz"])
+def test_a_dtype_it_cannot_read_is_unreadable_naming_the_tensor(tmp_path, name):
+    dtype = getattr(torch, name, None)
+    if dtype is None:
+        pytest.skip(f"torch {torch.__version__} has no {name}")
     path = tmp_path / "exotic.pth"
     torch.save({"model": {"w": torch.zeros(3).to(dtype), "ok": torch.ones(2)}}, path)
-    name = str(dtype).removeprefix("torch.")
     with pytest.raises(UnreadableError) as info:
         open_checkpoint(path)
     assert str(path) in info.value.message

@@ -7,7 +7,6 @@ change, the input is byte-identical afterwards and a second run without ``force`
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -29,6 +28,7 @@ from ckpt_doctor.reader import open_checkpoint
 from ckpt_doctor.repair import RepairReport, repair
 from ckpt_doctor.smoke import smoke_generate
 from ckpt_doctor.verification import verify
+from tests.trusted_load import load_training_checkpoint
 
 WORLD = Path(__file__).resolve().parents[1] / "fixtures" / "world"
 BASE, CKPT = WORLD / "base", WORLD / "checkpoint-4.pth"
@@ -48,8 +48,7 @@ def _load_flat(path: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("repair-variants")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        model = torch.load(CKPT, weights_only=True)["model"]
+    model = load_training_checkpoint(CKPT)["model"]
     adapter = {k: v.clone() for k, v in model.items() if LLAMA_ADAPTER_V1.is_trained(k)}
     gates = [k for k in adapter if k.endswith("attention.gate")]
     files: dict[str, Path] = {}
@@ -141,8 +140,7 @@ def test_nested_unwrap_keeps_only_the_state_dict(repaired):
     assert "['model']" in detail
     for dropped in ("optimizer", "epoch", "scaler", "args"):
         assert dropped in detail
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        model = torch.load(CKPT, weights_only=True)["model"]
+    model = load_training_checkpoint(CKPT)["model"]
     fixed = _load_flat(out)
     assert fixed.keys() == model.keys()
     assert all(torch.equal(fixed[k], model[k]) and fixed[k].dtype == model[k].dtype for k in model)

@@ -20,6 +20,7 @@ spm = pytest.importorskip("sentencepiece")
 from fixtures import world  # noqa: E402  (imports sentencepiece)
 from fixtures.world import DEFAULT_OUT as WORLD  # noqa: E402
 from fixtures.world import WorldConfig  # noqa: E402
+from tests.trusted_load import load_training_checkpoint  # noqa: E402
 
 MANIFEST = json.loads((WORLD / "manifest.json").read_text())
 CFG = WorldConfig(**MANIFEST["config"])
@@ -37,8 +38,7 @@ def sp():
 
 @pytest.fixture(scope="module")
 def checkpoint():
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(WORLD / "checkpoint-4.pth", weights_only=True)
+    return load_training_checkpoint(WORLD / "checkpoint-4.pth")
 
 
 def test_config_is_the_default():
