@@ -130,11 +130,21 @@ def fail(as_json: bool, error: CkptDoctorError, raised: BaseException) -> NoRetu
 
     if state["debug"]:
         traceback.print_exception(raised, file=sys.stderr)
-    if as_json:
+    rank = _other_rank()
+    if as_json and rank is None:  # under torchrun, stdout holds rank 0's document alone
         render.print_json(render.error_json(error))
-    render.error_line(error)
+    render.error_line(error, source="" if rank is None else f"rank {rank}")
     # Not re-raised under --debug: exit 1 means "findings", an error must stay 2.
     raise typer.Exit(error.exit_code) from None
+
+
+def _other_rank() -> str | None:
+    """This process's rank when torchrun started several and it is not rank 0 (the one that
+    reports), else None. From the environment: an error may come before the group is joined."""
+    if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1"):
+        return None
+    rank = os.environ.get("RANK", "0")
+    return None if rank == "0" else rank
 
 
 def open_all(stack: ExitStack, *paths: Path | None, trust_pickle: bool) -> list[Checkpoint | None]:

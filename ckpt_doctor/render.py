@@ -65,9 +65,11 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def error_line(exc: CkptDoctorError) -> None:
-    """One stderr line: never hard-wrapped (soft_wrap), never read as markup (Text)."""
-    line = Text.assemble(("error", "bold red"), f" [{exc.code}] {_one_line(exc.message)}")
+def error_line(exc: CkptDoctorError, *, source: str = "") -> None:
+    """One stderr line: never hard-wrapped (soft_wrap), never read as markup (Text). ``source``
+    names the process it came from when several ran ("rank 1")."""
+    where = f"{source}: " if source else ""
+    line = Text.assemble(("error", "bold red"), f" [{exc.code}] {where}{_one_line(exc.message)}")
     if exc.hint:
         line.append(f" hint: {_one_line(exc.hint)}", style="dim")
     err.print(line, soft_wrap=True)

@@ -22,8 +22,10 @@ from ckpt_doctor.errors import UsageError
 from ckpt_doctor.families import apply_gate
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Older Triton rejects what the kernels write (Triton 3.0: tl.arange of a non-constexpr bound).
-MIN_TRITON = (3, 2)
+# The oldest Triton the kernels are tested on (its interpreter and an ahead-of-time compile
+# for sm_80 / sm_90a); 3.0, which torch 2.4 pins, rejects them (tl.arange of a bound it does
+# not see as constexpr).
+MIN_TRITON = (3, 4)
 MAX_ADAPTER_LEN = 256
 MAX_HEAD_DIM = 256
 DECODE_BLOCK_N = 64

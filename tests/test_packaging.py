@@ -60,7 +60,7 @@ assert "triton" not in sys.modules
 
 @pytest.mark.parametrize(
     ("installed", "usable"),
-    [("3.0.0", False), ("3.1.0+git1", False), ("3.2.0", True), ("3.6.0", True), ("4.0.0", True)],
+    [("3.0.0", False), ("3.3.1+git1", False), ("3.4.0", True), ("3.6.0", True), ("4.0.0", True)],
 )
 def test_a_triton_too_old_for_the_kernels_is_named_and_auto_takes_the_reference(
     monkeypatch, installed, usable
@@ -86,7 +86,7 @@ def test_a_triton_too_old_for_the_kernels_is_named_and_auto_takes_the_reference(
             assert resolve_attention("auto", cuda) == "fused"
             return
         assert reason is not None and f"Triton {installed} is installed" in reason
-        assert "triton>=3.2" in reason
+        assert "triton>=3.4" in reason
         assert resolve_attention("auto", cuda) == "reference"
         with pytest.raises(UsageError, match="cannot run: Triton"):
             resolve_attention("fused", cuda)

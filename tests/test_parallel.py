@@ -97,6 +97,24 @@ def test_torchrun_two_ranks_give_the_single_process_tokens(two_shards, family):
     assert want["world_size"] == 1 and "parallel" not in want
 
 
+def test_an_error_under_torchrun_is_one_json_document_and_names_the_other_ranks(two_shards):
+    """Every rank fails (no such tokenizer): stdout holds rank 0's error document alone (so
+    --json parses), and the other rank's error line on stderr says which process it is."""
+    case = CASES["llama-adapter-v1"]
+    args = smoke_args(two_shards["world"], case)
+    args[args.index("--tokenizer") + 1] = str(two_shards["world"] / "no-such-tokenizer.model")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "-m", "ckpt_doctor", *args]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert done.returncode != 0
+    error = json.loads(done.stdout)["error"]  # exactly one document
+    assert error["id"] == "USAGE" and "no-such-tokenizer.model" in error["message"]
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("error [")]
+    assert len(lines) == 2, done.stderr[-3000:]
+    assert sum(ln.startswith("error [USAGE] rank 1: ") for ln in lines) == 1
+
+
 def test_split_rules_match_metas_shards():
     """Every tensor the loader slices is what Meta's own shard k holds (write_meta_dir splits
     as Meta does); v2's vectors split as upstream's chat_demo.py shards them."""
