@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,10 +180,17 @@ def refuse(command: str) -> None:
 
 
 def _leave() -> None:
+    """Destroy the group before exit (without it, gloo may abort at exit: "terminate called
+    without an active exception"). Gloo's worker threads may still be freeing the last
+    collective's tensors, which takes the GIL, while destroy joins them holding it (a deadlock
+    seen with torch 2.4, 1 run in 4): the pause lets them finish first."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        time.sleep(0.2)
+    dist.destroy_process_group()
 
 
 def open_base(path: Path, shard: Shard | None, *, trust_pickle: bool = False) -> Checkpoint:
