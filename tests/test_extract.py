@@ -67,16 +67,8 @@ def test_output_loads_the_way_upstream_example_py_does(tmp_path):
     out = tmp_path / "adapter.pth"
     with open_checkpoint(ckpt_path) as ckpt:
         extract(ckpt, out)
-    args = ModelArgs(
-        dim=CFG.dim,
-        n_layers=CFG.n_layers,
-        n_heads=CFG.n_heads,
-        vocab_size=CFG.vocab_size,
-        ffn_hidden=CFG.ffn_hidden,
-        adapter_len=CFG.adapter_len,
-        adapter_layer=CFG.adapter_layer,
-    )
-    model = Transformer(args)
+    fields = ("dim", "n_layers", "n_heads", "vocab_size", "ffn_hidden", "adapter_len")
+    model = Transformer(ModelArgs(**{f: getattr(CFG, f) for f in (*fields, "adapter_layer")}))
     adapter = torch.load(out, weights_only=True)
     result = model.load_state_dict(adapter, strict=False)
     assert result.unexpected_keys == []
