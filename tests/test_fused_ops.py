@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ckpt_doctor.kernels import interpreting, triton_problem
 from ckpt_doctor.kernels.fused import add_rmsnorm, rope_and_cache, swiglu
 from ckpt_doctor.kernels.reference import (
     add_rmsnorm_reference,
@@ -16,19 +15,10 @@ from ckpt_doctor.kernels.reference import (
 )
 
 from ckpt_doctor.model import rope_table
+from tests.kernel_marks import DEVICE, DTYPE_IDS, DTYPES, MARKS
 
 pytest.importorskip("triton", reason="pip install 'ckpt-doctor[triton]'")
-GPU = not interpreting() and torch.cuda.is_available()
-DEVICE = "cuda" if GPU else "cpu"
-pytestmark = [
-    pytest.mark.skipif(
-        not (GPU or interpreting()),
-        reason="needs Triton's interpreter (TRITON_INTERPRET=1) or CKPT_DOCTOR_GPU_TESTS=1 on CUDA",
-    ),
-    pytest.mark.skipif(triton_problem() is not None, reason=str(triton_problem())),
-]
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else [])
-IDS = ["fp32", "fp16"] + (["bf16"] if GPU else [])
+pytestmark = MARKS
 SHAPES = [(2, 5, 64), (1, 1, 100), (3, 48)]  # width 100 and 48: not a block multiple
 
 
@@ -41,7 +31,7 @@ def worst(got: torch.Tensor, oracle: torch.Tensor) -> float:
     return (got.double() - oracle).abs().max().item()
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
 @pytest.mark.parametrize("weight", ["model dtype", "fp32"])  # v2 keeps trained norms in fp32
 @pytest.mark.parametrize("delta", [True, False], ids=["residual", "first layer"])
@@ -61,7 +51,7 @@ def test_add_rmsnorm_matches_the_reference(dtype, shape, weight, delta):
     assert worst(got_y, oracle_y) <= 2 * worst(ref_y, oracle_y) + 1e-7
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", [(2, 3, 192), (1, 1, 2500)], ids=["192", "2500"])
 def test_swiglu_matches_the_reference(dtype, shape):
     gate, up = rnd(*shape, seed=4, scale=3).to(dtype), rnd(*shape, seed=5).to(dtype)
@@ -84,7 +74,7 @@ def test_what_does_not_fit_goes_to_the_reference():
     assert torch.equal(swiglu(strided, strided), swiglu_reference(strided, strided))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize(
     ("b", "t", "start", "in_memory"),
     [(2, 7, 0, False), (2, 5, 11, False), (2, 1, 40, False), (3, 1, 40, True)],

@@ -25,27 +25,16 @@ from ckpt_doctor.kernels import (
     gated_attention_reference,
     interpreting,
     per_head_gate,
-    triton_problem,
 )
 from typer.testing import CliRunner
 
 from ckpt_doctor.cli import app
 from ckpt_doctor.errors import UsageError
 from ckpt_doctor.smoke import resolve_attention
+from tests.kernel_marks import DEVICE, DTYPE_IDS, DTYPES, GPU, MARKS
 
 triton = pytest.importorskip("triton", reason="pip install 'ckpt-doctor[triton]'")
-# Compiled on CUDA when conftest left the interpreter off for a GPU run; else the interpreter.
-GPU = not interpreting() and torch.cuda.is_available()
-DEVICE = "cuda" if GPU else "cpu"
-pytestmark = [
-    pytest.mark.skipif(
-        not (GPU or interpreting()),
-        reason="needs Triton's interpreter (TRITON_INTERPRET=1) or CKPT_DOCTOR_GPU_TESTS=1 on CUDA",
-    ),
-    pytest.mark.skipif(triton_problem() is not None, reason=str(triton_problem())),
-]
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else [])
-DTYPE_IDS = ["fp32", "fp16"] + (["bf16"] if GPU else [])
+pytestmark = MARKS
 
 H, HD, LA = 3, 48, 10  # head_dim 48 and adapter_len 10 are not block multiples
 GATES = {"zero": [0.0], "0.37": [0.37], "-1.5": [-1.5], "per-head": [0.5, -0.8, 1.7]}
