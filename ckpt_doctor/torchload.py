@@ -14,7 +14,7 @@ from ckpt_doctor.errors import UnreadableError, UnsafePickleError
 from ckpt_doctor.handles import from_torch
 
 
-def _namespace_allowed() -> contextlib.AbstractContextManager[Any]:
+def namespace_allowed() -> contextlib.AbstractContextManager[Any]:
     """weights_only loading with argparse.Namespace allowed (training checkpoints pickle their
     args): scoped from torch 2.5; torch 2.4 only has the process-wide allowlist."""
     import argparse
@@ -36,7 +36,7 @@ def torch_load(path: Path, found: list[str], *, safe: bool, zipped: bool) -> Any
 
     try:
         if safe:
-            with _namespace_allowed():
+            with namespace_allowed():
                 obj = torch.load(path, map_location="cpu", mmap=zipped, weights_only=True)
         else:  # --trust-pickle: the user said this file is theirs
             obj = torch.load(path, map_location="cpu", mmap=zipped, weights_only=False)

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ckpt_doctor.torchload import namespace_allowed
+
 
 def load_training_checkpoint(path: Path) -> Any:
-    """weights_only, with argparse.Namespace allowed: scoped on torch >= 2.5, global on 2.4."""
-    if hasattr(torch.serialization, "safe_globals"):
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    torch.serialization.add_safe_globals([argparse.Namespace])
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """weights_only, with argparse.Namespace allowed as ckpt-doctor allows it."""
+    with namespace_allowed():
+        return torch.load(path, map_location="cpu", weights_only=True)
